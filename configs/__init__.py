@@ -1,0 +1,1 @@
+"""Sweep configs shipped with peftbench (``peftbench run quickstart``)."""

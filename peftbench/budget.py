@@ -1,0 +1,127 @@
+"""Matched budgets: solve every method's size hyperparameters for one target count, and audit the result.
+
+The target is declared once per sweep (``budget.lora_rank`` on the sweep's target modules, or an explicit
+``budget.params``). Counting happens on a meta-device model, so ``peftbench budget`` costs no memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import modeling
+from .config import Config, MethodConfig
+from .errors import BudgetError, ConfigError
+from .hookspecs import ParamCounts, TargetModule
+from .host import Host
+from .schema import from_dict, to_dict
+
+
+@dataclass
+class Shapes:
+    """What budget hooks see: a meta model, its target modules and head module names."""
+
+    model: Any
+    targets: list[TargetModule]
+    head: list[str]
+
+
+@dataclass
+class Solved:
+    label: str
+    method: str
+    task: str
+    params: Any
+    counts: ParamCounts
+    target: int | None  #: the adapter budget (None for methods outside budget matching)
+    matched: bool  #: whether the method takes part in budget matching
+
+    @property
+    def miss(self) -> float:
+        if not self.target:
+            return 0.0
+        return (self.counts.final - self.target) / self.target
+
+
+def model_shapes(config: Config, num_labels: int = 2) -> Shapes:
+    model = modeling.load_model(config.model, num_labels, seed=0, meta=True)
+    head = modeling.head_modules(config.model, model)
+    targets = modeling.find_targets(model, modeling.target_patterns(config.model, model), head)
+    return Shapes(model, targets, head)
+
+
+def target_count(config: Config, targets: list[TargetModule]) -> int:
+    if config.budget.params is not None:
+        return config.budget.params
+    if config.budget.lora_rank is None:
+        raise ConfigError(f"{config.source}: budget: set `lora_rank` or `params`")
+    return config.budget.lora_rank * sum(t.in_features + t.out_features for t in targets)
+
+
+def parse_params(host: Host, method: MethodConfig, raw: dict[str, Any], where: str) -> Any:
+    cls = host.method(method.name)
+    return from_dict(cls.Params, raw, f"{where}.params")
+
+
+def solve_method(host: Host, cls, params: Any, shapes: Shapes, target: int, tolerance: float,
+                 solve: bool) -> tuple[Any, ParamCounts]:
+    method = cls(params)
+    with host.activate(method):
+        if solve and cls.matches_budget:
+            solved = host.hook.peftbench_solve_budget(model=shapes.model, targets=shapes.targets,
+                                                      head=shapes.head, target=target, tolerance=tolerance)
+            if solved is not None:
+                params = solved
+    method = cls(params)
+    with host.activate(method):
+        counts = host.hook.peftbench_count_trainable(model=shapes.model, targets=shapes.targets, head=shapes.head)
+    if counts is None:
+        raise BudgetError(f"method {cls.name!r} implements no peftbench_count_trainable hook")
+    return params, counts
+
+
+def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[tuple[str, str], Solved]:
+    """Solve every (method label, task) of the sweep. Raises :class:`BudgetError` naming every miss."""
+    shapes = shapes or model_shapes(config)
+    target = target_count(config, shapes.targets)
+    solved: dict[tuple[str, str], Solved] = {}
+    cache: dict[str, tuple[Any, ParamCounts]] = {}
+    for i, method in enumerate(config.methods):
+        cls = host.method(method.name)
+        for task in config.tasks:
+            raw = config.params_for(method, task)
+            key = f"{method.name}:{sorted(raw.items())!r}:{method.match_budget}"
+            if key not in cache:
+                params = parse_params(host, method, raw, f"methods[{i}]")
+                cache[key] = solve_method(host, cls, params, shapes, target, config.budget.tolerance,
+                                          method.match_budget)
+            params, counts = cache[key]
+            matched = cls.matches_budget and method.match_budget
+            solved[(method.label, task)] = Solved(method.label, method.name, task, params, counts,
+                                                  target if matched else None, matched)
+    misses = [s for s in solved.values() if s.matched and abs(s.miss) > config.budget.tolerance]
+    if misses:
+        lines = [f"  {s.label} ({s.task}): nearest achievable {s.counts.final:,} trainable "
+                 f"({s.miss:+.2%}) with {to_dict(s.params)}" for s in misses]
+        raise BudgetError(f"{config.source}: budget: target {target:,} adapter parameters "
+                          f"(tolerance {config.budget.tolerance:.1%}) missed by:\n" + "\n".join(lines)
+                          + "\n  Change the method's params, set `match_budget: false` for it, or widen "
+                            "budget.tolerance.")
+    return solved
+
+
+def budget_rows(solved: dict[tuple[str, str], Solved]) -> list[list[Any]]:
+    seen, rows = set(), []
+    for s in solved.values():
+        key = (s.label, repr(to_dict(s.params)))
+        if key in seen:
+            continue
+        seen.add(key)
+        tasks = ",".join(x.task for x in solved.values() if x.label == s.label and to_dict(x.params) == to_dict(s.params))
+        params = ", ".join(f"{k}={v}" for k, v in to_dict(s.params).items() if v not in ({}, [], None))
+        rows.append([s.label, tasks, params, f"{s.counts.final:,}", f"{s.counts.peak:,}", f"{s.counts.nonzero:,}",
+                     f"{s.target:,}" if s.target else "—", f"{s.miss:+.2%}" if s.target else "reference"])
+    return rows
+
+
+BUDGET_HEADERS = ["method", "tasks", "solved params", "final", "peak", "nonzero", "target", "miss"]

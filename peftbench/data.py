@@ -1,0 +1,181 @@
+"""Tokenization (cached on disk), dynamic padding and length-grouped batching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .task import Split, Task
+
+#: bump when the cached format changes
+_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PEFTBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peftbench")
+    return Path(root) / "tokens"
+
+
+@dataclass
+class Encoded:
+    """A tokenized split: ragged token ids stored flat with offsets (cheap to cache and to index)."""
+
+    ids: np.ndarray  #: all token ids, concatenated (int32)
+    type_ids: np.ndarray | None  #: token type ids aligned with ``ids`` (None if the model has none)
+    offsets: np.ndarray  #: example i is ``ids[offsets[i]:offsets[i + 1]]``
+    labels: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> Encoded:
+        lengths = self.lengths[indices]
+        starts = self.offsets[indices]
+        gather = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]) if len(indices) else \
+            np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        type_ids = self.type_ids[gather] if self.type_ids is not None else None
+        return Encoded(self.ids[gather], type_ids, offsets, self.labels[indices])
+
+
+def _fingerprint(split: Split, tokenizer, max_length: int) -> str:
+    h = hashlib.sha256()
+    source = Path(split.source)
+    stamp = (source.stat().st_size, source.stat().st_mtime_ns) if source.exists() else None
+    key = [_CACHE_VERSION, split.source, stamp, len(split), type(tokenizer).__name__,
+           getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_length]
+    h.update(json.dumps(key, default=str).encode())
+    if stamp is None:  # hub data or in-memory: hash the content
+        for column in split.texts:
+            h.update("\x1f".join(column).encode())
+        h.update(np.asarray(split.labels).tobytes())
+    return h.hexdigest()[:24]
+
+
+def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> Encoded:
+    """Tokenize ``split`` (truncating pairs to ``max_length``), reusing a disk cache keyed by content."""
+    path = cache_dir() / f"{_fingerprint(split, tokenizer, max_length)}.npz"
+    if use_cache and path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            type_ids = z["type_ids"] if z["type_ids"].size else None
+            return Encoded(z["ids"], type_ids, z["offsets"], z["labels"])
+    out = tokenizer(*split.texts, truncation=True, max_length=max_length)
+    ids = out["input_ids"]
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    type_ids = None
+    if "token_type_ids" in out:
+        type_ids = np.fromiter((t for x in out["token_type_ids"] for t in x), dtype=np.int8, count=int(offsets[-1]))
+    encoded = Encoded(flat, type_ids, offsets, np.asarray(split.labels, dtype=np.float32))
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=encoded.ids, type_ids=type_ids if type_ids is not None else np.zeros(0, np.int8),
+                 offsets=offsets, labels=encoded.labels)
+        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+    return encoded
+
+
+def subsample(encoded: Encoded, n: int | None, seed: int = 0) -> Encoded:
+    """A fixed random subset of ``n`` examples (same for every method and seed: a fair comparison)."""
+    if n is None or n >= len(encoded):
+        return encoded
+    indices = np.sort(np.random.default_rng(seed).permutation(len(encoded))[:n])
+    return encoded.subset(indices)
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    def __init__(self, encoded: Encoded):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> int:
+        return i  # the collator gathers rows itself: one vectorised copy per batch instead of per example
+
+
+class Collator:
+    """Pads a batch of example indices to the longest example in the batch (dynamic padding)."""
+
+    def __init__(self, encoded: Encoded, pad_id: int, regression: bool, pad_to: int | None = None):
+        self.encoded, self.pad_id, self.regression, self.pad_to = encoded, pad_id, regression, pad_to
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        e = self.encoded
+        idx = np.asarray(indices)
+        starts, lengths = e.offsets[idx], e.lengths[idx]
+        width = self.pad_to or int(lengths.max())
+        positions = np.arange(width)
+        mask = positions[None, :] < lengths[:, None]
+        gather = np.where(mask, starts[:, None] + positions[None, :], 0)
+        batch = {
+            "input_ids": torch.from_numpy(np.where(mask, e.ids[gather], self.pad_id).astype(np.int64)),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        }
+        if e.type_ids is not None:
+            batch["token_type_ids"] = torch.from_numpy(np.where(mask, e.type_ids[gather], 0).astype(np.int64))
+        labels = e.labels[idx]
+        batch["labels"] = torch.from_numpy(labels.astype(np.float32) if self.regression else labels.astype(np.int64))
+        return batch
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar-length examples (HF's ``group_by_length``): random mega-batches of
+    ``50 × batch_size`` examples are sorted by length and cut into batches, then the batches are shuffled.
+    With ``group_by_length=False`` it is a plain shuffled (or sequential) batch sampler."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
+                 mega: int = 50):
+        self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
+        self.group_by_length, self.seed, self.mega, self.epoch = group_by_length, seed, mega, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            if self.shuffle:
+                size = self.mega * self.batch_size
+                chunks = [order[i:i + size] for i in range(0, n, size)]
+                order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+            else:  # evaluation: sort globally, padding is wasted compute and the order does not matter
+                order = np.argsort(-self.lengths, kind="stable")
+        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.shuffle and self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        batches = self.batches()
+        self.epoch += 1
+        return (b.tolist() for b in batches)
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
+                pad_id: int, regression: bool, pad_to: int | None = None) -> torch.utils.data.DataLoader:
+    sampler = LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle, group_by_length, seed)
+    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
+                                       collate_fn=Collator(encoded, pad_id, regression, pad_to))
+
+
+def load_task_data(task: Task, split: str, data_dir: str | None, tokenizer, max_length: int,
+                   max_samples: int | None) -> Encoded:
+    return subsample(encode(task.load(split, data_dir), tokenizer, max_length), max_samples)

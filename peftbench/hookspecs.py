@@ -1,0 +1,221 @@
+"""The peftbench hook contract: every hook a plugin may implement, in one place.
+
+peftbench is a pluggy host (project name ``"peftbench"``). Everything is a plugin, the built-ins included:
+
+* A **plugin module** is what an entry point in the ``peftbench`` group (or ``--plugin module:attr``, or
+  the config's ``plugins:`` list) names. It implements the *discovery hooks* below to contribute method
+  classes and tasks, and declares ``PEFTBENCH_API_VERSION`` (the major version of this contract it
+  was written against; see :data:`API_VERSION`).
+* A **method** is a subclass of :class:`peftbench.method.Method`. For every run the host creates one
+  instance with that run's solved hyperparameters, registers it with the plugin manager for the duration
+  of the run, and unregisters it afterwards. Its ``@hookimpl`` methods are the *run hooks* below.
+  Because exactly one method instance is registered at a time, a method never sees another method's calls.
+* Any other plugin object that implements run hooks (a logger, a test recorder) is called for every run.
+
+Pluggy passes arguments by name, so an implementation may accept any subset of a hook's arguments.
+Hooks marked *first result* stop at the first implementation that returns something other than ``None``.
+
+Call order for one run (the trainer reads top to bottom in the same order)::
+
+    peftbench_count_trainable / peftbench_solve_budget   (budget check, before any training)
+    peftbench_inject                                     (once, on the frozen base model)
+    peftbench_train_start                                (once, optimizer built)
+    for every optimizer step:
+        peftbench_extra_loss                             (every micro-batch, added to the task loss)
+        peftbench_after_backward                         (gradients of the full step, before clipping)
+        peftbench_after_optimizer_step                   (after optimizer/scheduler step, before zero_grad)
+        peftbench_on_evaluate                            (whenever dev metrics were computed)
+    peftbench_train_end                                  (once, before the final evaluation)
+    peftbench_report                                     (once, merged into the stored run record)
+
+A run hook that no registered plugin implements is never called: the trainer checks once, before the
+loop, so a method that needs none of them costs nothing per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from torch import nn
+
+    from .method import Method
+    from .task import Task
+
+#: Major version of this contract. Bumped only when a hook changes incompatibly; a plugin module declares
+#: the version it targets as ``PEFTBENCH_API_VERSION`` and is refused, with a clear reason, on mismatch.
+API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker("peftbench")
+hookimpl = pluggy.HookimplMarker("peftbench")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Types passed to and returned by hooks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One ``nn.Linear`` of the base model that adapters attach to (same list for every method of a run)."""
+
+    name: str  #: dotted module path, e.g. ``bert.encoder.layer.3.attention.self.query``
+    layer: int | None  #: transformer block index parsed from the name (``None`` outside the blocks)
+    num_layers: int  #: number of transformer blocks in the model
+    in_features: int
+    out_features: int
+    pattern: str  #: the ``target_modules`` entry it matched, e.g. ``"query"``
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Trainable adapter parameters of a method (the head, trained by every method, is counted apart).
+
+    ``final``: dense trainable count at the end of training; ``peak``: the largest count at any point
+    (differs from ``final`` for methods that start big and prune); ``nonzero``: expected number of non-zero
+    adapter parameters at the end (differs for methods that zero entries without shrinking tensors).
+    """
+
+    final: int
+    peak: int
+    nonzero: int
+
+
+@dataclass
+class TrainState:
+    """The trainer's state as seen by run hooks. Plugins may read everything and write ``logs``."""
+
+    step: int  #: optimizer steps completed before the current one (0-based index of the current step)
+    total_steps: int  #: optimizer steps the run will take
+    epoch: int
+    optimizer: torch.optim.Optimizer  #: the plain torch optimizer (unwrapped); plugins may edit its state
+    lr_scheduler: Any
+    accelerator: Any  #: the ``accelerate.Accelerator`` of the run
+    seed: int
+    #: scalars a plugin wants shown in the progress bar and kept in the metrics history (e.g. current budget)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery hooks: implemented by plugin modules, called once when the host loads plugins
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def peftbench_add_methods() -> list[type[Method]]:
+    """Contribute PEFT methods.
+
+    Called once at start-up on every loaded plugin. Return a list of :class:`peftbench.method.Method`
+    subclasses; each class's ``name`` must be unique across all plugins (a duplicate is reported as a failed
+    plugin, not silently shadowed).
+    """
+
+
+@hookspec
+def peftbench_add_tasks() -> list[Task]:
+    """Contribute tasks (datasets plus metrics).
+
+    Called once at start-up. Return a list of :class:`peftbench.task.Task` instances with unique names.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budget hooks: implemented by methods; called before training (``peftbench budget``, and first in ``run``)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peftbench_count_trainable(model: nn.Module, targets: list[TargetModule], head: list[str]) -> ParamCounts:
+    """Count the trainable parameters this method (with its current params) adds to ``targets``.
+
+    Called before training on a *meta-device* model (shapes only, no memory): work from the shapes in
+    ``targets`` (and ``model`` if the method trains base weights). ``head`` names the modules every method
+    trains (pooler, classifier); they are counted apart, so leave them out. Must agree exactly with what
+    :func:`peftbench_inject` creates (the conformance kit checks this). Returns :class:`ParamCounts`.
+    """
+
+
+@hookspec(firstresult=True)
+def peftbench_solve_budget(model: nn.Module, targets: list[TargetModule], head: list[str], target: int,
+                           tolerance: float) -> Any:
+    """Solve this method's size hyperparameters so its final trainable count matches ``target``.
+
+    ``target`` is the adapter budget in parameters (by default LoRA r=8 on the same ``targets``);
+    ``tolerance`` the accepted relative miss. Return a new params object (same dataclass as
+    ``method.params``) whose ``peftbench_count_trainable(...).final`` is as close to ``target`` as the
+    method can get; the host audits the result and stops with exit 2 if it misses by more than
+    ``tolerance``. Return ``None`` for methods that do not take part in budget matching (full fine-tuning).
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run hooks: implemented by the method instance of the current run (and by observers)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peftbench_inject(model: nn.Module, targets: list[TargetModule]) -> bool:
+    """Attach the method's adapters to ``model`` in place (adapter injection).
+
+    Called once per run, on CPU, before the model is moved to its device. Every parameter of ``model`` is
+    frozen when this is called; create trainable parameters (or unfreeze existing ones). The classifier head
+    is made trainable by the host afterwards. Return ``True`` (first result).
+    """
+
+
+@hookspec
+def peftbench_train_start(model: nn.Module, state: TrainState) -> None:
+    """Called once after the optimizer and scheduler exist, before the first batch.
+
+    Use it to set up per-run state that depends on ``state.total_steps`` or on the device
+    (schedules, buffers, forward hooks).
+    """
+
+
+@hookspec
+def peftbench_extra_loss(model: nn.Module, state: TrainState) -> torch.Tensor | None:
+    """An extra loss term added to the task loss (regularisation), for every micro-batch.
+
+    Return a scalar tensor (it is added as is, so include its weight) or ``None``. The results of all
+    implementations are summed.
+    """
+
+
+@hookspec
+def peftbench_after_backward(model: nn.Module, state: TrainState) -> None:
+    """Called once per optimizer step after the gradients of the whole (accumulated) step exist, before
+    gradient clipping and ``optimizer.step()``. ``state.step`` is the index of the step about to be taken.
+
+    For gradient-based pruning and importance estimates that must see the raw gradient. A plugin that
+    changes parameter shapes here must also update ``state.optimizer`` (its param groups and state).
+    """
+
+
+@hookspec
+def peftbench_after_optimizer_step(model: nn.Module, state: TrainState) -> None:
+    """Called once per optimizer step after ``optimizer.step()`` and the scheduler step, before
+    ``zero_grad()`` (gradients are still present). ``state.step`` is the index of the step just taken.
+
+    For masking, magnitude pruning and rank reallocation that act on the updated weights.
+    """
+
+
+@hookspec
+def peftbench_on_evaluate(model: nn.Module, state: TrainState, metrics: dict[str, float]) -> None:
+    """Called after every dev evaluation with the dev metrics (observers: loggers, trackers)."""
+
+
+@hookspec
+def peftbench_train_end(model: nn.Module, state: TrainState) -> None:
+    """Called once after the last optimizer step, before the final dev evaluation (final pruning events,
+    freezing masks)."""
+
+
+@hookspec
+def peftbench_report(model: nn.Module, state: TrainState) -> dict[str, Any]:
+    """Method-specific results to store with the run (JSON-serialisable), e.g. rank allocation over time,
+    sparsity, non-zero counts. All returned dicts are merged into the run record's ``method_report``."""

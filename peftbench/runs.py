@@ -1,0 +1,53 @@
+"""Expanding a config into runs (method × task × seed) with stable ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ModelConfig, TrainConfig, data_dir_for
+from .schema import to_dict
+
+
+@dataclass
+class RunSpec:
+    sweep: str
+    label: str  #: row name (method variant)
+    method: str  #: registered method name
+    params: Any  #: the method's solved Params dataclass
+    task: str
+    seed: int
+    model: ModelConfig
+    train: TrainConfig
+    data_dir: str | None
+    budget_target: int | None
+    save_adapters: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the result (and nothing that does not, like the sweep name)."""
+        return {
+            "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
+            "model": to_dict(self.model), "train": to_dict(self.train), "label": self.label,
+        }
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand(config: Config, solved: dict[tuple[str, str], Any]) -> list[RunSpec]:
+    """All runs of ``config``; ``solved[(label, task)]`` holds each method's budget-solved params."""
+    runs = []
+    for method in config.methods:
+        for task in config.tasks:
+            for seed in config.seeds:
+                runs.append(RunSpec(
+                    sweep=config.name, label=method.label, method=method.name,
+                    params=solved[(method.label, task)].params, task=task, seed=seed, model=config.model,
+                    train=config.train_for(method, task), data_dir=data_dir_for(config),
+                    budget_target=solved[(method.label, task)].target, save_adapters=config.output.save_adapters,
+                ))
+    return runs

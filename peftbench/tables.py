@@ -1,0 +1,106 @@
+"""Cross-method comparison tables from the results store.
+
+Rows are methods (labels) with their trainable-parameter count, columns are tasks plus the average; each
+cell is mean ± std over seeds of the task's main metric (×100, as in the papers), the best mean of each
+column marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from tabulate import tabulate
+
+FORMATS = ("markdown", "latex", "csv", "plain")
+TASK_ORDER = ["mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb"]
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _task_key(task: str) -> tuple[int, str]:
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
+
+
+def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str = "best"
+            ) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]], dict[str, int]]:
+    """Values per (label, task) and the trainable count per label, from stored ``done`` runs."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    params: dict[str, int] = {}
+    labels: list[str] = []
+    for run in runs:
+        metrics = run.get(metric) or {}
+        name = main_metric.get(run["task"])
+        if name is None or name not in metrics:
+            continue
+        if run["label"] not in labels:
+            labels.append(run["label"])
+        values[(run["label"], run["task"])].append(100 * float(metrics[name]))
+        params[run["label"]] = (run.get("trainable") or {}).get("adapter") or params.get(run["label"])
+    tasks = sorted({t for (_, t) in values}, key=_task_key)
+    return labels, tasks, values, params
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
+          digits: int = 2) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
+    labels, tasks, values, params = collect(runs, main_metric, metric)
+    if not labels:
+        return "(no finished runs match)"
+    means = {key: _mean_std(xs) for key, xs in values.items()}
+    averages = {}
+    for label in labels:
+        if all((label, t) in means for t in tasks):
+            averages[label] = statistics.fmean(means[(label, t)][0] for t in tasks)
+    best = {t: max(means[(lbl, t)][0] for lbl in labels if (lbl, t) in means) for t in tasks}
+    best_avg = max(averages.values()) if averages else None
+
+    def mark(text: str, is_best: bool) -> str:
+        if not is_best:
+            return text
+        return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
+
+    pm = "$\\pm$" if fmt == "latex" else "±"
+    header = ["method", "params", *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
+    rows = []
+    for label in labels:
+        row = [label, human_count(params.get(label))]
+        for t in tasks:
+            if (label, t) not in means:
+                row.append("—")
+                continue
+            mean, std = means[(label, t)]
+            n = len(values[(label, t)])
+            cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if n > 1 else "")
+            row.append(mark(cell, mean == best[t]))
+        avg = averages.get(label)
+        row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
+        rows.append(row)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buffer.getvalue()
+    table = tabulate(rows, headers=header, tablefmt={"markdown": "github", "latex": "latex_raw", "plain": "simple"}[fmt],
+                     disable_numparse=True)
+    seeds = sorted({len(v) for v in values.values()})
+    note = f"mean{'±std' if max(seeds) > 1 else ''} of {metric} dev {', '.join(map(str, seeds))} seed(s), ×100"
+    if fmt == "latex":
+        return table + f"\n% {note}; best per column in bold"
+    return table + f"\n\n{note}; best per column " + ("in bold" if fmt == "markdown" else "marked *")
