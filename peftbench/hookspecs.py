@@ -27,6 +27,7 @@ Call order for one run (the trainer reads top to bottom in the same order)::
         peftbench_on_evaluate                            (whenever dev metrics were computed)
     peftbench_train_end                                  (once, before the final evaluation)
     peftbench_report                                     (once, merged into the stored run record)
+    peftbench_export_peft                                (``peftbench export``: the adapter in PEFT format)
 
 A run hook that no registered plugin implements is never called: the trainer checks once, before the
 loop, so a method that needs none of them costs nothing per step.
@@ -75,9 +76,11 @@ class TargetModule:
 class ParamCounts:
     """Trainable adapter parameters of a method (the head, trained by every method, is counted apart).
 
-    ``final``: dense trainable count at the end of training; ``peak``: the largest count at any point
-    (differs from ``final`` for methods that start big and prune); ``nonzero``: expected number of non-zero
-    adapter parameters at the end (differs for methods that zero entries without shrinking tensors).
+    ``final``: adapter parameters still in effect at the end of training, i.e. what an exported adapter holds
+    (budget matching compares this with the target; a rank component masked out for good does not count);
+    ``peak``: the largest trainable count at any point (differs from ``final`` for methods that start big
+    and prune); ``nonzero``: expected number of non-zero adapter parameters at the end (differs for methods
+    that zero entries inside tensors they keep, like PRILoRA's pruning of A).
     """
 
     final: int
@@ -215,7 +218,26 @@ def peftbench_train_end(model: nn.Module, state: TrainState) -> None:
     freezing masks)."""
 
 
+@hookspec(firstresult=True)
+def peftbench_export_peft(model: nn.Module, targets: list[TargetModule]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The trained adapter in HF PEFT's format, for ``peftbench export``.
+
+    Called after training on the trained model. Return ``(adapter_config, state_dict)``: ``adapter_config``
+    is the dict written to ``adapter_config.json`` (e.g. ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+    ``target_modules``, ``rank_pattern``, ``alpha_pattern``), ``state_dict`` maps PEFT's key names
+    (``base_model.model.<module>.lora_A.weight``) to tensors. Methods whose adapters are not LoRA-shaped may
+    fold them into LoRA form (AdaLoRA: ``B·diag(E)`` and ``A`` of the kept triplets). The host adds the head
+    (``modules_to_save``). Return ``None`` if the method cannot be exported.
+    """
+
+
 @hookspec
 def peftbench_report(model: nn.Module, state: TrainState) -> dict[str, Any]:
-    """Method-specific results to store with the run (JSON-serialisable), e.g. rank allocation over time,
-    sparsity, non-zero counts. All returned dicts are merged into the run record's ``method_report``."""
+    """Method-specific results to store with the run (JSON-serialisable). All returned dicts are merged into
+    the run record's ``method_report``. Conventional keys, read by ``peftbench plot`` and tables:
+
+    * ``ranks``: ``{module_name: final_rank}``
+    * ``rank_history``: ``[{"step": int, "ranks": {module_name: rank}}, ...]`` (methods that change ranks)
+    * ``counts``: ``{"final": int, "peak": int, "nonzero": int}`` measured on the trained model
+    * ``sparsity``: fraction of zero entries in the adapter (methods that prune entries)
+    """

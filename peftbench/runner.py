@@ -8,6 +8,7 @@ run again, so a killed sweep resumes where it stopped.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -111,6 +112,7 @@ def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
         "history": result.history, "method_report": result.method_report, "wall_s": result.wall_s,
         "train_s": result.train_s, "tokens_per_s": result.tokens_per_s, "peak_mem_bytes": result.peak_mem_bytes,
         "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
+        "median_step_s": statistics.median(result.step_times) if result.step_times else None,
     }
 
 

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS runs (
     budget TEXT,                     -- JSON: target and solved counts
     trainable TEXT,                  -- JSON: measured counts
     best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
-    wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER,
+    wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
     host TEXT, pid INTEGER, started REAL, finished REAL, artifacts TEXT
 );

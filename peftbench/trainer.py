@@ -43,6 +43,7 @@ class RunResult:
     peak_mem_bytes: int
     mem_kind: str
     steps: int
+    step_times: list[float] = field(default_factory=list)  #: seconds per optimizer step (evaluation excluded)
     method_report: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
 
@@ -139,7 +140,8 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
     tokens = 0
     running_loss = torch.zeros((), device=accelerator.device)
     micro_batches = 0
-    train_started = time.perf_counter()
+    step_times: list[float] = []
+    train_started = last_step_end = time.perf_counter()
     model.train()
     while state.step < total_steps:
         for batch in train_loader:
@@ -166,6 +168,8 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            now = time.perf_counter()
+            step_times.append(now - last_step_end)
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 mean_loss = running_loss.item() / max(micro_batches, 1)
@@ -178,11 +182,13 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
                 bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best['score']:.4f}", refresh=False)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                 evaluate()
+            last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
             if state.step >= total_steps:
                 break
         state.epoch += 1
         if state.step < total_steps:  # epoch end (the last one is evaluated after train_end below)
             evaluate()
+            last_step_end = time.perf_counter()
     train_s = time.perf_counter() - train_started
     bar.close()
 
@@ -210,7 +216,7 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
     return RunResult(
         best=best["metrics"], final=final, best_step=best["step"], history=history, trainable=trainable,
         wall_s=time.perf_counter() - started, train_s=train_s, tokens_per_s=tokens / max(train_s, 1e-9),
-        peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step, method_report=report,
+        peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step, step_times=step_times, method_report=report,
         best_state=best["state"],
     )
 
