@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from . import __version__
@@ -50,16 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="only runs of these models (repeatable)")
     p.add_argument("--sweep", action="append", help="only these sweeps (repeatable)")
     p.add_argument("--final", action="store_true", help="use the final instead of the best dev metrics")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
+                   help="load a plugin that defines tasks of the stored runs")
+
+    p = sub.add_parser("export", help="write a stored run's best adapter in HF PEFT format")
+    p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
+    p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT and compare its dev logits with peftbench's model")
+    p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
 
     p = sub.add_parser("plugins", help="list method and task plugins, their hooks, and failed plugins")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
+                   help="also load this local plugin module or .py file (repeatable); a failure is listed, not fatal")
+    p.add_argument("--traceback", action="store_true", help="print the full traceback of every failed plugin")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins}[args.command](args)
+        commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
+                    "export": cmd_export}
+        return commands[args.command](args)
     except PeftbenchError as exc:
         print(f"peftbench: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -76,9 +93,13 @@ def _load(args):
     return config, make_host(config, args.plugins)
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM (e.g. a cluster's time limit): stop as on Ctrl-C
+
+
 def cmd_run(args) -> int:
-    from .budget import BUDGET_HEADERS, budget_rows, solve_all
-    from .runner import print_summary, run_sweep
+    from .budget import BUDGET_HEADERS, budget_rows
+    from .runner import SweepSummary, print_summary, run_sweep, solve_budgets
     from .store import Store
     from .tables import build
 
@@ -88,20 +109,28 @@ def cmd_run(args) -> int:
 
         from .runs import expand
 
-        solved = solve_all(config, host)
+        solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
         for spec in expand(config, solved):
             print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
         return 0
+    from .modeling import preflight
+
+    preflight(config.model)
     store = Store(args.db or config.output.db)
     started = time.time()
+    summary = SweepSummary()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main_thread else None
     try:
-        summary = run_sweep(config, host, store, fail_fast=args.fail_fast,
-                            progress=not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("PEFTBENCH_PROGRESS")))
-    finally:
+        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary,
+                  progress=not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("PEFTBENCH_PROGRESS")))
+    finally:  # also when stopped by bad input or an interrupt: say what was done and stored
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         rows = store.runs(sweep=[config.name])
         store.close()
-    print_summary(summary, started)
+        print_summary(summary, started)
     if rows:
         main_metric = {name: host.task(name).main_metric for name in {r["task"] for r in rows}}
         print()
@@ -112,7 +141,8 @@ def cmd_run(args) -> int:
 def cmd_budget(args) -> int:
     from tabulate import tabulate
 
-    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, solve_all, target_count
+    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count
+    from .runner import solve_budgets
 
     config, host = _load(args)
     shapes = model_shapes(config)
@@ -121,7 +151,7 @@ def cmd_budget(args) -> int:
           f"({'budget.params' if config.budget.params is not None else f'LoRA r={config.budget.lora_rank}'}); "
           f"head ({', '.join(shapes.head)}) trained by every method and counted apart; "
           f"tolerance {config.budget.tolerance:.1%}")
-    solved = solve_all(config, host, shapes)
+    solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
     return 0
 
@@ -138,20 +168,85 @@ def cmd_table(args) -> int:
     store = Store(args.db)
     rows = store.runs(label=args.method, task=args.task, model=args.model, sweep=args.sweep)
     store.close()
-    host = Host()
+    host = Host(plugins=args.plugins)
     main_metric = {}
-    for name in {r["task"] for r in rows}:
-        main_metric[name] = host.task(name).main_metric if name in host.tasks else None
+    for name in sorted({r["task"] for r in rows}):
+        if name in host.tasks:
+            main_metric[name] = host.task(name).main_metric
+            continue
+        # a task whose plugin is not installed here: usable when its runs recorded a single metric
+        keys = {k for r in rows if r["task"] == name for k in (r.get("best") or {})}
+        if len(keys) == 1:
+            main_metric[name] = keys.pop()
+        else:
+            print(f"peftbench: skipping task {name!r}: its plugin is not loaded (use --plugin)", file=sys.stderr)
     print(build(rows, main_metric, args.format, metric="final" if args.final else "best"))
     return 0
+
+
+def cmd_export(args) -> int:
+    from .errors import ConfigError
+    from .export import export_run
+    from .host import Host
+    from .store import Store
+
+    if not os.path.exists(args.db):
+        raise ConfigError(f"results store {args.db!r} does not exist")
+    store = Store(args.db)
+    run = store.get(args.run_id)
+    store.close()
+    if run is None or run["status"] != "done":
+        raise ConfigError(f"{args.db}: no finished run with id {args.run_id!r} (ids are listed by `peftbench run`)")
+    host = Host(plugins=args.plugins)
+    out = export_run(run, args.out_dir, host)
+    print(f"peftbench: exported run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) to {out}")
+    if args.check:
+        diff, agree = check_export(run, out, host, args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR"))
+        print(f"peftbench: HF PEFT reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
+    return 0
+
+
+def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
+    """Max logit difference and prediction agreement between peftbench's model and the PEFT reload."""
+    import torch
+
+    from .config import ModelConfig, TrainConfig
+    from .data import load_task_data, make_loader
+    from .export import load_with_peft, rebuild
+    from .modeling import load_tokenizer
+    from .schema import from_dict
+
+    spec = run["spec"]
+    ours = rebuild(run, host)[0]
+    theirs = load_with_peft(run, out, host)
+    task = host.task(spec["task"])
+    train = from_dict(TrainConfig, spec["train"], "spec.train")
+    tokenizer = load_tokenizer(from_dict(ModelConfig, spec["model"], "spec.model"))
+    data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
+                          train.max_length, train.max_eval_samples)
+    loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0, task.is_regression)
+    diff, same, total = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in loader:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            a, b = ours(**inputs).logits, theirs(**inputs).logits
+            diff = max(diff, float((a - b).abs().max()))
+            if not task.is_regression:
+                same += int((a.argmax(-1) == b.argmax(-1)).sum())
+            else:
+                same += int(torch.isclose(a, b, atol=1e-4).sum())
+            total += len(a)
+    return diff, same / max(total, 1)
 
 
 def cmd_plugins(args) -> int:
     from tabulate import tabulate
 
+    from .hookspecs import API_VERSION
     from .host import Host
 
-    host = Host(plugins=args.plugins)
+    host = Host(plugins=args.plugins, strict=False)  # a broken plugin is listed below, never fatal here
+    print(f"peftbench {__version__}, hook API version {API_VERSION}\n")
     rows = []
     for name, reg in sorted(host.methods.items()):
         cls = reg.obj
@@ -160,11 +255,22 @@ def cmd_plugins(args) -> int:
     for name, reg in sorted(host.tasks.items()):
         rows.append(["task", name, reg.plugin.package or reg.plugin.name, reg.plugin.version or "",
                      reg.plugin.source, f"metric: {reg.obj.main_metric}"])
+    contributors = {id(reg.plugin) for reg in [*host.methods.values(), *host.tasks.values()]}
+    for info in host.plugins:  # loaded plugins that add no method or task (observers of every run, or empty)
+        run_hooks = [h.removeprefix("peftbench_") for h in info.hooks if h not in ("peftbench_add_methods",
+                                                                                   "peftbench_add_tasks")]
+        if id(info) not in contributors:
+            rows.append(["observer" if run_hooks else "plugin", info.name, info.package or info.name,
+                         info.version or "", info.source, ", ".join(run_hooks) or "(adds nothing)"])
     print(tabulate(rows, headers=["kind", "name", "package", "version", "from", "hooks"], tablefmt="simple"))
     if host.failed:
-        print("\nplugins that failed to load:")
+        print(f"\nplugins that failed to load ({len(host.failed)}; the others work normally):")
         for f in host.failed:
             print(f"  {f.name} ({f.source}): {f.reason}")
+            if args.traceback and f.traceback:
+                print("    " + f.traceback.rstrip().replace("\n", "\n    "))
+        if not args.traceback and any(f.traceback for f in host.failed):
+            print("(add --traceback for the full tracebacks)")
     return 0
 
 

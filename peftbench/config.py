@@ -6,6 +6,7 @@ Every error names the file, line and key path, e.g.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import typing
@@ -72,6 +73,17 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("head_lr", "max_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 (or null), got {getattr(self, name)}")
+        if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
 
 
 @dataclass
@@ -102,12 +114,23 @@ class BudgetConfig:
     params: int | None = None
     tolerance: float = 0.01  #: accepted relative miss of a method's final trainable count
 
+    def __post_init__(self):
+        for name in ("lora_rank", "params"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
 
 @dataclass
 class OutputConfig:
     db: str = "results/peftbench.sqlite"
     dir: str = "results/runs"  #: per-run artifacts (best adapter weights)
     save_adapters: bool = True
+    #: save a resumable checkpoint (trainable weights, optimizer, scheduler, RNG) to ``<dir>/<run_id>/`` at
+    #: every epoch end; a killed or failed run continues from it when the sweep is rerun. Not part of a
+    #: run's identity: turning it on or off never changes results or run ids.
+    checkpoint: bool = False
 
 
 @dataclass
@@ -136,6 +159,15 @@ class Config:
             raise ValueError("tasks: at least one task is required")
         if not self.methods:
             raise ValueError("methods: at least one method is required")
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is required")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds: repeated seed(s) {repeated}")
+
+    def where(self, key_path: str) -> str:
+        """``file:line: `` of a key of this config (as far as known), for error messages."""
+        return getattr(self, "_where", {}).get(key_path) or f"{self.source}: "
 
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
@@ -172,6 +204,9 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
     mapping.source = loader.name
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+            raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: a key must be a plain value, "
+                              f"got {type(key).__name__} {key!r}")
         if key in mapping:
             raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
         mapping[key] = loader.construct_object(value_node, deep=True)
@@ -192,6 +227,8 @@ def load_yaml(text: str, source: str) -> Any:
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -255,9 +292,13 @@ def _list_index(items: list, part: str, key_path: str) -> int:
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     path = resolve_config_path(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
     data = load_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
@@ -269,14 +310,18 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:
-    data = dict(data)
+    original, data = data, Located(data)  # a shallow copy that keeps the key lines
+    data.lines, data.source = getattr(original, "lines", {}), getattr(original, "source", None)
     ctx = f"{source}: "
     if isinstance(data.get("methods"), list):  # shorthand: `methods: [lora, full]`
         data["methods"] = [{"name": m} if isinstance(m, str) else m for m in data["methods"]]
     if isinstance(data.get("tasks"), str):
         data["tasks"] = [data["tasks"]]
-    if isinstance(data.get("seeds"), int) and not isinstance(data.get("seeds"), bool):
-        data["seeds"] = list(range(data["seeds"]))
+    seeds = data.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):  # shorthand: `seeds: 3` means [0, 1, 2]
+        if not 1 <= seeds <= 10_000:
+            raise ConfigError(f"{where(data, 'seeds') or ctx}seeds: a number of seeds must be in 1..10000, got {seeds}")
+        data["seeds"] = list(range(seeds))
     config = from_dict(Config, data, "", ctx)
     config.source = source
     config.tasks = [t.lower() for t in config.tasks]
@@ -309,6 +354,10 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
             over.train = check_train(over.train, f"methods[{i}].per_task.{task}.train",
                                      raw_task.get("train") if isinstance(raw_task, dict) else None)
         method.per_task = {t.lower(): o for t, o in method.per_task.items()}
+    # lines of keys checked later (unknown task and method names): see Config.where
+    config._where = {key: where(data, key) for key in data}
+    config._where.update({f"methods[{i}]": where(raw, "name") for i, raw in enumerate(raw_methods)
+                          if where(raw, "name")})
     return config
 
 

@@ -26,6 +26,19 @@ TARGET_PRESETS = {
 HEAD_NAMES = ("classifier", "pooler", "score")
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 
+#: architectures known offline: their shapes are enough for budgets (``peftbench budget``) and random-init
+#: speed work without the hub; pretrained weights still need the hub or a local folder.
+BUILTIN_CONFIGS = {
+    "microsoft/deberta-v3-base": {
+        "model_type": "deberta-v2", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "vocab_size": 128100, "max_position_embeddings": 512, "type_vocab_size": 0,
+        "relative_attention": True, "position_buckets": 256, "norm_rel_ebd": "layer_norm",
+        "share_att_key": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": -1,
+        "position_biased_input": False, "layer_norm_eps": 1e-7, "hidden_act": "gelu", "pooler_hidden_size": 768,
+        "pooler_dropout": 0, "pooler_hidden_act": "gelu", "pad_token_id": 0,
+    },
+}
+
 
 def resolve_name(name_or_path: str) -> str:
     if name_or_path.lower() in MODEL_ALIASES:
@@ -51,7 +64,8 @@ def _hub_hint(name: str) -> str:
     )
 
 
-def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | None = None):
+def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | None = None,
+                allow_builtin: bool = False):
     from transformers import AutoConfig
 
     name = resolve_name(mc.name_or_path)
@@ -59,10 +73,14 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
     if classifier_dropout is not None:  # BERT-likes call it classifier_dropout, DeBERTa cls_dropout
         overrides.setdefault("classifier_dropout", classifier_dropout)
         overrides.setdefault("cls_dropout", classifier_dropout)
-    try:
-        config = AutoConfig.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if allow_builtin and name in BUILTIN_CONFIGS and not Path(name).exists():
+        builtin = dict(BUILTIN_CONFIGS[name])
+        config = AutoConfig.for_model(builtin.pop("model_type"), **builtin)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     for key, value in overrides.items():
         setattr(config, key, value)
     config.num_labels = num_labels
@@ -87,12 +105,16 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    config = load_config(mc, num_labels, classifier_dropout)
+    config = load_config(mc, num_labels, classifier_dropout, allow_builtin=meta or mc.random_init)
     torch.manual_seed(seed)  # the new classifier head (and random_init weights) depend on the run's seed
     if meta or mc.random_init:
         device = torch.device("meta") if meta else contextlib.nullcontext()
-        with device:
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code)
+        try:
+            with device:
+                return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code)
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:  # e.g. bad config_overrides
+            raise ConfigError(f"model: cannot build {mc.name_or_path!r} from its config (check model.config_overrides "
+                              f"{mc.config_overrides}): {type(exc).__name__}: {exc}") from None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train the head
     hf_logging.disable_progress_bar()
@@ -106,6 +128,13 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def preflight(mc: ModelConfig) -> None:
+    """Fail fast, before any run is stored, when the model or tokenizer cannot be found."""
+    load_tokenizer(mc)
+    if not mc.random_init:
+        load_config(mc, num_labels=2)
 
 
 def target_patterns(mc: ModelConfig, model: nn.Module) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -87,10 +88,13 @@ def coerce(value: Any, tp: Any, path: str, ctx: str = "") -> Any:
             # YAML 1.1 reads "5e-4" (no dot) as a string: accept numeric strings for floats.
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
-                    pass
+                    raise ConfigError(f"{ctx}{path}: expected a number, got {value!r}") from None
+                return coerce(value, tp, path, ctx)
             raise ConfigError(f"{ctx}{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{ctx}{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -136,8 +140,10 @@ def from_dict(cls: type, data: Any, path: str = "", ctx: str = "") -> Any:
         raise ConfigError(f"{where(data) or ctx}{path or '<root>'}: missing required key(s) {', '.join(missing)}")
     try:
         obj = cls(**kwargs)
-    except (ValueError, TypeError) as exc:  # __post_init__ validation
-        raise ConfigError(f"{where(data) or ctx}{path or '<root>'}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # __post_init__ validation: point at the key it names, if any
+        named = next((k for k in data if str(exc).startswith(f"{k} ")), None)
+        location = where(data, named) if named is not None else ""
+        raise ConfigError(f"{location or ctx or where(data)}{path or '<root>'}: {exc}") from None
     return obj
 
 

@@ -17,11 +17,12 @@ from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.method import Method
 from peftbench.modeling import replace_module
 
+from .export import lora_peft_export
 from .layer import LoRALinear
 
 PEFTBENCH_API_VERSION = 1
 __version__ = "1.0"
-__all__ = ["LoRA", "LoRAParams", "LoRALinear", "inject_lora", "lora_layers"]
+__all__ = ["LoRA", "LoRAParams", "LoRALinear", "inject_lora", "lora_layers", "lora_peft_export"]
 
 
 @dataclass
@@ -107,6 +108,12 @@ class LoRA(Method):
                 if layer.base.bias is not None:
                     layer.base.bias.requires_grad_(True)
         return True
+
+    @hookimpl
+    def peftbench_export_peft(self, model):
+        if self.params.bias != "none":
+            return None  # PEFT keeps trained biases in the base layer: not exported here
+        return lora_peft_export({n: (m.lora_A, m.lora_B, m.scaling) for n, m in lora_layers(model).items()})
 
 
 @hookimpl

@@ -1,0 +1,112 @@
+"""``peftbench export RUN_ID DIR``: a stored run's best adapter in HF PEFT's format.
+
+The run's model is rebuilt exactly as the trainer built it (same base, same seed, the method injected with the
+run's solved params), its saved best trainable weights are loaded (tensors whose shape changed during
+training, like PrunedLoRA's shrunk ranks, are resized to the saved shape), and the method's
+``peftbench_export_peft`` hook turns the adapter into PEFT's layout. The head (pooler, classifier) goes into
+``modules_to_save``, so ``PeftModel.from_pretrained(base, DIR)`` reproduces the run's dev predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import modeling
+from .config import ModelConfig, TrainConfig
+from .errors import ConfigError
+from .host import Host
+from .schema import from_dict
+
+PREFIX = "base_model.model."
+
+
+def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
+    """``(model, targets, head, method)`` of a stored run, with its best trainable weights loaded."""
+    spec = run["spec"]
+    model_config = from_dict(ModelConfig, spec["model"], "spec.model")
+    train = from_dict(TrainConfig, spec["train"], "spec.train")
+    task = host.task(spec["task"])
+    cls = host.method(spec["method"])
+    method = cls(from_dict(cls.Params, spec["params"], "spec.params"))
+    model = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout)
+    head = modeling.head_modules(model_config, model)
+    targets = modeling.find_targets(model, modeling.target_patterns(model_config, model), head)
+    modeling.freeze(model)
+    with host.activate(method):
+        host.hook.peftbench_inject(model=model, targets=targets)
+    modeling.unfreeze_head(model, head)
+    if load_weights:
+        load_trainable(model, _weights_path(run))
+    model.eval()
+    return model, targets, head, method
+
+
+def _weights_path(run: dict[str, Any]) -> Path:
+    artifacts = run.get("artifacts")
+    path = Path(artifacts or "") / "trainable.safetensors"
+    if not artifacts or not path.exists():
+        raise ConfigError(f"run {run['run_id']} has no saved weights ({path}); it ran with output.save_adapters: "
+                          "false, or its output directory moved")
+    return path
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Load saved trainable weights (safetensors: data only, nothing executed), resizing changed shapes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ConfigError(f"{path}: weights for parameters the rebuilt model lacks: {unknown[:5]}")
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+        if current.shape != tensor.shape:  # e.g. ranks pruned during training
+            setattr(module, attr, nn.Parameter(tensor.to(current.dtype), requires_grad=current.requires_grad))
+        else:
+            with torch.no_grad():
+                current.copy_(tensor)
+
+
+def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
+    model, targets, head, method = rebuild(run, host)
+    with host.activate(method):
+        exported = host.hook.peftbench_export_peft(model=model, targets=targets)
+    if exported is None:
+        raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
+                          "in HF PEFT format")
+    config, state = exported
+    for module_name in head:
+        for name, p in model.get_submodule(module_name).named_parameters():
+            state[f"{PREFIX}{module_name}.{name}"] = p.detach().to("cpu", torch.float32).contiguous()
+    spec_model = run["spec"]["model"]
+    config = {**config, "modules_to_save": head,
+              "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(state, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (out / "peftbench_run.json").write_text(json.dumps(
+        {k: run.get(k) for k in ("run_id", "label", "method", "task", "seed", "best", "best_step", "spec")},
+        indent=2, default=str))
+    return out
+
+
+def load_with_peft(run: dict[str, Any], directory: str | Path, host: Host) -> nn.Module:
+    """The base model of ``run`` (rebuilt, no adapters) with the exported adapter loaded by HF PEFT."""
+    from peft import PeftModel
+
+    spec = run["spec"]
+    model_config = from_dict(ModelConfig, spec["model"], "spec.model")
+    train = from_dict(TrainConfig, spec["train"], "spec.train")
+    base = modeling.load_model(model_config, host.task(spec["task"]).num_labels, spec["seed"], train.classifier_dropout)
+    return PeftModel.from_pretrained(base, str(directory)).eval()

@@ -1,0 +1,52 @@
+"""Comparison tables: mean ± std over seeds, ×100, best per column marked, four formats."""
+
+import pytest
+
+from peftbench.tables import build, human_count
+
+MAIN = {"rte": "accuracy", "stsb": "corr"}
+
+
+def run(label, task, seed, value, adapter=1000):
+    metric = MAIN[task]
+    return {"label": label, "task": task, "seed": seed, "best": {metric: value}, "final": {metric: value - 0.01},
+            "trainable": {"adapter": adapter}}
+
+
+RUNS = [run("lora", "rte", 0, 0.70), run("lora", "rte", 1, 0.72), run("lora", "stsb", 0, 0.90), run("lora", "stsb", 1, 0.92),
+        run("adalora", "rte", 0, 0.75, 1_270_000), run("adalora", "rte", 1, 0.77, 1_270_000),
+        run("adalora", "stsb", 0, 0.80, 1_270_000), run("adalora", "stsb", 1, 0.84, 1_270_000)]
+
+
+def test_markdown_mean_std_and_best_marked():
+    table = build(RUNS, MAIN, "markdown")
+    lines = table.splitlines()
+    assert lines[0].split("|")[1:-1] == [" method  ", " params   ", " rte (accuracy)   ", " stsb (corr)   ", " avg       "] or \
+        [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "params", "rte (accuracy)", "stsb (corr)", "avg"]
+    lora = next(line for line in lines if line.startswith("| lora"))
+    ada = next(line for line in lines if line.startswith("| adalora"))
+    assert "71.00±1.41" in lora and "**91.00±1.41**" in lora and "**81.00**" in lora  # avg (71+91)/2 = 81 > (76+82)/2 = 79
+    assert "**76.00±1.41**" in ada and "82.00±2.83" in ada and "79.00" in ada
+    assert "1.27M" in ada and "1.00K" in lora
+
+
+def test_latex_csv_plain():
+    latex = build(RUNS, MAIN, "latex")
+    assert "\\textbf{76.00$\\pm$1.41}" in latex and "\\begin{tabular}" in latex
+    csv_text = build(RUNS, MAIN, "csv")
+    assert csv_text.splitlines()[1].startswith("lora,1.00K,71.00±1.41,91.00±1.41*,81.00*")
+    plain = build(RUNS, MAIN, "plain")
+    assert "76.00±1.41*" in plain
+
+
+def test_final_metrics_missing_tasks_and_single_seed():
+    table = build(RUNS + [run("full", "rte", 0, 0.6, 10**8)], MAIN, "csv", metric="final")
+    full = next(line for line in table.splitlines() if line.startswith("full"))
+    assert full == "full,100.00M,59.00,—,—"  # one seed: no ±; missing task: no average
+    assert build([], MAIN) == "(no finished runs match)"
+    with pytest.raises(ValueError):
+        build(RUNS, MAIN, "html")
+
+
+def test_human_count():
+    assert [human_count(n) for n in (999, 1_327_104, 184_000_000)] == ["999", "1.33M", "184.00M"]
