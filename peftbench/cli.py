@@ -52,8 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="only runs of these models (repeatable)")
     p.add_argument("--sweep", action="append", help="only these sweeps (repeatable)")
     p.add_argument("--final", action="store_true", help="use the final instead of the best dev metrics")
+    p.add_argument("--baseline", default="lora", help="method label for the paired significance test (default: lora)")
+    p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
                    help="load a plugin that defines tasks of the stored runs")
+
+    p = sub.add_parser("plot", help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves")
+    p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
+    p.add_argument("--out-dir", default="results/plots", help="output folder (default: results/plots)")
+    for flag in ("method", "task", "model", "sweep"):
+        p.add_argument(f"--{flag}", action="append", help=f"only these {flag}s (repeatable)")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
 
     p = sub.add_parser("export", help="write a stored run's best adapter in HF PEFT format")
     p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
-                    "export": cmd_export}
+                    "export": cmd_export, "plot": cmd_plot}
         return commands[args.command](args)
     except PeftbenchError as exc:
         print(f"peftbench: error: {exc}", file=sys.stderr)
@@ -157,10 +166,34 @@ def cmd_budget(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .errors import ConfigError
     from .host import Host
-    from .store import Store
     from .tables import build
+
+    rows = _stored_runs(args)
+    main_metric = main_metrics(rows, Host(plugins=args.plugins))
+    print(build(rows, main_metric, args.format, metric="final" if args.final else "best", baseline=args.baseline,
+                ablation=args.ablation))
+    return 0
+
+
+def main_metrics(rows, host) -> dict[str, str]:
+    """Each stored task's main metric, from its plugin (or, without it, the runs' only metric)."""
+    main_metric = {}
+    for name in sorted({r["task"] for r in rows}):
+        if name in host.tasks:
+            main_metric[name] = host.task(name).main_metric
+            continue
+        keys = {k for r in rows if r["task"] == name for k in (r.get("best") or {})}
+        if len(keys) == 1:
+            main_metric[name] = keys.pop()
+        else:
+            print(f"peftbench: skipping task {name!r}: its plugin is not loaded (use --plugin)", file=sys.stderr)
+    return main_metric
+
+
+def _stored_runs(args):
+    from .errors import ConfigError
+    from .store import Store
 
     if not os.path.exists(args.db):
         raise ConfigError(f"results store {args.db!r} does not exist; run `peftbench run CONFIG` first "
@@ -168,19 +201,16 @@ def cmd_table(args) -> int:
     store = Store(args.db)
     rows = store.runs(label=args.method, task=args.task, model=args.model, sweep=args.sweep)
     store.close()
-    host = Host(plugins=args.plugins)
-    main_metric = {}
-    for name in sorted({r["task"] for r in rows}):
-        if name in host.tasks:
-            main_metric[name] = host.task(name).main_metric
-            continue
-        # a task whose plugin is not installed here: usable when its runs recorded a single metric
-        keys = {k for r in rows if r["task"] == name for k in (r.get("best") or {})}
-        if len(keys) == 1:
-            main_metric[name] = keys.pop()
-        else:
-            print(f"peftbench: skipping task {name!r}: its plugin is not loaded (use --plugin)", file=sys.stderr)
-    print(build(rows, main_metric, args.format, metric="final" if args.final else "best"))
+    return rows
+
+
+def cmd_plot(args) -> int:
+    from .host import Host
+    from .plots import plot_all
+
+    rows = _stored_runs(args)
+    written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
+    print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))
     return 0
 
 

@@ -55,11 +55,53 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def paired_p_values(runs: list[dict[str, Any]], main_metric: dict[str, str], baseline: str, metric: str = "best"
+                    ) -> dict[tuple[str, str], float]:
+    """Paired t-test (scipy ``ttest_rel``) of each method against ``baseline`` over the seeds both ran,
+    per task. Needs at least two common seeds; identical score vectors give p = 1."""
+    from scipy.stats import ttest_rel
+
+    by_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for run in runs:
+        name = main_metric.get(run["task"])
+        if name and name in (run.get(metric) or {}):
+            by_seed[(run["label"], run["task"])][run["seed"]] = float(run[metric][name])
+    p_values = {}
+    for (label, task), scores in by_seed.items():
+        base = by_seed.get((baseline, task))
+        if label == baseline or not base:
+            continue
+        seeds = sorted(set(scores) & set(base))
+        if len(seeds) < 2:
+            continue
+        a, b = [scores[s] for s in seeds], [base[s] for s in seeds]
+        if a == b:
+            p_values[(label, task)] = 1.0
+            continue
+        p = float(ttest_rel(a, b).pvalue)
+        p_values[(label, task)] = p if p == p else 1.0  # constant differences give nan: no evidence either way
+    return p_values
+
+
+def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """For ablation tables: each label's params that differ between the rows (``criterion=random``)."""
+    per_label: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        per_label.setdefault(run["label"], (run.get("spec") or {}).get("params") or {})
+    keys = sorted({k for p in per_label.values() for k in p})
+    varying = [k for k in keys if len({repr(p.get(k)) for p in per_label.values()}) > 1]
+    return {label: ", ".join(f"{k}={p.get(k)}" for k in varying) or "(reference)" for label, p in per_label.items()}
+
+
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
-          digits: int = 2) -> str:
+          digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False) -> str:
+    """The comparison table. Cells: mean±std ×100 over seeds; best mean per column marked; ``†`` where a paired
+    t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
     labels, tasks, values, params = collect(runs, main_metric, metric)
+    p_values = paired_p_values(runs, main_metric, baseline, metric) if baseline else {}
+    settings = varying_params(runs) if ablation else {}
     if not labels:
         return "(no finished runs match)"
     means = {key: _mean_std(xs) for key, xs in values.items()}
@@ -76,10 +118,10 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
 
     pm = "$\\pm$" if fmt == "latex" else "±"
-    header = ["method", "params", *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
+    header = ["method", *(["setting"] if ablation else []), "params", *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
     rows = []
     for label in labels:
-        row = [label, human_count(params.get(label))]
+        row = [label, *([settings.get(label, "")] if ablation else []), human_count(params.get(label))]
         for t in tasks:
             if (label, t) not in means:
                 row.append("—")
@@ -87,7 +129,8 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
             mean, std = means[(label, t)]
             n = len(values[(label, t)])
             cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if n > 1 else "")
-            row.append(mark(cell, mean == best[t]))
+            significant = p_values.get((label, t), 1.0) < alpha
+            row.append(mark(cell, mean == best[t]) + ("†" if significant else ""))
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
         rows.append(row)
@@ -101,6 +144,8 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
                      disable_numparse=True)
     seeds = sorted({len(v) for v in values.values()})
     note = f"mean{'±std' if max(seeds) > 1 else ''} of {metric} dev {', '.join(map(str, seeds))} seed(s), ×100"
+    if p_values:
+        note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
     if fmt == "latex":
         return table + f"\n% {note}; best per column in bold"
     return table + f"\n\n{note}; best per column " + ("in bold" if fmt == "markdown" else "marked *")

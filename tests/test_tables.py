@@ -50,3 +50,26 @@ def test_final_metrics_missing_tasks_and_single_seed():
 
 def test_human_count():
     assert [human_count(n) for n in (999, 1_327_104, 184_000_000)] == ["999", "1.33M", "184.00M"]
+
+
+def test_paired_significance_vs_lora_marked_with_dagger():
+    runs = []
+    for seed, (lora, better, same) in enumerate([(0.70, 0.80, 0.71), (0.72, 0.83, 0.70), (0.71, 0.81, 0.73)]):
+        runs += [run("lora", "rte", seed, lora), run("better", "rte", seed, better), run("noise", "rte", seed, same)]
+    from peftbench.tables import paired_p_values
+
+    p = paired_p_values(runs, MAIN, "lora")
+    assert p[("better", "rte")] < 0.05 < p[("noise", "rte")]
+    csv_text = build(runs, MAIN, "csv")
+    better = next(line for line in csv_text.splitlines() if line.startswith("better"))
+    noise = next(line for line in csv_text.splitlines() if line.startswith("noise"))
+    assert "†" in better and "†" not in noise
+    assert "† paired t-test vs lora" in build(runs, MAIN, "plain")
+
+
+def test_ablation_mode_names_the_varying_params():
+    runs = [dict(run("prilora", "rte", 0, 0.7), spec={"params": {"criterion": "input_norm", "ratio": 0.5}}),
+            dict(run("prilora_random", "rte", 0, 0.6), spec={"params": {"criterion": "random", "ratio": 0.5}})]
+    table = build(runs, MAIN, "csv", ablation=True, baseline=None)
+    assert table.splitlines()[0].startswith("method,setting,params")
+    assert "prilora_random,criterion=random," in table

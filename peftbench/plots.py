@@ -1,0 +1,168 @@
+"""``peftbench plot``: figures from a results store (matplotlib; every figure as PNG and SVG).
+
+* ``ranks_<label>``: final rank per layer × module kind, one heatmap per method that reports ``ranks``
+* ``rank_over_steps``: total and per-layer rank during training (methods that report ``rank_history``)
+* ``metric_vs_params``: dev metric against trainable adapter parameters, one panel per task
+* ``curves_<task>``: training loss and dev metric over steps, one line per method
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+_LAYER = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def _layer_and_kind(module: str) -> tuple[int, str]:
+    match = _LAYER.search(module)
+    return (int(match.group(1)), match.group(2)) if match else (-1, module)
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def rank_heatmaps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    by_label: dict[str, list[dict[str, int]]] = defaultdict(list)
+    for run in runs:
+        ranks = (run.get("method_report") or {}).get("ranks")
+        if ranks:
+            by_label[run["label"]].append(ranks)
+    for label, rank_maps in by_label.items():
+        cells: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for ranks in rank_maps:  # mean over tasks and seeds
+            for module, rank in ranks.items():
+                cells[_layer_and_kind(module)].append(rank)
+        layers = sorted({layer for layer, _ in cells})
+        kinds = sorted({kind for _, kind in cells}, key=lambda k: list(dict.fromkeys(kk for _, kk in cells)).index(k))
+        grid = np.full((len(kinds), len(layers)), np.nan)
+        for (layer, kind), values in cells.items():
+            grid[kinds.index(kind), layers.index(layer)] = statistics.fmean(values)
+        fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.55 * len(layers)), 1.4 + 0.45 * len(kinds)))
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_yticks(range(len(kinds)), kinds)
+        ax.set_xlabel("layer")
+        for (i, j), value in np.ndenumerate(grid):
+            if value == value:
+                ax.text(j, i, f"{value:.0f}" if value == int(value) else f"{value:.1f}", ha="center", va="center",
+                        color="white" if value < np.nanmax(grid) * 0.6 else "black", fontsize=7)
+        fig.colorbar(image, ax=ax, label="final rank")
+        ax.set_title(f"{label}: final rank per module (mean of {len(rank_maps)} run(s))", fontsize=9)
+        written += _save(fig, out, f"ranks_{_safe(label)}")
+    return written
+
+
+def rank_over_steps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    with_history = [r for r in runs if (r.get("method_report") or {}).get("rank_history")]
+    if not with_history:
+        return []
+    fig, (total_ax, layer_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    shown = set()
+    for run in with_history:
+        history = run["method_report"]["rank_history"]
+        steps = [h["step"] for h in history]
+        key = (run["label"], run["task"])
+        if key in shown:
+            continue  # one seed per (method, task) keeps the figure readable
+        shown.add(key)
+        total_ax.plot(steps, [sum(h["ranks"].values()) for h in history], label=f"{run['label']} / {run['task']}")
+        if len(shown) == 1:
+            per_layer: dict[int, list[int]] = defaultdict(list)
+            for h in history:
+                totals: dict[int, int] = defaultdict(int)
+                for module, rank in h["ranks"].items():
+                    totals[_layer_and_kind(module)[0]] += rank
+                for layer, value in totals.items():
+                    per_layer[layer].append(value)
+            for layer, values in sorted(per_layer.items()):
+                layer_ax.plot(steps[:len(values)], values, label=f"layer {layer}")
+            layer_ax.set_title(f"rank per layer: {run['label']} / {run['task']}")
+    total_ax.set_title("total rank during training")
+    for ax in (total_ax, layer_ax):
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    total_ax.set_ylabel("sum of ranks")
+    return _save(fig, out, "rank_over_steps")
+
+
+def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in runs if r["task"] in main_metric})
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for run in runs:
+            metric = main_metric[task]
+            if run["task"] == task and metric in (run.get("best") or {}):
+                points[run["label"]].append(((run.get("trainable") or {}).get("adapter") or 0, 100 * run["best"][metric]))
+        for label, values in points.items():
+            x = statistics.fmean(v[0] for v in values)
+            y = statistics.fmean(v[1] for v in values)
+            ax.scatter([x], [y], label=label)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters")
+        ax.set_title(f"{task} ({main_metric[task]} ×100)")
+    return _save(fig, out, "metric_vs_params")
+
+
+def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({r["task"] for r in runs if r["task"] in main_metric}):
+        fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+        seen = set()
+        for run in runs:
+            if run["task"] != task or run["label"] in seen:
+                continue
+            seen.add(run["label"])
+            history = run.get("history") or []
+            losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+            devs = [(h["step"], 100 * h[main_metric[task]]) for h in history if main_metric[task] in h]
+            if losses:
+                loss_ax.plot(*zip(*losses), label=run["label"])
+            if devs:
+                dev_ax.plot(*zip(*devs), marker="o", markersize=3, label=run["label"])
+        loss_ax.set_title(f"{task}: training loss")
+        dev_ax.set_title(f"{task}: dev {main_metric[task]} ×100")
+        for ax in (loss_ax, dev_ax):
+            ax.set_xlabel("optimizer step")
+            ax.legend(fontsize=7)
+        written += _save(fig, out, f"curves_{_safe(task)}")
+    return written
+
+
+def plot_all(runs: list[dict[str, Any]], main_metric: dict[str, str], out_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return (rank_heatmaps(runs, out) + rank_over_steps(runs, out) + metric_vs_params(runs, main_metric, out)
+            + training_curves(runs, main_metric, out))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

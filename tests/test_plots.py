@@ -1,0 +1,37 @@
+"""`peftbench plot` writes every figure as PNG and SVG from stored run records."""
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from peftbench.plots import plot_all  # noqa: E402
+
+
+def _run(label, task, seed, ranks=None, history=None, value=0.7, adapter=1000):
+    report = {}
+    if ranks:
+        report["ranks"] = ranks
+    if history:
+        report["rank_history"] = history
+    return {"label": label, "task": task, "seed": seed, "best": {"accuracy": value}, "trainable": {"adapter": adapter},
+            "method_report": report,
+            "history": [{"step": 10, "loss": 0.7}, {"step": 20, "loss": 0.5, "accuracy": value}]}
+
+
+def test_all_figures_written(tmp_path):
+    modules = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(3) for k in ("query", "value")]
+    ranks = {m: 2 + i for i, m in enumerate(modules)}
+    history = [{"step": s, "ranks": {m: max(1, 8 - s // 10) for m in modules}} for s in (0, 10, 20, 30)]
+    runs = [_run("lora", "rte", 0), _run("prilora", "rte", 0, ranks=ranks, value=0.72),
+            _run("adalora", "rte", 0, ranks=ranks, history=history, value=0.75, adapter=1200)]
+    written = plot_all(runs, {"rte": "accuracy"}, tmp_path)
+    names = {p.name for p in written}
+    for stem in ("ranks_prilora", "ranks_adalora", "rank_over_steps", "metric_vs_params", "curves_rte"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert "ranks_lora.png" not in names  # LoRA reports no rank allocation
+
+
+def test_no_rank_reports_means_no_rank_figures(tmp_path):
+    written = plot_all([_run("lora", "rte", 0)], {"rte": "accuracy"}, tmp_path)
+    assert {p.stem for p in written} == {"metric_vs_params", "curves_rte"}
