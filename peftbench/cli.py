@@ -126,13 +126,14 @@ def cmd_run(args) -> int:
     from .modeling import preflight
 
     preflight(config.model)
+    solved = solve_budgets(config, host)  # bad input fails here, before the store is created
     store = Store(args.db or config.output.db)
     started = time.time()
     summary = SweepSummary()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main_thread else None
     try:
-        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary,
+        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary, solved=solved,
                   progress=not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("PEFTBENCH_PROGRESS")))
     finally:  # also when stopped by bad input or an interrupt: say what was done and stored
         if previous is not None:

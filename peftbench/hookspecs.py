@@ -25,6 +25,8 @@ Call order for one run (the trainer reads top to bottom in the same order)::
         peftbench_after_backward                         (gradients of the full step, before clipping)
         peftbench_after_optimizer_step                   (after optimizer/scheduler step, before zero_grad)
         peftbench_on_evaluate                            (whenever dev metrics were computed)
+    peftbench_state_dict                             (each epoch end, with ``output.checkpoint: true``)
+    peftbench_load_state_dict                        (after train_start, when a run resumes from one)
     peftbench_train_end                                  (once, before the final evaluation)
     peftbench_report                                     (once, merged into the stored run record)
     peftbench_export_peft                                (``peftbench export``: the adapter in PEFT format)
@@ -210,6 +212,33 @@ def peftbench_after_optimizer_step(model: nn.Module, state: TrainState) -> None:
 @hookspec
 def peftbench_on_evaluate(model: nn.Module, state: TrainState, metrics: dict[str, float]) -> None:
     """Called after every dev evaluation with the dev metrics (observers: loggers, trackers)."""
+
+
+@hookspec
+def peftbench_state_dict(model: nn.Module, state: TrainState) -> dict[str, Any]:
+    """Training state the method keeps outside the model's parameters and buffers and the optimizer
+    (importance scores, schedule counters, masks held in Python), for resumable checkpoints
+    (``output.checkpoint: true``). Called at every epoch end but the last.
+
+    Return a dict of tensors, numbers, strings, lists and dicts: it is saved with ``torch.save`` and loaded
+    with ``weights_only=True``, so no other objects. The dicts of all implementations are merged, so use keys
+    unique to your plugin. A method that implements any of ``peftbench_extra_loss``,
+    ``peftbench_after_backward``, ``peftbench_after_optimizer_step`` or ``peftbench_on_evaluate`` is resumed
+    only if it implements this hook and :func:`peftbench_load_state_dict`; otherwise its runs take no
+    checkpoints and restart from scratch.
+    """
+
+
+@hookspec
+def peftbench_load_state_dict(model: nn.Module, state: TrainState, state_dict: dict[str, Any]) -> None:
+    """Restore what :func:`peftbench_state_dict` returned, when a run resumes from a checkpoint.
+
+    Called after ``peftbench_train_start`` (which runs as on a fresh start), with ``state.step``,
+    ``state.epoch`` and ``state.logs`` already set to the checkpoint's, and *before* the model's trainable
+    tensors and buffers, the optimizer and the scheduler are loaded: a method that changed parameter shapes
+    during training must give its parameters the saved shapes here (and update ``state.optimizer``'s param
+    groups to match), then the host copies the saved values in.
+    """
 
 
 @hookspec

@@ -82,7 +82,12 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     for key, value in overrides.items():
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers validates some fields (types, ranges) on assignment
+            reason = str(exc).strip().splitlines()
+            raise ConfigError(f"model.config_overrides.{key}: {value!r} refused by {type(config).__name__} "
+                              f"({type(exc).__name__}: {' '.join(reason[:3])})") from None
     config.num_labels = num_labels
     if num_labels == 1:
         config.problem_type = "regression"

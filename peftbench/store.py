@@ -1,7 +1,17 @@
 """The results store: one SQLite file, one row per run, JSON columns for structured data (never pickles).
 
-WAL mode and short ``BEGIN IMMEDIATE`` transactions make it safe for concurrent ``peftbench run``s and for
-being killed at any moment: a run is either finished (``done``/``failed``) or it is redone on the next run.
+Why it survives faults:
+
+* WAL mode and short ``BEGIN IMMEDIATE`` transactions: a process killed at any moment leaves either the old
+  or the new row, never half of one, and several ``peftbench run`` processes can share one store.
+* A run is *claimed* (``running``, with the claiming process' host, pid and start time) before training and
+  *finished* (``done`` / ``failed``) after. Rerunning a sweep skips ``done`` runs, skips runs that a live
+  process on this host is running, and redoes everything else: failed runs and runs left ``running`` by a
+  dead process (its pid is gone, or now belongs to a newer process, which the start time tells apart).
+* ``finish`` only writes a row its own process still owns, so a result is stored once.
+
+The store is meant for one machine: SQLite's WAL does not work over network file systems, and a ``running``
+row claimed on another host is taken over (it cannot be checked) when a sweep meets it.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -27,40 +39,82 @@ CREATE TABLE IF NOT EXISTS runs (
     best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, started REAL, finished REAL, artifacts TEXT
+    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 """
 
+#: columns added after the first release, with their type: older stores get them on open
+ADDED_COLUMNS = {"proc_start": "INTEGER"}
+
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report")
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused pid apart; ``None``
+    where ``/proc`` is unavailable or the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # field 22 (starttime); the command name (field 2) may hold spaces and parentheses, so split after it
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def process_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` exists (and, when ``started`` is given and checkable, is the same process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass  # exists, owned by someone else
+    if started is None:
         return True
-    return True
+    now = process_start(pid)
+    return now is None or now == started
 
 
 class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.proc_start = process_start(self.pid)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self.db.executescript(SCHEMA)
+            self._add_missing_columns()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise ConfigError(f"{self.path}: not a peftbench results store ({exc})") from None
+
+    def _add_missing_columns(self) -> None:
+        have = {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: read-then-write without races
         try:
             yield self.db
         except BaseException:
@@ -75,27 +129,36 @@ class Store:
     def claim(self, run_id: str, fields: dict[str, Any]) -> str:
         """Mark a run as running by this process. Returns ``"claimed"``, ``"done"`` (skip: finished) or
         ``"busy"`` (skip: another live process on this host is running it)."""
-        host, pid = socket.gethostname(), os.getpid()
         with self.transaction() as db:
-            row = db.execute("SELECT status, host, pid FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            row = db.execute("SELECT status, host, pid, proc_start FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is not None:
                 if row["status"] == "done":
                     return "done"
-                if (row["status"] == "running" and row["host"] == host and row["pid"] != pid
-                        and _pid_alive(row["pid"])):
+                if row["status"] == "running" and row["host"] == self.host and self._other_live(row):
                     return "busy"
-            values = {**_encode(fields), "run_id": run_id, "status": "running", "host": host, "pid": pid,
-                      "started": time.time(), "finished": None, "error": None, "traceback": None}
+            values = {**_encode(fields), "run_id": run_id, "status": "running", "host": self.host, "pid": self.pid,
+                      "proc_start": self.proc_start, "started": time.time(), "finished": None, "error": None,
+                      "traceback": None}
             columns = ", ".join(values)
             marks = ", ".join("?" for _ in values)
             db.execute(f"INSERT OR REPLACE INTO runs ({columns}) VALUES ({marks})", tuple(values.values()))
         return "claimed"
 
-    def finish(self, run_id: str, status: str, fields: dict[str, Any]) -> None:
+    def _other_live(self, row: sqlite3.Row) -> bool:
+        if row["pid"] == self.pid and row["proc_start"] == self.proc_start:
+            return False  # this very process (a sweep run twice in one process): take it again
+        return process_alive(row["pid"], row["proc_start"])
+
+    def finish(self, run_id: str, status: str, fields: dict[str, Any]) -> bool:
+        """Store a claimed run's outcome. Returns ``False`` (and writes nothing) when the row is no longer
+        this process' claim, e.g. another host took it over."""
         values = {**_encode(fields), "status": status, "finished": time.time()}
         assignments = ", ".join(f"{k} = ?" for k in values)
         with self.transaction() as db:
-            db.execute(f"UPDATE runs SET {assignments} WHERE run_id = ?", (*values.values(), run_id))
+            cursor = db.execute(
+                f"UPDATE runs SET {assignments} WHERE run_id = ? AND status = 'running' AND host = ? AND pid = ?",
+                (*values.values(), run_id, self.host, self.pid))
+        return cursor.rowcount == 1
 
     def runs(self, status: str | None = "done", **where: Any) -> list[dict[str, Any]]:
         clauses, args = [], []
@@ -120,10 +183,10 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays (of any shape) as plain numbers and lists
+        return obj.tolist()
     if hasattr(obj, "item"):
         return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
     return str(obj)
 
 

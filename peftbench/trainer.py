@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import modeling
+from .checkpoint import Checkpoint
 from .data import load_task_data, make_loader
 from .hookspecs import TrainState
 from .host import Host
@@ -48,7 +49,8 @@ class RunResult:
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
 
 
-def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> RunResult:
+def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
+          checkpoint: Checkpoint | None = None) -> RunResult:
     started = time.perf_counter()
     cfg = spec.train
     task = host.task(spec.task)
@@ -143,16 +145,26 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
     step_times: list[float] = []
     train_started = last_step_end = time.perf_counter()
     model.train()
+    resumed = checkpoint.restore(raw_model, state, scheduler, accelerator, host) if checkpoint else None
+    if resumed:  # continue after the epoch end it was taken at, with the loop's bookkeeping as it was then
+        history[:], step_times[:] = resumed["history"], resumed["step_times"]
+        best.update(resumed["best"])
+        tokens, micro_batches = resumed["tokens"], resumed["micro_batches"]
+        running_loss += resumed["running_loss"].to(running_loss.device)
+        train_started -= resumed["train_s"]
+        last_step_end = time.perf_counter()
+        train_loader.set_epoch(state.epoch)  # the epoch's data order (the sampler is seeded by epoch)
+        bar.update(state.step)
     while state.step < total_steps:
         for batch in train_loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                running_loss += loss.detach()
-                micro_batches += 1
                 if has["peftbench_extra_loss"]:
                     extra = [x for x in host.hook.peftbench_extra_loss(model=raw_model, state=state) if x is not None]
                     if extra:
                         loss = loss + sum(extra)
+                running_loss += loss.detach()  # logged and checked for divergence, regularisers included
+                micro_batches += 1
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if has["peftbench_after_backward"]:
@@ -188,6 +200,11 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True) -> R
         state.epoch += 1
         if state.step < total_steps:  # epoch end (the last one is evaluated after train_end below)
             evaluate()
+            if checkpoint:
+                checkpoint.save(raw_model, state, scheduler, accelerator, host, loop={
+                    "history": history, "best": best, "step_times": step_times, "tokens": tokens,
+                    "micro_batches": micro_batches, "running_loss": running_loss,
+                    "train_s": time.perf_counter() - train_started})
             last_step_end = time.perf_counter()
     train_s = time.perf_counter() - train_started
     bar.close()

@@ -89,25 +89,31 @@ class GlueTask(Task):
         """Read a no-quoting TSV; malformed rows and labels outside the task's label set name file:line."""
         texts: list[list[str]] = [[] for _ in self.text_fields]
         labels: list[float] = []
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (some editors write one) is not part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file (expected a header row)")
-            missing = [c for c in (*self.text_fields, "label") if c not in header]
-            if missing:
-                raise DataError(f"{path}:1: header lacks column(s) {missing}; found {header}")
-            text_cols = [header.index(c) for c in self.text_fields]
-            label_col = header.index("label")
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, "
-                                    f"got {len(row)} (the files use no quoting; a stray tab or newline?)")
-                for texts_of_field, col in zip(texts, text_cols):
-                    texts_of_field.append(row[col])
-                labels.append(self._parse_label(row[label_col], path, line_no))
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: empty file (expected a header row)")
+                missing = [c for c in (*self.text_fields, "label") if c not in header]
+                if missing:
+                    raise DataError(f"{path}:1: header lacks column(s) {missing}; found {header}")
+                text_cols = [header.index(c) for c in self.text_fields]
+                label_col = header.index("label")
+                for row in reader:
+                    if not row:
+                        continue
+                    if len(row) != len(header):
+                        raise DataError(f"{path}:{reader.line_num}: expected {len(header)} tab-separated fields, "
+                                        f"got {len(row)} (the files use no quoting; a stray tab or newline?)")
+                    for texts_of_field, col in zip(texts, text_cols):
+                        texts_of_field.append(row[col])
+                    labels.append(self._parse_label(row[label_col], path, reader.line_num))
+            except UnicodeDecodeError as exc:  # decoded in blocks: find the line itself
+                raise DataError(f"{path}:{_undecodable_line(path)}: not UTF-8 text ({exc.reason})") from None
+            except csv.Error as exc:  # e.g. a NUL byte
+                raise DataError(f"{path}:{reader.line_num}: unreadable row ({exc})") from None
         if not labels:
             raise DataError(f"{path}: no data rows")
         return Split(texts, labels, str(path))
@@ -124,6 +130,16 @@ class GlueTask(Task):
             raise DataError(f"{path}:{line_no}: label {raw!r} outside the task's labels "
                             f"0..{self.num_labels - 1} ({', '.join(self.label_names)})")
         return value
+
+
+def _undecodable_line(path: Path) -> int:
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
 
 
 GLUE_TASKS = [

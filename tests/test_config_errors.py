@@ -1,0 +1,218 @@
+"""Bad configs: every one is a ConfigError (exit status 2) naming the file and line or the key path.
+
+The fuzzer mutates a valid config (drops and renames keys, swaps values for wrong types, breaks the YAML)
+and checks that loading it either gives a valid Config or an error that says where; a config that loads is
+also checked against the plugins and budgets, which may only fail with a PeftbenchError.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import textwrap
+
+import huggingface_hub.constants
+import pytest
+import yaml
+
+from peftbench.cli import main
+from peftbench.config import Config, load_config
+from peftbench.errors import BudgetError, ConfigError, PeftbenchError, PluginError
+from peftbench.runner import make_host, solve_budgets
+from peftbench.testing import tiny_model_config
+
+VALID = {
+    "name": "fuzz", "model": tiny_model_config(), "tasks": ["toy", "toy_pair"],
+    "methods": [{"name": "lora", "label": "lora", "params": {"r": 4, "alpha": 8}, "train": {"lr": 1e-3},
+                 "per_task": {"toy": {"params": {"alpha": 4}, "train": {"epochs": 1}}}}, "full"],
+    "seeds": [0, 1], "budget": {"lora_rank": 4, "tolerance": 0.01},
+    "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "max_length": 32, "max_steps": 8, "num_threads": 1},
+    "per_task": {"toy": {"lr": 1e-3}}, "plugins": ["peftbench.testing"],
+    "output": {"db": "results/fuzz.sqlite", "dir": "results/fuzz", "checkpoint": True},
+}
+WRONG_VALUES = [None, True, 0, -1, 2.5, float("nan"), float("inf"), "", "fast", "1e-3", [], [1, "a"], {},
+                {"a": 1}, 10**30, "lora"]
+YAML_DAMAGE = [":", "[", "]", "{", "}", "- ", ",", "'", '"', "&a", "*a", "!", "|", ">", "%", "@", "`", "\t",
+               " !!python/object/apply:os.system [ls]", " ? [a, b]"]
+#: the start of every message: the file, then its line (``c.yaml:12: ``) or a key path (``c.yaml: train.lr: ``)
+LOCATED = re.compile(r"^c\.yaml(:\d+: |: <root>: |: [A-Za-z_][\w-]*(\[\d+\])?(\.[^\s:]+|\[\d+\])*: |: the config is empty)")
+
+
+def _key_paths(node, prefix=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield prefix + (key,)
+            yield from _key_paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield prefix + (i,)
+            yield from _key_paths(value, prefix + (i,))
+
+
+def mutate_data(rng: random.Random, data: dict) -> str:
+    """Drop, rename (typo) or retype one to three keys anywhere in the config."""
+    data = copy.deepcopy(data)
+    for _ in range(rng.randint(1, 3)):
+        path = rng.choice(list(_key_paths(data)))
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        key, action = path[-1], rng.choice(["drop", "rename", "retype", "retype"])
+        if action == "drop":
+            del parent[key]
+        elif action == "rename" and isinstance(key, str):
+            typo = rng.randrange(len(key) + 1)
+            parent[key[:typo] + rng.choice("xs_") + key[typo + 1:]] = parent.pop(key)
+        else:
+            parent[key] = rng.choice(WRONG_VALUES)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def mutate_text(rng: random.Random, text: str) -> str:
+    """Break the YAML itself: delete, duplicate, re-indent, truncate a line or insert a stray token."""
+    lines = text.splitlines()
+    i = rng.randrange(len(lines))
+    action = rng.choice(["delete", "duplicate", "indent", "insert", "truncate"])
+    if action == "delete":
+        del lines[i]
+    elif action == "duplicate":
+        lines.insert(i, lines[i])
+    elif action == "indent":
+        lines[i] = rng.choice([" ", "   ", "\t"]) + lines[i]
+    elif action == "insert":
+        at = rng.randrange(len(lines[i]) + 1)
+        lines[i] = lines[i][:at] + rng.choice(YAML_DAMAGE) + lines[i][at:]
+    else:
+        lines = lines[:i]
+    return "\n".join(lines) + "\n"
+
+
+def test_fuzzed_configs_load_or_fail_naming_file_and_line_or_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # a mutated model name must fail at once, not retry the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rng = random.Random(20240611)
+    base = yaml.safe_dump(VALID, sort_keys=False)
+    outcomes = {"valid": 0, "config error": 0, "checked": 0, "later error": 0}
+    for i in range(400):
+        text = mutate_text(rng, base) if i % 3 == 0 else mutate_data(rng, VALID)
+        (tmp_path / "c.yaml").write_text(text)
+        try:
+            config = load_config("c.yaml")
+        except ConfigError as exc:
+            outcomes["config error"] += 1
+            assert LOCATED.match(str(exc)), f"no file:line or key path in {str(exc)!r} for:\n{text}"
+            continue
+        except Exception as exc:  # pragma: no cover - the failure this test exists to catch
+            pytest.fail(f"{type(exc).__name__}: {exc} for:\n{text}")
+        assert isinstance(config, Config)
+        outcomes["valid"] += 1
+        if outcomes["checked"] >= 60:  # names and budgets cost a (meta) model each: check a sample
+            continue
+        outcomes["checked"] += 1
+        try:
+            solve_budgets(config, make_host(config))
+        except PeftbenchError as exc:
+            outcomes["later error"] += 1
+            assert str(exc).startswith("c.yaml") or "(c.yaml" in str(exc), str(exc)
+        except Exception as exc:  # pragma: no cover
+            pytest.fail(f"{type(exc).__name__}: {exc} for:\n{text}")
+    # the fuzzer reached every outcome, many times
+    assert min(outcomes.values()) >= 5, outcomes
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+GOOD = """\
+name: t
+model: {name_or_path: minilm, random_init: true, config_overrides: {num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 4}}
+tasks: [toy]
+methods:
+  - name: lora
+    params: {r: 4}
+seeds: [0]
+budget: {lora_rank: 4}
+plugins: [peftbench.testing]
+train:
+  epochs: 1
+"""
+
+
+@pytest.mark.parametrize("change,expected", [
+    (("  epochs: 1", "\tepochs: 1"), r"c\.yaml:11: YAML syntax error: found character '\\t'"),
+    (("tasks: [toy]", "tasks: [toy"), r"c\.yaml:4: YAML syntax error"),
+    (("  epochs: 1", "  epochs: 1\n  lr: .nan"), r"c\.yaml:12: train\.lr: expected a finite number, got nan"),
+    (("  epochs: 1", "  epochs: 1\n  lr: fast"), r"c\.yaml:12: train\.lr: expected a number, got 'fast'"),
+    (("  epochs: 1", "  epochs: 1\n  max_steps: -5"), r"c\.yaml:\d+: train: max_steps must be >= 1"),
+    (("  epochs: 1", "  epochs: 1\n  warmup_ratio: 1.5"), r"c\.yaml:\d+: train: warmup_ratio must be in \[0, 1\)"),
+    (("seeds: [0]", "seeds: 0"), r"c\.yaml:7: seeds: a number of seeds must be in 1\.\.10000, got 0"),
+    (("seeds: [0]", "seeds: 1000000000"), r"c\.yaml:7: seeds: a number of seeds must be in 1\.\.10000"),
+    (("seeds: [0]", "seeds: [3, 3]"), r"c\.yaml: .*seeds: repeated seed\(s\) \[3\]"),
+    (("budget: {lora_rank: 4}", "budget: {lora_rank: 4, tolerance: -0.1}"), r"c\.yaml:\d+: budget: tolerance must be >= 0"),
+    (("budget: {lora_rank: 4}", "bugdet: {lora_rank: 4}"), r"c\.yaml:8: bugdet: unknown key \(did you mean 'budget'\?\)"),
+    (("    params: {r: 4}", "    parms: {r: 4}"), r"c\.yaml:6: methods\[0\]\.parms: unknown key \(did you mean 'params'"),
+    (("seeds: [0]", "? [a, b]\n: 1"), r"c\.yaml:7: a key must be a plain value, got list"),
+])
+def test_bad_config_names_file_line_and_key(tmp_path, change, expected):
+    old, new = change
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, GOOD.replace(old, new)))
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(GOOD.encode().replace(b"name: t", b"name: t\xe9st"))
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: not UTF-8 text"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("change,error,expected", [
+    (("  - name: lora", "  - name: lroa"), PluginError,
+     r"c\.yaml:5: methods\[0\]\.name: unknown method 'lroa' \(did you mean 'lora'"),
+    (("tasks: [toy]", "tasks: [toy, toyy]"), PluginError, r"c\.yaml:3: tasks\[1\]: unknown task 'toyy' \(did you mean 'toy'"),
+    (("plugins: [peftbench.testing]", "plugins: [peftbench.testing, no_such_plugin]"), PluginError,
+     r"cannot load plugin 'no_such_plugin' \(\S*c\.yaml:9: plugins\)"),
+])
+def test_unknown_names_suggest_close_matches(tmp_path, change, error, expected):
+    config_or_error = None
+    with pytest.raises(error, match=expected):
+        config_or_error = load_config(write(tmp_path, GOOD.replace(*change)))
+        make_host(config_or_error)
+
+
+@pytest.mark.parametrize("change,error,expected", [
+    (("    params: {r: 4}", "    params: {r: four}"), ConfigError, r"c\.yaml: methods\[0\]\.params\.r: expected an integer"),
+    (("    params: {r: 4}", "    params: {rank: 4}"), ConfigError, r"c\.yaml: methods\[0\]\.params\.rank: unknown key"),
+    (("budget: {lora_rank: 4}", "budget: {params: 7}"), BudgetError,
+     r"c\.yaml: budget: target 7 adapter parameters \(tolerance 1\.0%\) missed by:\n  lora \(toy\)"),
+    (("hidden_size: 32", "hidden_size: 30"), ConfigError, r"c\.yaml: model: cannot build 'minilm'.*not a multiple"),
+    (("hidden_size: 32", "hidden_size: wide"), ConfigError,
+     r"c\.yaml: model\.config_overrides\.hidden_size: 'wide' refused by BertConfig"),
+])
+def test_params_and_budgets_fail_before_training(tmp_path, change, error, expected):
+    config = load_config(write(tmp_path, GOOD.replace(*change)))
+    with pytest.raises(error, match=expected):
+        solve_budgets(config, make_host(config))
+
+
+def test_cli_exits_2_on_every_kind_of_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's default output paths are relative
+    cases = {
+        "syntax": (GOOD.replace("tasks: [toy]", "tasks: [toy"), r"c\.yaml:4: YAML syntax error"),
+        "type": (GOOD.replace("  epochs: 1", "  epochs: one"), r"c\.yaml:11: train\.epochs: expected an integer"),
+        "method": (GOOD.replace("name: lora", "name: lroa"), r"unknown method 'lroa' \(did you mean 'lora'"),
+        "budget": (GOOD.replace("{lora_rank: 4}", "{params: 7}"), r"budget: target 7 adapter parameters"),
+    }
+    for name, (text, expected) in cases.items():
+        path = write(tmp_path, text)
+        for command in (["run", path, "--no-progress"], ["run", path, "--dry-run"], ["budget", path]):
+            assert main(command) == 2, (name, command)
+            err = capsys.readouterr().err
+            assert re.search(r"^peftbench: error: .*" + expected, err, re.S), (name, command, err)
+    assert not (tmp_path / "results").exists()  # nothing was stored or trained
