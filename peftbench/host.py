@@ -2,14 +2,19 @@
 
 Plugin modules come from the ``peftbench`` entry-point group (built-ins included), from ``--plugin
 module:attr`` on the command line and from the config's ``plugins:`` list. A plugin that fails to import,
-targets another API version, or raises in a discovery hook is recorded in :attr:`Host.failed` with the
-reason; it never stops the CLI or other plugins.
+targets another API version, has a malformed hook implementation (:func:`hook_problems`) or raises in a
+discovery hook is recorded in :attr:`Host.failed` with the reason; it never stops the CLI or other plugins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +58,12 @@ class Registered:
 
 
 class Host:
-    def __init__(self, plugins: list[str] | tuple[str, ...] = (), entry_points: bool = True):
+    """``plugins``: extra ``module[:attr]`` or ``path/to/file.py[:attr]`` specs (``--plugin``). With
+    ``strict`` (the default, for ``run`` and ``budget``) a spec that fails raises :class:`PluginError`;
+    without it (``peftbench plugins``) the failure is only recorded in :attr:`failed`, like an entry point's.
+    """
+
+    def __init__(self, plugins: list[str] | tuple[str, ...] = (), entry_points: bool = True, strict: bool = True):
         self.pm = pluggy.PluginManager("peftbench")
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[PluginInfo] = []
@@ -63,7 +73,7 @@ class Host:
         if entry_points:
             self.load_entry_points()
         for spec in plugins:
-            self.load_spec(spec, source="--plugin")
+            self.load_spec(spec, source="--plugin", strict=strict)
 
     @property
     def hook(self):
@@ -72,46 +82,74 @@ class Host:
     # -- loading ---------------------------------------------------------------------------------------
 
     def load_entry_points(self) -> None:
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        """Every entry point of the group: peftbench's own first, then the others by distribution name, so
+        a third-party plugin that reuses a built-in name is the one refused, wherever it sits on sys.path."""
+        def order(ep):
+            dist = ep.dist.name if ep.dist else ""
+            return (dist != "peftbench", dist, ep.name)
+
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
             dist = ep.dist
             info = PluginInfo(
                 ep.name, "entry point", dist.name if dist else None, dist.version if dist else None
             )
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken third-party package must not break the CLI
-                self._fail(info, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}")
+            except (Exception, SystemExit) as exc:  # a broken third-party package must not break the CLI
+                self._fail(info, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}",
+                           traceback.format_exc())
                 continue
             self.add_plugin(obj, info)
 
-    def load_spec(self, spec: str, source: str) -> None:
-        """Load ``module`` or ``module:attr`` (local, unpackaged plugins)."""
+    def load_spec(self, spec: str, source: str, strict: bool = True) -> bool:
+        """Load ``module``, ``module:attr`` or ``path/to/file.py[:attr]`` (local, unpackaged plugins).
+
+        A module that is not importable is also looked for in the current directory (the ``peftbench``
+        console script, unlike ``python -m``, does not put it on ``sys.path``). Returns success; with
+        ``strict`` a failure raises :class:`PluginError`, otherwise it is recorded in :attr:`failed`.
+        """
         if any(p.name == spec for p in self.plugins):
-            return
-        module_name, _, attr = spec.partition(":")
+            return True
         info = PluginInfo(spec, source)
         try:
-            obj = importlib.import_module(module_name)
-            for part in filter(None, attr.split(".")):
-                obj = getattr(obj, part)
-        except Exception as exc:
-            raise PluginError(f"cannot load plugin {spec!r} ({source}): {type(exc).__name__}: {exc}") from exc
-        info.package = getattr(obj, "__name__", module_name)
+            obj = _import_spec(spec)
+        except (Exception, SystemExit) as exc:
+            reason = f"cannot load plugin {spec!r} ({source}): {type(exc).__name__}: {exc}"
+            if strict:
+                raise PluginError(reason) from exc
+            return self._fail(info, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        if isinstance(obj, type) and issubclass(obj, Method):
+            reason = (f"{spec!r} names the method class {obj.__name__}; name its plugin module instead "
+                      f"(the module that declares PEFTBENCH_API_VERSION and implements peftbench_add_methods)")
+            if strict:
+                raise PluginError(f"plugin {spec!r} ({source}) refused: {reason}")
+            return self._fail(info, reason)
+        if self.pm.is_registered(obj):  # e.g. already loaded through its entry point
+            return True
+        info.package = getattr(obj, "__name__", spec.partition(":")[0])
         info.version = getattr(obj, "__version__", None)
         if not self.add_plugin(obj, info):
-            failure = self.failed[-1]
-            raise PluginError(f"plugin {spec!r} ({source}) refused: {failure.reason}")
+            if strict:
+                raise PluginError(f"plugin {spec!r} ({source}) refused: {self.failed[-1].reason}")
+            return False
+        return True
 
     def add_plugin(self, obj: Any, info: PluginInfo) -> bool:
         """Register a plugin module/object and collect its methods and tasks. Returns success."""
         version = getattr(obj, "PEFTBENCH_API_VERSION", None)
         if info.source != "object":
             if version is None:
-                return self._fail(info, "declares no PEFTBENCH_API_VERSION "
-                                  f"(this peftbench implements API version {hookspecs.API_VERSION})")
+                return self._fail(info, "declares no PEFTBENCH_API_VERSION; add `PEFTBENCH_API_VERSION = "
+                                  f"{hookspecs.API_VERSION}` to the plugin module (this peftbench implements "
+                                  f"hook API version {hookspecs.API_VERSION})")
             if version != hookspecs.API_VERSION:
-                return self._fail(info, f"targets peftbench API version {version}, "
-                                  f"this peftbench implements {hookspecs.API_VERSION}")
+                return self._fail(info, f"targets peftbench hook API version {version!r}, but "
+                                  f"peftbench {_peftbench_version()} implements version {hookspecs.API_VERSION}; "
+                                  "install a release of the plugin written for this API version, or a "
+                                  "peftbench that implements the plugin's")
+        problems = hook_problems(obj)
+        if problems:
+            return self._fail(info, "invalid hook implementation: " + "; ".join(problems))
         try:
             self.pm.register(obj, name=info.name)
             self.pm.check_pending()
@@ -125,10 +163,14 @@ class Host:
             tasks = _collect(obj, "peftbench_add_tasks")
             for cls in methods:
                 _check_method_class(cls)
+            for task in tasks:
+                _check_task(task)
         except Exception as exc:
             self.pm.unregister(obj)
             return self._fail(info, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        names = [c.name for c in methods] + [t.name for t in tasks]
         clash = [c.name for c in methods if c.name in self.methods] + [t.name for t in tasks if t.name in self.tasks]
+        clash += sorted({n for n in names if names.count(n) > 1})
         if clash:
             self.pm.unregister(obj)
             return self._fail(info, f"name(s) already registered by another plugin: {', '.join(clash)}")
@@ -160,7 +202,8 @@ class Host:
     def _failed_hint(self) -> str:
         if not self.failed:
             return ""
-        return " (plugins that failed to load: " + ", ".join(f.name for f in self.failed) + "; see `peftbench plugins`)"
+        return ("\n  plugins that failed to load (see `peftbench plugins`):\n"
+                + "\n".join(f"    {f.name} ({f.source}): {f.reason}" for f in self.failed))
 
     # -- per-run registration ----------------------------------------------------------------------------
 
@@ -185,15 +228,123 @@ def _is_hookimpl(obj: Any, name: str) -> bool:
     return name.startswith("peftbench_") and hasattr(getattr(obj, name, None), "peftbench_impl")
 
 
+def _peftbench_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+_HOOK_SIGNATURES = {
+    name: list(inspect.signature(getattr(hookspecs, name)).parameters)
+    for name in dir(hookspecs) if name.startswith("peftbench_") and hasattr(getattr(hookspecs, name), "peftbench_spec")
+}
+
+
+def hook_problems(obj: Any) -> list[str]:
+    """Mistakes in the hook implementations of a plugin module/object or a :class:`Method` subclass.
+
+    Catches what would otherwise fail silently or late: a ``@hookimpl`` whose name is no hook (a typo),
+    a ``peftbench_*`` function without ``@hookimpl`` (never called), and arguments the hook does not pass.
+    """
+    problems = []
+    for attr in dir(obj):
+        try:
+            value = getattr(obj, attr)
+        except Exception:
+            continue
+        opts = getattr(value, "peftbench_impl", None)
+        is_impl = isinstance(opts, dict)
+        hook = (opts or {}).get("specname") or attr
+        if hook not in _HOOK_SIGNATURES:
+            if is_impl:
+                problems.append(f"{attr} is marked @hookimpl but is no peftbench hook"
+                                f"{suggest(hook, _HOOK_SIGNATURES)}")
+            continue
+        if not callable(value):
+            continue
+        if not is_impl:
+            problems.append(f"{attr} is not decorated with @hookimpl (from peftbench.hookspecs), so it would "
+                            "never be called")
+            continue
+        try:
+            args = list(inspect.signature(value).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if isinstance(obj, type) and not isinstance(inspect.getattr_static(obj, attr), (staticmethod, classmethod)):
+            args = args[1:]  # an unbound method of a Method class: drop ``self``
+        expected = _HOOK_SIGNATURES[hook]
+        unknown = [a.name for a in args if a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD) and a.name not in expected]
+        if unknown:
+            problems.append(f"{attr}({', '.join(a.name for a in args)}): argument(s) {', '.join(map(repr, unknown))} "
+                            f"are not passed by the hook; it passes {hook}({', '.join(expected)}) by name")
+    return problems
+
+
+def _import_spec(spec: str) -> Any:
+    """The object named by ``module[:attr]`` or ``path/to/file.py[:attr]``."""
+    target, _, attr = spec.partition(":")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        module_name = os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") != path:
+            raise ImportError(f"a different module named {module_name!r} is already imported "
+                              f"({getattr(loaded, '__file__', None)}); rename {path}")
+        if loaded is None:
+            file_spec = importlib.util.spec_from_file_location(module_name, path)
+            loaded = importlib.util.module_from_spec(file_spec)
+            sys.modules[module_name] = loaded  # before executing: dataclasses look their module up
+            try:
+                file_spec.loader.exec_module(loaded)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+        obj = loaded
+    else:
+        try:
+            obj = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            # only when the missing module is the plugin itself (not something it imports)
+            cwd = os.getcwd()
+            if exc.name != target.split(".")[0] or cwd in sys.path or "" in sys.path:
+                raise
+            sys.path.append(cwd)  # searched last, so it never shadows an installed package
+            obj = importlib.import_module(target)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _collect(plugin: Any, hook_name: str) -> list:
     function = getattr(plugin, hook_name, None)
     if function is None or not hasattr(function, "peftbench_impl"):
         return []
-    return list(function() or [])
+    result = function()
+    if result is None:
+        return []
+    if not isinstance(result, (list, tuple)):
+        raise TypeError(f"{hook_name} must return a list, got {type(result).__name__} {result!r}")
+    return list(result)
 
 
 def _check_method_class(cls: Any) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"peftbench_add_methods returned {cls!r}, which is not a peftbench.method.Method subclass")
-    if not getattr(cls, "name", None):
-        raise TypeError(f"method class {cls.__name__} has no `name`")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"method class {cls.__name__} has no `name` (a non-empty string used in configs)")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"method {cls.name!r}: `Params` must be a dataclass, got {cls.Params!r}")
+    problems = hook_problems(cls)
+    if problems:
+        raise TypeError(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}) has invalid hook "
+                        "implementations: " + "; ".join(problems))
+
+
+def _check_task(task: Any) -> None:
+    if not isinstance(task, Task):
+        raise TypeError(f"peftbench_add_tasks returned {task!r}, which is not a peftbench.task.Task instance")
+    if not isinstance(task.name, str) or not task.name or task.name != task.name.lower():
+        raise TypeError(f"task {task.name!r}: `name` must be a non-empty lower-case string (configs lower-case "
+                        "task names)")

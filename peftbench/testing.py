@@ -4,6 +4,8 @@
   seconds. Load this module as a plugin (``plugins: [peftbench.testing]`` or ``--plugin peftbench.testing``).
 * :func:`tiny_model_config`: a 2-layer random-init BERT built from a config (MiniLM's tokenizer).
 * :func:`tiny_config`: a complete sweep config around both, for end-to-end tests in a few seconds.
+* The conformance kit for method plugins (:mod:`peftbench.conformance`): :func:`check_method`,
+  :class:`MethodConformance` (one pytest test per check), :class:`Conformance`, :class:`ConformanceError`.
 """
 
 from __future__ import annotations
@@ -92,3 +94,10 @@ def tiny_config(tmp_path, methods: list[Any] | None = None, tasks: list[str] | N
         else:
             data[key] = value
     return parse_config(data, "<tiny_config>")
+
+
+# The conformance kit, re-exported for plugin authors: ``from peftbench.testing import check_method``.
+from .conformance import CHECKS, Conformance, ConformanceError, MethodConformance, check_method  # noqa: E402
+
+__all__ = ["TOY_TASKS", "ToyTask", "tiny_model_config", "tiny_config", "CHECKS", "Conformance",
+           "ConformanceError", "MethodConformance", "check_method"]
