@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true", help="check the config and budgets, list the runs, train nothing")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default): one run after another here, or on all processes of `accelerate launch` "
+                        "together; ray: every run as a Ray task, this process writing the store")
+    p.add_argument("--address", help="Ray cluster to join (`auto`: the one `ray start` runs on this machine; "
+                                     "default: $RAY_ADDRESS, else start a local Ray instance)")
+    p.add_argument("--gpus-per-run", type=float, metavar="N",
+                   help="GPUs per Ray task (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-run", type=float, metavar="N", help="CPUs per Ray task (default: 1)")
 
     p = sub.add_parser("budget", help="solve and audit every method's trainable-parameter budget (no training)")
     _add_config_args(p)
@@ -73,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
 
+    sub.add_parser("bench", add_help=False,
+                   help="speed of every method vs HF PEFT, full fine-tuning and the frozen floor; writes "
+                        "docs/benchmarks.md (from the repository root; options: peftbench bench --help)")
+
     p = sub.add_parser("plugins", help="list method and task plugins, their hooks, and failed plugins")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
                    help="also load this local plugin module or .py file (repeatable); a failure is listed, not fatal")
@@ -81,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options belong to benchmarks/bench.py: passed on unparsed
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
@@ -94,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """``benchmarks/bench.py`` of the checkout in the current directory (benchmarks are not installed)."""
+    if not os.path.isfile(os.path.join("benchmarks", "bench.py")):
+        print("peftbench: error: `peftbench bench` runs benchmarks/bench.py of a peftbench checkout; "
+              "run it from the repository root", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def _load(args):
     from .config import load_config
     from .runner import make_host
@@ -102,16 +129,43 @@ def _load(args):
     return config, make_host(config, args.plugins)
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM (e.g. a cluster's time limit): stop as on Ctrl-C
 
 
+def _executor(args):
+    """The executor ``run`` asked for; the distributed one when started by ``accelerate launch`` on several
+    processes."""
+    from .errors import ConfigError
+    from .executors import DistributedExecutor, LocalExecutor, RayExecutor, launched_processes
+
+    progress = not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("PEFTBENCH_PROGRESS"))
+    ray_flags = [flag for flag, value in (("--address", args.address), ("--gpus-per-run", args.gpus_per_run),
+                                          ("--cpus-per-run", args.cpus_per_run)) if value is not None]
+    if args.executor != "ray" and ray_flags:
+        raise ConfigError(f"{', '.join(ray_flags)} only apply to --executor ray")
+    if launched_processes() > 1:
+        if args.executor == "ray":
+            raise ConfigError("--executor ray runs each run as a Ray task; start it with `peftbench run`, "
+                              "not under `accelerate launch` / torchrun")
+        return DistributedExecutor(progress=progress)
+    if args.executor == "ray":
+        return RayExecutor(args.address, args.gpus_per_run, 1 if args.cpus_per_run is None else args.cpus_per_run)
+    return LocalExecutor(progress=progress)
+
+
 def cmd_run(args) -> int:
     from .budget import BUDGET_HEADERS, budget_rows
+    from .executors import is_main_process
     from .runner import SweepSummary, print_summary, run_sweep, solve_budgets
     from .store import Store
     from .tables import build
 
+    executor = _executor(args)
     config, host = _load(args)
     if args.dry_run:
         from tabulate import tabulate
@@ -127,20 +181,28 @@ def cmd_run(args) -> int:
 
     preflight(config.model)
     solved = solve_budgets(config, host)  # bad input fails here, before the store is created
-    store = Store(args.db or config.output.db)
+    # under `accelerate launch`, the main process alone writes the store and reports; the others train along
+    main_process = is_main_process()
+    store = Store(args.db or config.output.db) if main_process else None
     started = time.time()
     summary = SweepSummary()
+    rows = []
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main_thread else None
     try:
-        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary, solved=solved,
-                  progress=not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("PEFTBENCH_PROGRESS")))
+        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary, solved=solved, executor=executor,
+                  log=print if main_process else _quiet)
+    except PeftbenchError as exc:
+        if main_process:
+            raise
+        return exc.exit_code  # the main process prints the error
     finally:  # also when stopped by bad input or an interrupt: say what was done and stored
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        rows = store.runs(sweep=[config.name])
-        store.close()
-        print_summary(summary, started)
+        if main_process:
+            rows = store.runs(sweep=[config.name])
+            store.close()
+            print_summary(summary, started)
     if rows:
         main_metric = {name: host.task(name).main_metric for name in {r["task"] for r in rows}}
         print()

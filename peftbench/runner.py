@@ -1,5 +1,9 @@
 """Running a sweep: budget check, grid expansion, one run after another, every result in the store.
 
+:class:`Sweep` is the bookkeeping every executor shares (claims, failures, artifacts, log lines, summary);
+:mod:`peftbench.executors` runs the claimed runs here, as Ray tasks, or on all processes of an
+``accelerate launch``.
+
 What can go wrong, and what happens then:
 
 * **Bad input** (config, data, unknown names, budgets no method meets) raises a :class:`PeftbenchError`
@@ -123,66 +127,126 @@ def _check_split(task, split: str, data) -> None:
                         f"({int(bad.sum())} such label(s))")
 
 
-def run_sweep(config: Config, host: Host, store: Store, fail_fast: bool = False, progress: bool = True,
+def run_sweep(config: Config, host: Host, store: Store | None, fail_fast: bool = False, progress: bool = True,
               log=print, summary: SweepSummary | None = None,
-              solved: dict[tuple[str, str], Solved] | None = None) -> SweepSummary:
+              solved: dict[tuple[str, str], Solved] | None = None, executor=None) -> SweepSummary:
     """Run every pending run of ``config``; returns (and fills ``summary`` with) what happened.
-    ``solved``: the budgets, if already solved (:func:`solve_budgets`)."""
-    summary = summary if summary is not None else SweepSummary()
-    solved = solved or solve_budgets(config, host)
-    runs = expand(config, solved)
-    log(f"peftbench: sweep {config.name!r}: {len(runs)} runs "
-        f"({len(config.methods)} methods × {len(config.tasks)} tasks × {len(config.seeds)} seeds) → {store.path}")
-    pending_tasks = sorted({spec.task for spec in runs if store.status(spec.run_id) != "done"})
-    check_data(config, host, pending_tasks)
-    for i, spec in enumerate(runs, start=1):
-        tag = f"[{i}/{len(runs)}] {spec.label} {spec.task} seed={spec.seed} ({spec.run_id})"
-        claim = store.claim(spec.run_id, _spec_fields(spec, solved[(spec.label, spec.task)]))
-        if claim != "claimed":
-            summary.skipped += claim == "done"
-            summary.busy += claim == "busy"
-            log(f"{tag}: {'finished earlier, skipped' if claim == 'done' else 'running elsewhere, skipped'}")
-            continue
-        checkpoint = None
-        if config.output.checkpoint:
-            from .checkpoint import Checkpoint
+    ``solved``: the budgets, if already solved (:func:`solve_budgets`). ``executor``: where the runs train
+    (:mod:`peftbench.executors`; default: one after another in this process). ``store`` is ``None`` only on
+    the non-main processes of a distributed run."""
+    from .executors import LocalExecutor
 
-            checkpoint = Checkpoint(Path(config.output.dir) / spec.run_id / "checkpoint.pt", spec.run_id,
-                                    log=lambda message, tag=tag: log(f"{tag}: {message}"))
-        failure = None
-        try:
-            result = run_one(spec, host, progress=progress, checkpoint=checkpoint)
-            artifacts = save_artifacts(config, spec, result) if spec.save_adapters else None
-        except KeyboardInterrupt:
-            store.finish(spec.run_id, "failed", {"error": "interrupted", "traceback": traceback.format_exc()})
-            summary.failed.append((spec, "interrupted"))
-            raise
-        except PeftbenchError as exc:  # bad input: every further run would fail the same way
-            reason = f"{type(exc).__name__}: {exc}"
-            store.finish(spec.run_id, "failed", {"error": reason, "traceback": traceback.format_exc()})
-            summary.failed.append((spec, reason))
-            log(f"{tag}: FAILED (bad input, stopping the sweep): {reason}")
-            raise
-        except Exception as exc:  # record and go on: one bad run must not lose the sweep
-            failure = (failure_reason(exc), traceback.format_exc())
-        if failure is not None:  # outside the except block: the traceback (and the run's tensors) are freed
-            release_memory()
-            reason, tb = failure
-            store.finish(spec.run_id, "failed", {"error": reason, "traceback": tb})
-            summary.failed.append((spec, reason))
-            log(f"{tag}: FAILED: {reason}")
-            if fail_fast:
-                break
-            continue
-        if not store.finish(spec.run_id, "done", _result_fields(result, artifacts)):
-            log(f"{tag}: finished, but another process took the run over meanwhile; its result is kept")
+    summary = summary if summary is not None else SweepSummary()
+    sweep = Sweep(config, host, store, solved or solve_budgets(config, host), summary, log)
+    (executor or LocalExecutor(progress=progress)).run(sweep, fail_fast=fail_fast)
+    return summary
+
+
+@dataclass
+class Outcome:
+    """What training one run gave, wherever it trained: its result, or why it failed."""
+
+    fields: dict[str, Any] | None = None  #: the result as stored (:func:`_result_fields`), when it finished
+    weights: Any = None  #: best trainable weights: tensors, or safetensors bytes from a remote worker
+    reason: str | None = None  #: one line, when it failed
+    traceback: str = ""
+    error: PeftbenchError | None = None  #: bad input (every further run would fail the same way)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def train_outcome(spec: RunSpec, host: Host, progress: bool = True, checkpoint=None) -> Outcome:
+    """Train one run and catch what went wrong in it (a ``KeyboardInterrupt`` passes through)."""
+    failure = None
+    try:
+        result = run_one(spec, host, progress=progress, checkpoint=checkpoint)
+    except PeftbenchError as exc:
+        return Outcome(reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), error=exc)
+    except Exception as exc:  # record and go on: one bad run must not lose the sweep
+        failure = (failure_reason(exc), traceback.format_exc())
+    if failure is not None:  # outside the except block: the traceback (and the run's tensors) are freed
+        release_memory()
+        return Outcome(reason=failure[0], traceback=failure[1])
+    return Outcome(fields=_result_fields(result, None), weights=result.best_state if spec.save_adapters else None)
+
+
+class Sweep:
+    """The driver's side of a sweep, shared by every executor: the run list, the data check, claims in the
+    store, checkpoints, storing each run's outcome and artifacts, the log lines and the summary. An executor
+    (:mod:`peftbench.executors`) only decides where and when each claimed run trains."""
+
+    def __init__(self, config: Config, host: Host, store: Store | None, solved: dict[tuple[str, str], Solved],
+                 summary: SweepSummary, log=print):
+        self.config, self.host, self.store, self.solved = config, host, store, solved
+        self.summary, self.log = summary, log
+        self.runs = expand(config, solved)
+
+    def check(self) -> None:
+        """Announce the sweep and check the data of every task with pending runs, before any training."""
+        config, runs = self.config, self.runs
+        self.log(f"peftbench: sweep {config.name!r}: {len(runs)} runs ({len(config.methods)} methods × "
+                 f"{len(config.tasks)} tasks × {len(config.seeds)} seeds) → {self.store.path}")
+        check_data(config, self.host, sorted({s.task for s in runs if self.store.status(s.run_id) != "done"}))
+
+    def claim(self, i: int, spec: RunSpec) -> str | None:
+        """Claim run ``i`` (1-based) in the store: its log tag, or ``None`` to skip it (finished earlier, or
+        running in another live process)."""
+        tag = f"[{i}/{len(self.runs)}] {spec.label} {spec.task} seed={spec.seed} ({spec.run_id})"
+        claim = self.store.claim(spec.run_id, _spec_fields(spec, self.solved[(spec.label, spec.task)]))
+        if claim == "claimed":
+            return tag
+        self.summary.skipped += claim == "done"
+        self.summary.busy += claim == "busy"
+        self.log(f"{tag}: {'finished earlier, skipped' if claim == 'done' else 'running elsewhere, skipped'}")
+        return None
+
+    def checkpoint(self, spec: RunSpec, tag: str, quiet: bool = False):
+        """The run's :class:`peftbench.checkpoint.Checkpoint` with ``output.checkpoint``, else ``None``."""
+        if not self.config.output.checkpoint:
+            return None
+        from .checkpoint import Checkpoint
+
+        return Checkpoint(Path(self.config.output.dir) / spec.run_id / "checkpoint.pt", spec.run_id,
+                          log=(lambda message: None) if quiet else (lambda message: self.log(f"{tag}: {message}")))
+
+    def record(self, spec: RunSpec, tag: str, outcome: Outcome, checkpoint=None) -> bool:
+        """Store a claimed run's outcome (and its artifacts) and log it; returns whether it finished.
+        Bad input is stored as the run's failure, then raised: it stops the sweep."""
+        if outcome.error is not None:
+            self._failed(spec, outcome.reason, outcome.traceback)
+            self.log(f"{tag}: FAILED (bad input, stopping the sweep): {outcome.reason}")
+            raise outcome.error
+        if outcome.ok:
+            try:
+                artifacts = write_artifacts(self.config, spec, outcome.weights) if spec.save_adapters else None
+            except Exception as exc:  # a full disk: the run's failure, like one in training
+                outcome = Outcome(reason=failure_reason(exc), traceback=traceback.format_exc())
+        if not outcome.ok:
+            self._failed(spec, outcome.reason, outcome.traceback)
+            self.log(f"{tag}: FAILED: {outcome.reason}")
+            return False
+        fields = {**outcome.fields, "artifacts": artifacts}
+        if not self.store.finish(spec.run_id, "done", fields):
+            self.log(f"{tag}: finished, but another process took the run over meanwhile; its result is kept")
         if checkpoint is not None:
             checkpoint.remove()
-        summary.done += 1
-        main = host.task(spec.task).main_metric
-        log(f"{tag}: best {main} {result.best.get(main, float('nan')):.4f} at step {result.best_step}, "
-            f"{result.wall_s:.0f}s, {result.tokens_per_s:,.0f} tok/s, adapter {result.trainable['adapter']:,}")
-    return summary
+        self.summary.done += 1
+        main = self.host.task(spec.task).main_metric
+        self.log(f"{tag}: best {main} {fields['best'].get(main, float('nan')):.4f} at step {fields['best_step']}, "
+                 f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, "
+                 f"adapter {fields['trainable']['adapter']:,}")
+        return True
+
+    def stopped(self, spec: RunSpec, reason: str = "interrupted", tb: str | None = None) -> None:
+        """A claimed run that was stopped before it finished (Ctrl-C, SIGTERM, a cancelled remote task):
+        stored as failed, so that rerunning the sweep redoes it."""
+        self._failed(spec, reason, traceback.format_exc() if tb is None else tb)
+
+    def _failed(self, spec: RunSpec, reason: str, tb: str) -> None:
+        self.store.finish(spec.run_id, "failed", {"error": reason, "traceback": tb})
+        self.summary.failed.append((spec, reason))
 
 
 def run_one(spec: RunSpec, host: Host, progress: bool = True, checkpoint=None):
@@ -253,15 +317,20 @@ def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
     }
 
 
-def save_artifacts(config: Config, spec: RunSpec, result) -> str | None:
-    """The best checkpoint's trainable weights (safetensors) and the run's spec, for export."""
-    if result.best_state is None:
+def write_artifacts(config: Config, spec: RunSpec, weights) -> str | None:
+    """The best checkpoint's trainable weights (tensors, or the safetensors bytes a remote worker sent) as the
+    run's ``trainable.safetensors``, with its ``spec.json``, for export; returns the run's folder (``None``:
+    no weights)."""
+    if weights is None:
         return None
-    from safetensors.torch import save_file
-
     out = Path(config.output.dir) / spec.run_id
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in result.best_state.items()}, str(out / "trainable.safetensors"))
+    if isinstance(weights, bytes):
+        (out / "trainable.safetensors").write_bytes(weights)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "trainable.safetensors"))
     (out / "spec.json").write_text(json.dumps({"run_id": spec.run_id, **spec.identity()}, indent=2, default=str))
     return str(out)
 
@@ -277,4 +346,5 @@ def print_summary(summary: SweepSummary, started: float, out=None) -> None:
         print("  (tracebacks are stored with each run; rerun the same command to redo failed runs)", file=out)
 
 
-__all__ = ["run_sweep", "run_one", "make_host", "solve_budgets", "check_data", "print_summary", "to_dict"]
+__all__ = ["run_sweep", "Sweep", "Outcome", "train_outcome", "run_one", "make_host", "solve_budgets", "check_data",
+           "print_summary", "to_dict"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -67,8 +67,12 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
+    # an optimizer step, and a run gives the same result on any number of processes
     accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
-                              gradient_accumulation_steps=cfg.grad_accum)
+                              gradient_accumulation_steps=cfg.grad_accum,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    processes = accelerator.num_processes
 
     # --- model: frozen base + the method's adapters + the shared head ----------------------------------
     tokenizer = modeling.load_tokenizer(spec.model)
@@ -86,7 +90,10 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
                 for split in task.dev_splits}
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
-                               task.is_regression)
+                               task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
+    if processes > 1:
+        train_loader = torch.utils.data.DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
+                                                   batch_sampler=ShortBatchLast(train_loader.batch_sampler))
     dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
                    for split, data in dev_data.items()}
 
@@ -139,7 +146,8 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
         host.hook.peftbench_train_start(model=raw_model, state=state)
     bar = tqdm(total=total_steps, desc=f"{spec.label}/{spec.task}/s{spec.seed}", disable=not progress,
                dynamic_ncols=True, leave=False)
-    tokens = 0
+    tokens = 0  #: this process' tokens since this (re)start
+    resumed_tokens = 0  #: every process' tokens before the checkpoint the run resumed from
     running_loss = torch.zeros((), device=accelerator.device)
     micro_batches = 0
     step_times: list[float] = []
@@ -149,7 +157,7 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     if resumed:  # continue after the epoch end it was taken at, with the loop's bookkeeping as it was then
         history[:], step_times[:] = resumed["history"], resumed["step_times"]
         best.update(resumed["best"])
-        tokens, micro_batches = resumed["tokens"], resumed["micro_batches"]
+        resumed_tokens, micro_batches = resumed["tokens"], resumed["micro_batches"]
         running_loss += resumed["running_loss"].to(running_loss.device)
         train_started -= resumed["train_s"]
         last_step_end = time.perf_counter()
@@ -184,7 +192,8 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
             step_times.append(now - last_step_end)
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                mean_loss = running_loss.item() / max(micro_batches, 1)
+                # averaged over processes: all of them log the same loss and stop on divergence together
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / max(micro_batches, 1)
                 if not math.isfinite(mean_loss):
                     raise Diverged(f"training loss became {mean_loss} at step {state.step}")
                 running_loss.zero_()
@@ -200,11 +209,15 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
         state.epoch += 1
         if state.step < total_steps:  # epoch end (the last one is evaluated after train_end below)
             evaluate()
-            if checkpoint:
-                checkpoint.save(raw_model, state, scheduler, accelerator, host, loop={
-                    "history": history, "best": best, "step_times": step_times, "tokens": tokens,
-                    "micro_batches": micro_batches, "running_loss": running_loss,
-                    "train_s": time.perf_counter() - train_started})
+            if checkpoint:  # totals over all processes (collectives: on every one), then one writer
+                run_tokens = resumed_tokens + int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
+                                                                     reduction="sum"))
+                mean_running_loss = accelerator.reduce(running_loss, reduction="mean")
+                if accelerator.is_main_process:  # every process restores from it
+                    checkpoint.save(raw_model, state, scheduler, accelerator, host, loop={
+                        "history": history, "best": best, "step_times": step_times, "tokens": run_tokens,
+                        "micro_batches": micro_batches, "running_loss": mean_running_loss,
+                        "train_s": time.perf_counter() - train_started})
             last_step_end = time.perf_counter()
     train_s = time.perf_counter() - train_started
     bar.close()
@@ -217,6 +230,8 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
         for part in host.hook.peftbench_report(model=raw_model, state=state):
             report.update(part or {})
 
+    tokens = resumed_tokens + int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
+                                                     reduction="sum"))  # every process' tokens
     adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in head_names]
     trainable = {
         "adapter": sum(p.numel() for p in adapter),
@@ -236,6 +251,21 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
         peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step, step_times=step_times, method_report=report,
         best_state=best["state"],
     )
+
+
+class ShortBatchLast(torch.utils.data.Sampler):
+    """The batches of ``batch_sampler`` with the short one (if any) moved to the end of the epoch: split between
+    processes, accelerate skips a short batch anywhere else (``group_by_length`` shuffles it in) and completes
+    the last one with examples from the first."""
+
+    def __init__(self, batch_sampler):
+        self.sampler, self.batch_size = batch_sampler, batch_sampler.batch_size  # accelerate's set_epoch finds it
+
+    def __iter__(self):
+        return iter(sorted(self.sampler, key=lambda batch: len(batch) < self.batch_size))  # stable sort
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def param_groups(model: torch.nn.Module, cfg, head_names: set[str]) -> list[dict[str, Any]]:
