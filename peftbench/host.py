@@ -303,6 +303,7 @@ def _import_spec(spec: str) -> Any:
                 raise
         obj = loaded
     else:
+        importlib.invalidate_caches()  # a plugin file written moments ago must not be hidden by a stale listing
         try:
             obj = importlib.import_module(target)
         except ModuleNotFoundError as exc:

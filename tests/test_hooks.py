@@ -2,11 +2,11 @@
 
 import torch
 
+from peftbench.budget import solve_all
 from peftbench.hookspecs import TrainState, hookimpl
 from peftbench.host import PluginInfo
 from peftbench.runner import run_one
 from peftbench.runs import expand
-from peftbench.budget import solve_all
 from peftbench.testing import tiny_config
 
 
