@@ -4,13 +4,20 @@ Every method (peftbench's and the HF PEFT baselines in :mod:`benchmarks.peft_bas
 ``peftbench.trainer.train`` loop on the same real batches; the trainer records the wall time of every
 optimizer step (evaluation excluded). Methods are run in interleaved rounds (A B C, A B C, ...) so that
 machine drift hits all of them alike, and each ratio compares medians measured in this one run.
+
+Memory: on a GPU the trainer's ``torch.cuda.max_memory_allocated`` of each run. On a CPU the process's
+peak RSS is shared by every run of the process and says nothing per method, so :class:`TrainMemoryProbe`
+adds up what training holds instead (see its docstring); it runs in the first round only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +25,28 @@ import torch
 
 from peftbench.budget import solve_all
 from peftbench.config import parse_config
+from peftbench.hookspecs import hookimpl
 from peftbench.host import PluginInfo
 from peftbench.runner import make_host, run_one
-from peftbench.runs import expand
+from peftbench.runs import RunSpec, expand
 
 REPO = Path(__file__).resolve().parent.parent
 GLUE = REPO.parent / "shared" / "glue"
+
+
+def glue_dir() -> Path | None:
+    """Real GLUE data: ``$PEFTBENCH_GLUE_DIR``, else ``../shared/glue`` beside the repository."""
+    for candidate in (os.environ.get("PEFTBENCH_GLUE_DIR"), GLUE):
+        if candidate and (Path(candidate) / "RTE" / "train.tsv").exists():
+            return Path(candidate)
+    return None
 
 
 def bench_config(methods: list[dict[str, Any]], task: str = "rte", steps: int = 30, batch_size: int = 32,
                  max_length: int = 128, model: dict[str, Any] | None = None, device: str = "auto",
                  precision: str = "auto", budget_rank: int = 8, **train: Any):
     """A config whose runs each take ``steps`` optimizer steps on real GLUE batches (toy data if absent)."""
-    data_dir = str(GLUE) if (GLUE / "RTE").exists() else None
+    data_dir = glue_dir()
     if data_dir is None and task in ("rte", "mrpc", "sst2", "cola", "stsb"):
         task = "toy_pair"
     data = {
@@ -40,35 +56,150 @@ def bench_config(methods: list[dict[str, Any]], task: str = "rte", steps: int = 
         "train": {"epochs": 100, "max_steps": steps, "batch_size": batch_size, "max_length": max_length,
                   "eval_batch_size": 256, "max_eval_samples": 32, "lr": 1e-4, "log_every": 10 ** 6,
                   "device": device, "precision": precision, "deterministic": False, **train},
-        "data_dir": data_dir,
+        "data_dir": str(data_dir) if data_dir else None,
         "plugins": ["peftbench.testing", "benchmarks.peft_baselines"],
         "output": {"save_adapters": False},
     }
     return parse_config(data, "<benchmark>")
 
 
-def run_interleaved(config, rounds: int = 2, warmup: int = 3, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Median step time, tokens/s and peak memory of every method label of ``config``."""
+class TrainMemoryProbe:
+    """Peak training memory of a CPU run, added up from what training holds (a run-hook observer).
+
+    ``params`` (every weight, frozen or not) + ``grads`` (one per trainable parameter) + ``optimizer``
+    (AdamW's moments, read from the optimizer at the end) + ``activations``: the largest total, over the
+    training steps, of the distinct tensor storages autograd saved for backward during one step (recorded
+    with ``torch.autograd.graph.saved_tensors_hooks``; parameters are counted once, under ``params``).
+    It leaves out allocator slack and short-lived temporaries, which the methods share. The pack hook is a
+    few Python operations per saved tensor: well under 1 % of a CPU step.
+    """
+
+    def __init__(self):
+        self.result: dict[str, int] | None = None
+        self._hooks = None
+        self._handle = None
+
+    @hookimpl
+    def peftbench_train_start(self, model, state):
+        self.model, self.optimizer = model, state.optimizer
+        self._peak, self._saved, self._params = 0, {}, set()
+        self._handle = model.register_forward_pre_hook(self._next_forward)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def _next_forward(self, module, args) -> None:
+        self._peak = max(self._peak, sum(self._saved.values()))
+        self._saved = {}
+        # parameters can be replaced mid-run (PrunedLoRA shrinks A and B): refresh every step
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    @hookimpl
+    def peftbench_train_end(self, model):
+        self._next_forward(model, ())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                        for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        self.result = {
+            "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "grads": sum(p.numel() * p.element_size() for p in trainable),
+            "optimizer": optimizer,
+            "activations": self._peak,
+        }
+        self.result["total"] = sum(self.result.values())
+        self.close()
+
+    def close(self) -> None:
+        """Undo the hooks (also after a run that failed before ``train_end``)."""
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class StepClock:
+    """Process CPU time of every optimizer step (a run-hook observer), beside the trainer's wall times.
+
+    On a machine shared with other processes the wall time of a step depends on their load; the CPU time
+    this process spends does not (with one torch thread; with several it includes OpenMP spin-waits).
+    Step ``i`` spans from the end of step ``i - 1``'s optimizer update to the end of its own.
+    """
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    @hookimpl
+    def peftbench_train_start(self):
+        self.times, self._last = [], time.process_time()
+
+    @hookimpl
+    def peftbench_after_optimizer_step(self):
+        now = time.process_time()
+        self.times.append(now - self._last)
+        self._last = now
+
+
+def run_interleaved(config, rounds: int = 2, warmup: int = 3, progress: bool = False,
+                    probe_memory: bool | None = None,
+                    timed_from: Callable[[RunSpec, Any], int] | None = None) -> dict[str, dict[str, Any]]:
+    """Median step time (wall and CPU), tokens/s and peak memory of every method label of ``config``.
+
+    ``warmup``: steps at the start of each run left out of the timing; ``timed_from(spec, result)`` may
+    raise it per run (e.g. past PrunedLoRA's last pruning event). ``probe_memory`` (default: on CPU) runs
+    :class:`TrainMemoryProbe` in the first round and reports its total as ``peak_mem_bytes``.
+    """
     host = make_host(config)
     runs = expand(config, solve_all(config, host))
+    probe_memory = not torch.cuda.is_available() if probe_memory is None else probe_memory
     samples: dict[str, list[float]] = {r.label: [] for r in runs}
+    cpu_samples: dict[str, list[float]] = {r.label: [] for r in runs}
     stats: dict[str, dict[str, Any]] = {}
-    for _ in range(rounds):
-        for spec in runs:
-            result = run_one(spec, host, progress=progress)
-            samples[spec.label].extend(result.step_times[warmup:])
-            entry = stats.setdefault(spec.label, {"tokens_per_s": [], "peak_mem_bytes": 0})
-            entry["tokens_per_s"].append(result.tokens_per_s)
-            entry["peak_mem_bytes"] = max(entry["peak_mem_bytes"], result.peak_mem_bytes)
-            entry["mem_kind"] = result.mem_kind
-            entry["adapter"] = result.trainable["adapter"]
-            entry["report"] = result.method_report
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    clock = StepClock()
+    host.pm.register(clock, name="benchmark-step-clock")
+    try:
+        for round_index in range(rounds):
+            for spec in runs:
+                probe = TrainMemoryProbe() if probe_memory and round_index == 0 else None
+                if probe:
+                    host.pm.register(probe, name="benchmark-memory-probe")
+                try:
+                    result = run_one(spec, host, progress=progress)
+                finally:
+                    if probe:
+                        probe.close()
+                        host.pm.unregister(probe)
+                start = max(warmup, timed_from(spec, result) if timed_from else 0)
+                samples[spec.label].extend(result.step_times[start:])
+                cpu_samples[spec.label].extend(clock.times[start:])
+                entry = stats.setdefault(spec.label, {"tokens_per_s": [], "peak_mem_bytes": 0, "method": spec.method})
+                entry["tokens_per_s"].append(result.tokens_per_s)
+                if probe:
+                    entry["memory"] = probe.result
+                    entry["peak_mem_bytes"], entry["mem_kind"] = probe.result["total"], "cpu_train_state_estimate"
+                elif not probe_memory:
+                    entry["peak_mem_bytes"] = max(entry["peak_mem_bytes"], result.peak_mem_bytes)
+                    entry["mem_kind"] = result.mem_kind
+                entry["adapter"] = result.trainable["adapter"]
+                entry["report"] = result.method_report
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    finally:
+        host.pm.unregister(clock)
     for label, times in samples.items():
-        stats[label]["median_step_s"] = statistics.median(times)
-        stats[label]["steps_timed"] = len(times)
-        stats[label]["tokens_per_s"] = statistics.median(stats[label]["tokens_per_s"])
+        if not times:
+            raise ValueError(f"{label}: no step left to time; raise the steps per run above the warm-up")
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        stats[label].update(median_step_s=statistics.median(times), q1_step_s=quartiles[0],
+                            q3_step_s=quartiles[2], steps_timed=len(times),
+                            tokens_per_s=statistics.median(stats[label]["tokens_per_s"]),
+                            median_cpu_step_s=statistics.median(cpu_samples[label]))
     return stats
 
 
@@ -82,10 +213,44 @@ def ratio_lines(stats: dict[str, dict[str, Any]], checks: list[tuple[str, str, f
     return lines
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {gpu}, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def machine_details() -> dict[str, str]:
+    """The machine as a table for reports: hardware, load, library versions."""
+    import peft
+    import transformers
+
+    details = {"CPU": f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"}
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        details["RAM"] = f"{pages * page_size / 2 ** 30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        details["GPU"] = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), CUDA {torch.version.cuda}"
+    else:
+        details["GPU"] = "none"
+    if hasattr(os, "getloadavg"):
+        details["load average at start (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    details["software"] = (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+                           f"{transformers.__version__}, peft {peft.__version__}, {platform.platform()}")
+    return details
 
 
 def with_params(methods: list[dict[str, Any]], **params: Any) -> list[dict[str, Any]]:
@@ -93,4 +258,5 @@ def with_params(methods: list[dict[str, Any]], **params: Any) -> list[dict[str, 
             for m in methods]
 
 
-__all__ = ["bench_config", "run_interleaved", "ratio_lines", "machine", "PluginInfo"]
+__all__ = ["bench_config", "run_interleaved", "ratio_lines", "machine", "machine_details", "glue_dir",
+           "TrainMemoryProbe", "PluginInfo"]

@@ -57,6 +57,8 @@ class TrainConfig:
     max_train_samples: int | None = None  #: subsample the training set (fixed seed, same for every method)
     max_eval_samples: int | None = None
     group_by_length: bool = True  #: batch examples of similar length together (less padding)
+    #: pad every training batch to ``max_length`` instead of its longest example (benchmarks the padding cost)
+    pad_to_max_length: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  #: auto: bf16 autocast on GPUs that have it
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False  #: ``torch.compile`` the model (GPU speed work)

@@ -1,0 +1,307 @@
+"""PRILoRA (Benedek & Wolf, Findings of EACL 2024, arXiv 2401.11316): pruned and rank-increasing LoRA.
+
+Algorithm, on top of plain LoRA (``W x + (alpha / r_l) · B A x`` on every target module):
+
+1. **Rank increasing with depth.** Layer ``l`` of ``L`` gets rank ``r_l`` on a linear ramp from
+   ``r · (1 - spread)`` to ``r · (1 + spread)``; every module of a layer shares its layer's rank. The integers
+   sum to exactly ``r · L`` (see :mod:`.ranks`), so the adapter has as many parameters as uniform LoRA of rank
+   ``r``: on DeBERTaV3-base, ``r = 8, spread = 0.5`` is the paper's 4 → 12 with 1,327,104 parameters.
+2. **Ongoing pruning of A.** Every module keeps an EMA of the L2 norm of each input feature ``x_j`` (over all
+   tokens of a batch, collected in the forward pass). Every ``prune_every`` optimizer steps the entries of A
+   with the lowest ``|A_kj| · EMA‖x_j‖`` are zeroed, ``prune_ratio`` of every row of A. Zeroed entries keep
+   training and may regrow until the next event; a final event after the last step leaves the reported
+   sparsity (half of A = about a quarter of the adapter at the default ratio 0.5).
+
+Ablations (config switches): ``schedule`` (``increasing`` | ``uniform`` | ``decreasing`` | a list of per-layer
+ranks) and ``criterion`` (``input_norm`` | ``magnitude`` | ``random`` | ``prune_b`` | ``none``); see
+:mod:`.pruning` for the scores (``prune_b``'s is defined here: ``|B_ik| · EMA‖(A x)_k‖``).
+
+Choices the paper leaves open ([open] in the method notes), each a param with its default:
+``ema = 0.9``; ``grouping = "row"`` (each row of A loses the same number of entries; ``"matrix"``: one
+threshold per matrix); ``prune_every = 10`` optimizer steps from ``prune_start = 0`` (fraction of training);
+``permanent = False`` (re-prune: zeroed weights keep their optimizer state and may regrow; ``True``: the first
+event fixes a mask that is re-applied after every optimizer step, the masked entries' optimizer state is zeroed
+too, and later events, which would pick the same entries, are skipped); ``scaling = "alpha_over_rank"``
+(``alpha / r_l`` per layer, what LoRA code and HF PEFT's ``rank_pattern`` do with one ``lora_alpha``;
+``"constant"``: ``alpha / r`` on every layer, the scale of uniform LoRA).
+
+Intentional details: the input statistic includes padding tokens (a linear layer does not see the attention
+mask; the score compares features within one module, so a common factor cancels); ``⌊ratio · n⌋`` entries are
+pruned per group; explicit rank lists are used as given (budget matching cannot rescale them: the host
+reports their miss); modules outside the transformer blocks, if targeted, get rank ``round(r)``.
+Intermediate dev evaluations see A between events (regrown entries included); the final one sees A pruned.
+Runs are resumable (``output.checkpoint``): the event count, the EMA flags, the ``random`` generator and the
+permanent masks are checkpointed; the EMAs themselves are buffers, saved with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peftbench.plugins.lora import inject_lora
+from torch import nn
+
+from peftbench.errors import ConfigError
+from peftbench.hookspecs import ParamCounts, TargetModule, TrainState, hookimpl
+from peftbench.method import Method
+
+from .layer import PRILoRALinear
+from .pruning import Criterion, Grouping, expected_pruned, importance, prune_mask
+from .ranks import layer_ranks
+
+PEFTBENCH_API_VERSION = 1
+__version__ = "1.0"
+__all__ = ["PRILoRA", "PRILoRAParams", "PRILoRALinear", "layer_ranks"]
+
+
+@dataclass
+class PRILoRAParams:
+    r: float = 8.0  #: mean rank per layer: the budget (solved by budget matching)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    #: ``increasing`` (paper) | ``uniform`` | ``decreasing`` | explicit per-layer ranks, first layer first
+    schedule: Literal["increasing", "uniform", "decreasing"] | list[int] = "increasing"
+    spread: float = 0.5  #: ramp from r·(1-spread) to r·(1+spread): 0.5 is the paper's 4 → 12 at r = 8
+    #: ``alpha_over_rank``: scaling alpha / r_l per layer; ``constant``: alpha / r on every layer
+    scaling: Literal["alpha_over_rank", "constant"] = "alpha_over_rank"
+    criterion: Criterion = "input_norm"
+    prune_ratio: float = 0.5  #: fraction of each group zeroed at every event (paper's best: 0.5)
+    prune_every: int = 10  #: optimizer steps between pruning events
+    prune_start: float = 0.0  #: fraction of training before the first event
+    grouping: Grouping = "row"
+    ema: float = 0.9  #: EMA coefficient of the activation norms (weight of the old value)
+    permanent: bool = False  #: sticky mask fixed at the first event (default: re-prune, weights may regrow)
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"r must be > 0, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.spread < 1:
+            raise ValueError(f"spread must be in [0, 1), got {self.spread}")
+        if isinstance(self.schedule, list) and (not self.schedule or min(self.schedule) < 1):
+            raise ValueError(f"schedule: an explicit list needs one rank >= 1 per layer, got {self.schedule}")
+        if not 0 <= self.prune_ratio < 1:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.prune_every < 1:
+            raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
+        if not 0 <= self.prune_start <= 1:
+            raise ValueError(f"prune_start must be in [0, 1] (a fraction of training), got {self.prune_start}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+    def layer_ranks(self, num_layers: int) -> list[int]:
+        """The rank of every transformer layer; raises :class:`ConfigError` naming the key on bad input."""
+        if isinstance(self.schedule, list):
+            if len(self.schedule) != num_layers:
+                raise ConfigError(f"prilora: params.schedule lists {len(self.schedule)} ranks but the model has "
+                                  f"{num_layers} transformer layers (give one rank per layer)")
+            return list(self.schedule)
+        ranks = layer_ranks(num_layers, self.r, self.schedule, self.spread)
+        if min(ranks) < 1:
+            raise ConfigError(f"prilora: params r={self.r:g} with spread={self.spread:g} gives rank "
+                              f"{min(ranks)} to layer {ranks.index(min(ranks))} ({ranks}); raise r or lower spread")
+        return ranks
+
+    def module_ranks(self, targets: list[TargetModule]) -> dict[str, int]:
+        """Rank of every target module: its layer's rank (``round(r)`` outside the transformer blocks)."""
+        num_layers = targets[0].num_layers if targets else 0
+        ranks = self.layer_ranks(num_layers) if num_layers else []
+        return {t.name: ranks[t.layer] if t.layer is not None else max(1, round(self.r)) for t in targets}
+
+    def alpha_for(self, rank: int, mean_rank: float) -> float:
+        return self.alpha if self.scaling == "alpha_over_rank" else self.alpha * rank / mean_rank
+
+
+def _counts(params: PRILoRAParams, targets: list[TargetModule]) -> ParamCounts:
+    ranks = params.module_ranks(targets)
+    dense = sum(ranks[t.name] * (t.in_features + t.out_features) for t in targets)
+    pruned = sum(expected_pruned(params.criterion, params.grouping, params.prune_ratio, ranks[t.name],
+                                 t.in_features, t.out_features) for t in targets)
+    return ParamCounts(final=dense, peak=dense, nonzero=dense - pruned)
+
+
+class PRILoRA(Method):
+    name = "prilora"
+    Params = PRILoRAParams
+    description = "PRILoRA (Benedek & Wolf): LoRA ranks increasing with depth + ongoing |A|·‖x‖ pruning of A"
+
+    def __init__(self, params: PRILoRAParams | None = None):
+        super().__init__(params)
+        self.layers: dict[str, PRILoRALinear] = {}
+        self.layer_index: dict[str, int | None] = {}
+        self.events = 0  #: pruning events so far (the final one included)
+        self.first_event_step = 0
+        self.generator: torch.Generator | None = None  #: ``random`` criterion
+        #: permanent mode: keep-mask (1 kept, 0 pruned) of every module's pruned matrix
+        self.keep: dict[str, torch.Tensor] = {}
+        self._masked: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (tensors, their masks)
+
+    # --- budget -----------------------------------------------------------------------------------------
+
+    @hookimpl
+    def peftbench_count_trainable(self, targets):
+        return _counts(self.params, targets)
+
+    @hookimpl
+    def peftbench_solve_budget(self, targets, target):
+        """The mean rank whose (exactly summing) schedule is closest to ``target`` parameters."""
+        if isinstance(self.params.schedule, list):
+            return self.params  # used as given; the host reports a miss
+        num_layers = targets[0].num_layers
+        per_rank_unit = sum(t.in_features + t.out_features for t in targets) / num_layers  # mean layer cost
+        guess = round(target / per_rank_unit)  # total rank units over all layers
+        candidates = [self.with_params(r=units / num_layers)
+                      for units in range(max(num_layers, guess - 2), max(num_layers, guess + 2) + 1)]
+        return min(candidates, key=lambda p: abs(_counts(p, targets).final - target))
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    @hookimpl
+    def peftbench_inject(self, model: nn.Module, targets: list[TargetModule]):
+        p = self.params
+        ranks = p.module_ranks(targets)
+        mean_rank = sum(ranks.values()) / len(ranks)
+        statistic = {"input_norm": "input", "prune_b": "rank"}.get(p.criterion, "none")
+        self.layer_index = {t.name: t.layer for t in targets}
+        self.layers = inject_lora(model, targets, lambda t: ranks[t.name],
+                                  lambda t: p.alpha_for(ranks[t.name], mean_rank), p.dropout,
+                                  layer_cls=PRILoRALinear, statistic=statistic, ema=p.ema)
+        return True
+
+    @hookimpl
+    def peftbench_train_start(self, state: TrainState):
+        self.first_event_step = math.ceil(self.params.prune_start * state.total_steps)
+        self.generator = torch.Generator().manual_seed(state.seed)
+
+    @hookimpl
+    def peftbench_after_optimizer_step(self, state: TrainState):
+        if self.keep:  # permanent mask in force; later events would pick the same entries
+            self.apply_masks(state.optimizer)
+            return
+        done = state.step + 1
+        if (self.params.criterion != "none" and done >= self.first_event_step
+                and done % self.params.prune_every == 0):
+            self.prune(state.optimizer)
+
+    @hookimpl
+    def peftbench_train_end(self, state: TrainState):
+        if self.params.criterion != "none" and not self.keep:
+            self.prune(state.optimizer)  # the final event: the reported sparsity
+
+    def pruned_weight(self, layer: PRILoRALinear) -> nn.Parameter:
+        return layer.lora_B if self.params.criterion == "prune_b" else layer.lora_A
+
+    @torch.no_grad()
+    def prune(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """One pruning event over every module (one top-k per module)."""
+        p = self.params
+        for name, layer in self.layers.items():
+            weight = self.pruned_weight(layer)
+            drop = prune_mask(importance(p.criterion, weight, layer.norm_ema, self.generator), p.prune_ratio,
+                              p.grouping)
+            weight.masked_fill_(drop, 0.0)
+            if p.permanent:
+                self.keep[name] = (~drop).to(weight.dtype)
+        self.events += 1
+        if p.permanent:
+            self._masked = None
+            self.apply_masks(optimizer)  # zeroes the pruned entries' optimizer state too
+
+    @torch.no_grad()
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Permanent mode: zero the masked entries of the weights and of their optimizer state (Adam's moments:
+        momentum cannot revive an entry), in one batched multiply."""
+        if self._masked is None:  # built once; rebuilt after an event or a resume (new state tensors)
+            tensors, masks, complete = [], [], optimizer is not None
+            for name, keep in self.keep.items():
+                weight = self.pruned_weight(self.layers[name])
+                state = optimizer.state.get(weight) if optimizer is not None else None
+                complete = complete and bool(state)
+                for tensor in [weight, *(v for v in (state or {}).values()
+                                         if torch.is_tensor(v) and v.shape == weight.shape)]:
+                    tensors.append(tensor)
+                    masks.append(keep)
+            if not complete:  # no optimizer state yet: apply to what exists, collect the rest next time
+                torch._foreach_mul_(tensors, masks)
+                return
+            self._masked = (tensors, masks)
+        torch._foreach_mul_(*self._masked)
+
+    @hookimpl
+    def peftbench_state_dict(self):
+        return {"prilora": {
+            "events": self.events,
+            "ema_started": {name: layer.ema_started for name, layer in self.layers.items()},
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "keep": self.keep,
+        }}
+
+    @hookimpl
+    def peftbench_load_state_dict(self, state_dict):
+        saved = state_dict["prilora"]
+        self.events = saved["events"]
+        for name, layer in self.layers.items():
+            layer.ema_started = saved["ema_started"][name]  # norm_ema itself is a buffer: the host restores it
+        if saved["generator"] is not None and self.generator is not None:
+            self.generator.set_state(saved["generator"])
+        self.keep = {name: keep.to(self.pruned_weight(self.layers[name]).device)
+                     for name, keep in saved["keep"].items()}
+        self._masked = None  # the optimizer's state tensors are replaced by the host's load
+
+    # --- results ----------------------------------------------------------------------------------------
+
+    @hookimpl
+    def peftbench_report(self):
+        layers = self.layers
+        a = [m.lora_A.detach() for m in layers.values()]
+        b = [m.lora_B.detach() for m in layers.values()]
+        numel_a, numel_b = sum(t.numel() for t in a), sum(t.numel() for t in b)
+        nonzero_a = sum(int(torch.count_nonzero(t)) for t in a)
+        nonzero_b = sum(int(torch.count_nonzero(t)) for t in b)
+        dense = numel_a + numel_b
+        ranks = {name: m.r for name, m in layers.items()}
+        by_layer = {self.layer_index[name]: rank for name, rank in ranks.items()
+                    if self.layer_index.get(name) is not None}
+        return {
+            "ranks": ranks,
+            "layer_ranks": [by_layer[i] for i in sorted(by_layer)],
+            "counts": {"final": dense, "peak": dense, "nonzero": nonzero_a + nonzero_b},
+            "sparsity": 1 - (nonzero_a + nonzero_b) / dense if dense else 0.0,
+            "sparsity_A": 1 - nonzero_a / numel_a if numel_a else 0.0,
+            "sparsity_B": 1 - nonzero_b / numel_b if numel_b else 0.0,
+            "nonzero_A": nonzero_a, "numel_A": numel_a, "nonzero_B": nonzero_b, "numel_B": numel_b,
+            "prune_events": self.events,
+        }
+
+    @hookimpl
+    def peftbench_export_peft(self, model: nn.Module, targets: list[TargetModule]):
+        """LoRA format: one ``rank_pattern`` entry per module (full module names), pruned zeros kept in A."""
+        layers = {t.name: model.get_submodule(t.name) for t in targets}
+        if not all(isinstance(m, PRILoRALinear) for m in layers.values()):
+            return None
+        ranks = {name: m.r for name, m in layers.items()}
+        config = {
+            "peft_type": "LORA",
+            "r": round(sum(ranks.values()) / len(ranks)),  # unused: every module is in rank_pattern
+            "lora_alpha": self.params.alpha,
+            "lora_dropout": self.params.dropout,
+            "bias": "none",
+            "target_modules": list(layers),
+            "rank_pattern": ranks,
+            # scaling alpha / r_l: PEFT computes the same from rank_pattern; "constant" needs alpha per module
+            "alpha_pattern": {name: m.alpha for name, m in layers.items()} if self.params.scaling == "constant" else {},
+        }
+        state_dict = {}
+        for name, m in layers.items():
+            state_dict[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().clone()
+            state_dict[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().clone()
+        return config, state_dict
+
+
+@hookimpl
+def peftbench_add_methods():
+    return [PRILoRA]

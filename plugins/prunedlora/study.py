@@ -1,0 +1,108 @@
+"""How much one pruning event changes the loss, per recovery variant (the numbers in the plugin docstring).
+
+Trains PrunedLoRA's over-parameterized adapter a few steps without pruning, then runs one pruning event
+(through the plugin's hooks, on a copy of the model) that removes ``k`` components from every module, with
+the gradient of one fixed batch, and reports the loss change on that batch and on held-out batches::
+
+    python -m peftbench.plugins.prunedlora.study --task sst2 --data-dir ../shared/glue --k 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from peftbench import modeling
+from peftbench.config import ModelConfig
+from peftbench.data import load_task_data, make_loader
+from peftbench.hookspecs import TrainState
+from peftbench.host import Host
+
+from . import PrunedLoRA, PrunedLoRAParams
+
+VARIANTS = {
+    "no recovery": {"recovery": False},
+    "compensation, split (default)": {},
+    "compensation, both in full": {"recovery_factors": "both"},
+    "compensation, B only": {"recovery_factors": "B"},
+    "compensation, A only": {"recovery_factors": "A"},
+    "full update, split, damping 1": {"recovery_update": "full", "damping": 1.0},
+    "taylor criterion, no recovery": {"criterion": "taylor", "recovery": False},
+    "taylor criterion": {"criterion": "taylor"},
+    "activation criterion, no recovery": {"criterion": "activation", "recovery": False},
+    "activation criterion": {"criterion": "activation"},
+}
+
+
+def prune_once(model, batch, init_r: int, k: int, **params):
+    """A copy of ``model`` after one pruning event scored on ``batch``."""
+    model = copy.deepcopy(model)
+    method = PrunedLoRA(PrunedLoRAParams(r=init_r - k, init_r=init_r, prune_k=k, prune_every=1, warmup_ratio=0,
+                                         final_ratio=0, **params))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    state = TrainState(step=0, total_steps=2, epoch=0, optimizer=optimizer, lr_scheduler=None, accelerator=None,
+                       seed=0)
+    method.peftbench_train_start(model=model, state=state)
+    if params.get("criterion") == "activation":  # it accumulates the layer inputs of training passes
+        model.train()
+        with torch.no_grad():
+            model(**batch)
+        model.eval()
+    model.zero_grad()
+    model(**batch).loss.backward()  # evaluation mode: no dropout, every variant sees the same gradient
+    method.peftbench_after_backward(state=state)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--init-r", type=int, default=32)
+    ap.add_argument("--k", type=int, nargs="+", default=[8, 16], help="components removed per module")
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--held-out", type=int, default=3, help="held-out batches")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    task = Host().task(args.task)
+    mc = ModelConfig(args.model)
+    model = modeling.load_model(mc, task.num_labels, args.seed)
+    head = modeling.head_modules(mc, model)
+    targets = modeling.find_targets(model, modeling.target_patterns(mc, model), head)
+    modeling.freeze(model)
+    PrunedLoRA(PrunedLoRAParams(r=1, init_r=args.init_r)).peftbench_inject(model=model, targets=targets)
+    modeling.unfreeze_head(model, head)
+    needed = (args.train_steps + 1 + args.held_out) * args.batch_size
+    data = load_task_data(task, "train", args.data_dir, modeling.load_tokenizer(mc), 128, needed)
+    batches = iter(make_loader(data, args.batch_size, True, True, args.seed, 0, task.is_regression))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(args.train_steps):
+        model(**next(batches)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    scored, held = next(batches), [next(batches) for _ in range(args.held_out)]
+    model.eval()
+
+    def losses(m) -> tuple[float, float]:
+        with torch.no_grad():
+            return m(**scored).loss.item(), sum(m(**b).loss.item() for b in held) / len(held)
+
+    base = losses(model)
+    print(f"{args.model} on {args.task}, {args.train_steps} steps trained at rank {args.init_r}: loss "
+          f"{base[0]:.4f} (scored batch), {base[1]:.4f} (held-out)")
+    for k in args.k:
+        print(f"one event removing {k} of {args.init_r} components from each of {len(targets)} modules:")
+        for name, params in VARIANTS.items():
+            after = losses(prune_once(model, scored, args.init_r, k, **params))
+            print(f"  {name:36s} Δloss scored batch {after[0] - base[0]:+.5f}   held-out {after[1] - base[1]:+.5f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The speed benchmark runs end to end, its pieces measure what they claim, and the fast LoRA path is exact.
+
+No timing assertions: timings on a shared CPU are noise at this size.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peftbench.plugins.lora.layer import LoRALinear, MergedLoRAFunction
+
+from peftbench import modeling
+from peftbench.config import ModelConfig
+from peftbench.testing import tiny_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks/ lives beside the package, like `python -m benchmarks.bench`
+
+bench = pytest.importorskip("benchmarks.bench")
+common = pytest.importorskip("benchmarks.common")
+
+
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch):
+    monkeypatch.delenv("PEFTBENCH_PROGRESS", raising=False)
+
+
+def test_bench_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "benchmarks.md"
+    rc = bench.main(["--quick", "--task", "toy_pair", "--threads", "1", "--seq-lengths", "16", "--ranks", "4",
+                     "--methods", "lora,hf_peft_lora,floor,prunedlora,no_such_method", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "skipped no_such_method: not installed" in printed
+    report = out.read_text()
+    for section in ("## Machine", "## Setup", "## Checks", "## Step time, throughput and memory", "Memory by part",
+                    "## Dynamic padding", "## How cost grows", "Sequence length", "Rank (the budget"):
+        assert section in report, section
+    def rows_of(section):
+        text = report.split(section, 1)[1].split("\n## ", 1)[0]
+        rows = {}
+        for line in text.splitlines():  # the section's first table wins
+            if line.startswith("| "):
+                rows.setdefault(line.split("|")[1].strip(), line)
+        return rows
+
+    rows = rows_of("## Checks")
+    for check in ("LoRA ≤ 0.95× HF PEFT LoRA", "LoRA ≤ 1.10× the floor",
+                  "PrunedLoRA after compaction ≤ 1.10× LoRA at the final rank", "LoRA peak memory ≤ HF PEFT LoRA's"):
+        assert "meets" in rows[check] or "MISSES" in rows[check], rows[check]  # measured, whatever the verdict
+    assert "not measured (prilora: not run)" in rows["PRILoRA ≤ 1.05× LoRA"]
+    assert "not measured" in rows["AdaLoRA ≤ 0.8× HF PEFT AdaLoRA"]
+    padding_row = next(v for k, v in rows.items() if k.startswith("Epoch with dynamic padding"))
+    assert "meets" in padding_row or "MISSES" in padding_row
+    assert "`no_such_method`: not installed" in report
+    # PrunedLoRA is timed only after its pruning event (step 1) and the step after it: 1 of 4 steps
+    prunedlora_row = [c.strip() for c in rows_of("## Step time")["prunedlora"].split("|")]
+    assert prunedlora_row[3] == "4.00" and prunedlora_row[6] == "1"  # mean final rank (r=4), steps timed
+
+
+def test_skipped_and_discovered_methods():
+    setup = bench.Setup(model=tiny_model_config(), model_name="tiny", task="toy_pair", batch_size=8, max_length=16,
+                        device="cpu", precision="fp32", threads=1, compile=False, budget_rank=4)
+    methods, skipped = bench.available_methods(setup, None)
+    assert {"lora", "full", "floor", "hf_peft_lora", "hf_peft_adalora"} <= set(methods)
+    assert methods.index("lora") < methods.index("floor")  # the issue's methods first, in its order
+    _, skipped = bench.available_methods(setup, ["lora", "nope"])
+    assert skipped == {"nope": "not installed (no plugin registers it)"}
+
+
+def test_checks_compare_medians_and_memory_against_targets():
+    stats = {name: {"median_step_s": t, "median_cpu_step_s": t / 2, "peak_mem_bytes": m} for name, t, m in [
+        ("lora", 0.9, 100), ("hf_peft_lora", 1.0, 120), ("floor", 0.8, 90), ("prilora", 1.0, 100)]}
+    rows = {row[0]: row for row in bench.checks(stats, {"dynamic": 1.0, "fixed": 2.5}, {"adalora": "not installed"})}
+    assert rows["LoRA ≤ 0.95× HF PEFT LoRA"][1:] == ["0.900×", "≤ 0.95×", "meets", "0.900×"]
+    assert rows["LoRA ≤ 1.10× the floor"][1:] == ["1.125×", "≤ 1.10×", "MISSES", "1.125×"]
+    assert rows["PRILoRA ≤ 1.05× LoRA"][3] == "MISSES"
+    assert rows["LoRA peak memory ≤ HF PEFT LoRA's"][1] == "0.833×"
+    assert rows["AdaLoRA ≤ 0.8× HF PEFT AdaLoRA"][3] == ("not measured (adalora: not installed, "
+                                                         "hf_peft_adalora: not run)")
+    padding = next(row for name, row in rows.items() if name.startswith("Epoch"))
+    assert padding[1:4] == ["2.50×", "≥ 2.00×", "meets"]
+
+
+def _tiny_model():
+    mc = ModelConfig(**tiny_model_config())
+    model = modeling.load_model(mc, num_labels=2, seed=0)
+    head = modeling.head_modules(mc, model)
+    modeling.freeze(model)
+    return model, head
+
+
+def test_floor_runs_backward_through_every_layer_and_trains_no_base_weight():
+    from benchmarks.peft_baselines import FrozenFloor
+
+    model, head = _tiny_model()
+    FrozenFloor().peftbench_inject(model)
+    modeling.unfreeze_head(model, head)
+    seen = {}
+    first_block = model.bert.encoder.layer[0].attention.self.query
+    first_block.register_full_backward_hook(lambda m, grad_in, grad_out: seen.update(grad=grad_in[0]))
+    ids = torch.randint(1000, 2000, (2, 7))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1])).loss.backward()
+    assert seen["grad"] is not None  # backward reached the first block's input
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == modeling.head_parameter_names(model, head)
+
+
+def test_memory_probe_accounts_weights_gradients_adam_and_activations():
+    config = common.bench_config([{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "floor"}],
+                                 task="toy_pair", steps=2, batch_size=8, max_length=16, model=tiny_model_config(),
+                                 device="cpu", budget_rank=4, num_threads=1)
+    stats = common.run_interleaved(config, rounds=1, warmup=0, probe_memory=True)
+    lora, floor = stats["lora"]["memory"], stats["floor"]["memory"]
+    assert lora["params"] - floor["params"] == stats["lora"]["adapter"] * 4  # fp32 adapter weights
+    for m in (lora, floor):
+        assert m["optimizer"] == 2 * m["grads"]  # AdamW: two fp32 moments per trainable weight
+        assert m["activations"] > 0
+        assert m["total"] == m["params"] + m["grads"] + m["optimizer"] + m["activations"]
+    assert stats["lora"]["mem_kind"] == "cpu_train_state_estimate"
+    assert stats["lora"]["peak_mem_bytes"] == lora["total"]
+
+
+# --- the fast LoRA path the benchmarks drove -----------------------------------------------------------
+
+
+def test_merged_lora_function_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: MergedLoRAFunction.apply(*t, 0.7), (x, weight, bias, lora_a, lora_b))
+
+
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_merged_and_unmerged_lora_agree(x_requires_grad):
+    torch.manual_seed(0)
+    merged = LoRALinear(torch.nn.Linear(24, 40), r=4, alpha=8)
+    torch.nn.init.normal_(merged.lora_B, std=0.1)
+    merged.base.requires_grad_(False)
+    unmerged = copy.deepcopy(merged)
+    unmerged.merge_in_fp32 = False
+    x = torch.randn(3, 7, 24)
+    results = []
+    for layer in (merged, unmerged):
+        inp = x.clone().requires_grad_(x_requires_grad)
+        out = layer(inp)
+        (out * torch.linspace(-1, 1, 40)).sum().backward()
+        results.append((out, inp.grad, layer.lora_A.grad, layer.lora_B.grad))
+    assert merged.can_merge(x) and not unmerged.can_merge(x)
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerged_path_where_merging_would_lose_precision():
+    layer = LoRALinear(torch.nn.Linear(8, 8), r=2, alpha=4, dropout=0.1)
+    x = torch.randn(2, 8)
+    assert not layer.train().can_merge(x)  # dropout acts on the adapter's input only
+    assert layer.eval().can_merge(x)
+    assert not layer.can_merge(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.can_merge(x)
+        assert layer(x).dtype == torch.bfloat16
