@@ -228,8 +228,9 @@ def test_budget_solver_honours_explicit_init_r_and_ratio(tmp_path, host):
     solved = solve_all(config, host)
     assert solved[("ratio2", "toy")].params.init_r == round(2 * solved[("ratio2", "toy")].params.target_r)
     assert solved[("explicit", "toy")].params.init_r == 9
-    too_small = tiny_config(tmp_path, methods=[{"name": "adalora", "params": {"init_r": 3}}])
-    with pytest.raises(BudgetError, match=r"init_r=3 is not above the average rank 3.9"):
+    # init_r 9 passes params validation (above the default target_r 8) but not a LoRA r=16 budget
+    too_small = tiny_config(tmp_path, methods=[{"name": "adalora", "params": {"init_r": 9}}], budget={"lora_rank": 16})
+    with pytest.raises(BudgetError, match=r"init_r=9 is not above the average rank 15\.\d"):
         solve_all(too_small, host)
 
 
