@@ -151,11 +151,11 @@ def test_a_run_travels_to_a_worker_as_plain_data_and_comes_back_the_same(tmp_pat
 
 
 def test_workers_load_the_same_plugins(tmp_path, monkeypatch):
-    (tmp_path / "local_plugin.py").write_text("PEFTBENCH_API_VERSION = 1\n")
+    (tmp_path / "executor_local_plugin.py").write_text("PEFTBENCH_API_VERSION = 1\n")
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path, plugins=["peftbench.testing", "local_plugin.py"])
+    config = tiny_config(tmp_path, plugins=["peftbench.testing", "executor_local_plugin.py"])
     host = make_host(config, ["peftbench.testing"])
-    assert worker_plugins(host) == ["peftbench.testing", str(tmp_path / "local_plugin.py")]
+    assert worker_plugins(host) == ["peftbench.testing", str(tmp_path / "executor_local_plugin.py")]
 
 
 def test_processes_agree_on_one_outcome(monkeypatch):
