@@ -424,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", type=lambda s: set(s.split(",")), default={"comparison", "padding", "scaling"},
                    help="any of comparison,padding,scaling (default: all)")
     p.add_argument("--task", default="rte")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per comparison run")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every method")
-    p.add_argument("--warmup", type=int, default=3, help="steps at the start of each run not timed")
+    # short runs in more rounds: load bursts from other processes spread over every method
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per comparison run")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of every method")
+    p.add_argument("--warmup", type=int, default=2, help="steps at the start of each run not timed")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--budget-rank", type=int, default=8, help="the budget: LoRA of this rank")

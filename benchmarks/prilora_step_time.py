@@ -13,7 +13,8 @@ their mean cost is reported apart from it.
 
 On a machine shared with other jobs, whole runs drift apart; ``--alternate`` times the same training step
 (forward, backward, AdamW, the method's after-step hook) of every method in turn, A B C A B C ..., on one
-fixed batch, outside the trainer, so that drift hits every method alike step by step.
+fixed batch, outside the trainer, so that drift hits every method alike step by step; it also reports the
+process CPU time of each step, which other jobs on the machine do not inflate (use ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -98,12 +99,13 @@ def time_alternating(model: dict | None, steps: int, batch_size: int, max_length
                       if p.requires_grad and not any(n.startswith(h + ".") for h in head))
         contestants[spec.get("label", spec["name"])] = (net, method, optimizer, state, adapter)
     times: dict[str, list[float]] = {label: [] for label in contestants}
+    cpu_times: dict[str, list[float]] = {label: [] for label in contestants}
     labels = list(contestants)
     for step in range(steps):
         for label in labels[step % len(labels):] + labels[:step % len(labels)]:  # rotate: no fixed order
             net, method, optimizer, state, _ = contestants[label]
             state.step = step
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             net(**batch).loss.backward()
             optimizer.step()
             if hasattr(method, "peftbench_after_optimizer_step"):
@@ -111,7 +113,9 @@ def time_alternating(model: dict | None, steps: int, batch_size: int, max_length
             optimizer.zero_grad(set_to_none=True)
             if step >= warmup:
                 times[label].append(time.perf_counter() - started)
+                cpu_times[label].append(time.process_time() - cpu_started)
     return {label: {"median": statistics.median(t), "mean": statistics.mean(t), "steps": len(t),
+                    "cpu_median": statistics.median(cpu_times[label]), "cpu_mean": statistics.mean(cpu_times[label]),
                     "adapter": contestants[label][4], "event_mean": None} for label, t in times.items()}
 
 
@@ -133,10 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"machine: {machine()}")
         print(f"{args.steps} steps per method, alternating step by step (first 3 dropped), one batch of "
               f"{args.batch_size} × {args.max_length} tokens")
-        print(f"{'method':<20}{'median ms':>11}{'mean ms':>10}{'adapter':>10}")
+        print(f"{'method':<20}{'median ms':>11}{'mean ms':>10}{'CPU median ms':>15}{'CPU mean ms':>13}{'adapter':>10}")
         for label, s in stats.items():
-            print(f"{label:<20}{s['median'] * 1e3:>11.1f}{s['mean'] * 1e3:>10.1f}{s['adapter']:>10,}")
+            print(f"{label:<20}{s['median'] * 1e3:>11.1f}{s['mean'] * 1e3:>10.1f}{s['cpu_median'] * 1e3:>15.1f}"
+                  f"{s['cpu_mean'] * 1e3:>13.1f}{s['adapter']:>10,}")
+        print("wall time:")
         print_ratios(stats)
+        # process CPU time: what the step costs, whatever other jobs on the machine take from it
+        print("process CPU time:")
+        print_ratios({label: {**s, "median": s["cpu_median"], "mean": s["cpu_mean"]} for label, s in stats.items()})
         return
 
     # every batch padded to the same length: the comparison is about the adapters, not the batch mix

@@ -2,8 +2,11 @@
 
 In training mode each forward pass updates ``norm_ema``, an exponential moving average of the L2 norm of every
 feature over all tokens of the batch: of the module's input ``x`` (``statistic="input"``, the score of A) or of
-the rank-space activation ``h = A x`` (``statistic="rank"``, the analogous score of B). That is one reduction
-over a tensor the forward pass computes anyway, with no extra pass over the data; evaluation skips it.
+the rank-space activation ``h = A x`` (``statistic="rank"``, the analogous score of B). The input statistic is
+one reduction over ``x`` (sum of squares over the tokens, a single memory pass; ``torch.linalg.vector_norm``
+over the token dimension is ~10× slower on CPU), then LoRA's own forward runs unchanged, fast merged path
+included. The rank statistic costs one extra skinny GEMM (``A x``, which LoRA's merged path never forms); it
+serves only the ``prune_b`` ablation. Evaluation skips both.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class PRILoRALinear(LoRALinear):
     def observe(self, activation: torch.Tensor) -> None:
         """Fold the per-feature L2 norm of ``activation`` (over every token of the batch) into ``norm_ema``."""
         flat = activation.detach().reshape(-1, activation.shape[-1])
-        norm = torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32)
+        norm = torch.sum(flat * flat, dim=0, dtype=torch.float32).sqrt_()
         if self.ema_started:
             self.norm_ema.lerp_(norm, 1.0 - self.ema)  # ema · old + (1 - ema) · new
         else:
@@ -46,16 +49,12 @@ class PRILoRALinear(LoRALinear):
             self.ema_started = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.r == 0:
-            return out
-        track = self.statistic if self.training else "none"
-        if track == "input":
-            self.observe(x)  # the module's input x, before LoRA dropout
-        hidden = F.linear(self.dropout(x), self.lora_A)
-        if track == "rank":
-            self.observe(hidden)
-        return out + F.linear(hidden, self.lora_B) * self.scaling
+        if self.training and self.r:
+            if self.statistic == "input":
+                self.observe(x)  # the module's input x, before LoRA dropout
+            elif self.statistic == "rank":
+                self.observe(F.linear(x.detach(), self.lora_A.detach()))  # h = A x, before dropout
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, statistic={self.statistic}, ema={self.ema:g}"

@@ -28,21 +28,21 @@ evenly over that window instead). Our reading of the paper's best K1 = 10, K2 = 
 between events, two components per module per event (128 → 64 takes 32 events, 320 steps).
 
 Choices and differences from the paper, the authors' code and the shared notes (each a switch, default
-first). Loss changes quoted are measured on MiniLM (SST-2, 30 steps trained, init_r 32) for one event
-removing 8 (16) components from every module, on three batches not used for the scores: no recovery
-+0.0098 (+0.054).
+first). Loss changes quoted are from ``python -m peftbench.plugins.prunedlora.study`` (MiniLM on SST-2,
+30 steps trained at init_r 32, one event removing 8 (16) components from every module, mean over three
+held-out batches): no recovery +0.050 (+0.135).
 
 * ``recovery_update: compensation | full``. ``full`` is the derived minimiser above; its Newton part
   ``−G H⁻¹`` scales like 1/‖G‖ (``H = GᵀG`` of one mini-batch is far smaller than the loss curvature) and
-  raised the loss by +2.9 (+3.1) even with ``damping: 1``; a per-example Fisher did not rescue it. So the
-  default applies only the compensation part, the optimal-brain-surgeon update that moves the removed
-  component onto the survivors (scale-free in H). The released code's update has a shape bug and cannot be
-  reproduced as written.
+  raised the loss by +2.2 (+2.0) even with ``damping: 1`` (a per-example Fisher did not rescue it in our
+  trials). So the default applies only the compensation part, the optimal-brain-surgeon update that moves
+  the removed component onto the survivors (scale-free in H). The released code's update has a shape bug
+  and cannot be reproduced as written.
 * ``recovery_factors: split | both | B | A``. Each factor's compensation alone (B with A fixed, or A with B
   fixed) already replaces the removed product ``b_j a_jᵀ``; applying both in full, the notes' literal
-  reading, compensates it twice: +0.031 (+0.158), worse than no recovery. ``split`` applies half of each
-  (a convex combination of two single compensations): +0.0012 (+0.0053); ``B``: +0.0015 (+0.0043),
-  ``A``: +0.0008 (+0.0045). The score stays the notes' ``S_B + S_A``.
+  reading, compensates it twice: −0.014 (+0.034) held-out but +0.022 (+0.117) on the scored batch itself.
+  ``split`` applies half of each (a convex combination of two single compensations): +0.0014 (+0.0011);
+  ``B``: +0.0033 (+0.0039), ``A``: +0.0004 (+0.0034). The score stays the notes' ``S_B + S_A``.
 * ``curvature: step | ema``: the step's ``GᵀG`` as in the code, or a running average (``curvature_beta``),
   the "running Fisher" of the issue. No separate squared-gradient diagonal: the rank space is small enough
   for the full ``r' × r'`` matrix. Damping is relative (``damping · mean diag H``), not the code's ``1e-6``.
