@@ -63,6 +63,18 @@ def peftbench_add_tasks():
     return TOY_TASKS
 
 
+class CrashAtStep:
+    """A plugin that raises once training reaches optimizer step ``step`` (a crash in the middle of an epoch)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @hookimpl
+    def peftbench_after_optimizer_step(self, state):
+        if state.step + 1 == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
 def tiny_model_config(layers: int = 2, hidden: int = 32) -> dict[str, Any]:
     return {
         "name_or_path": "minilm",  # its config and tokenizer; the weights are random (random_init)

@@ -216,3 +216,25 @@ def test_cli_exits_2_on_every_kind_of_bad_input(tmp_path, capsys, monkeypatch):
             err = capsys.readouterr().err
             assert re.search(r"^peftbench: error: .*" + expected, err, re.S), (name, command, err)
     assert not (tmp_path / "results").exists()  # nothing was stored or trained
+
+
+def test_unknown_hub_model_offline_fails_at_once_naming_the_overrides(monkeypatch):
+    """An offline machine (the hub's host does not resolve) must not spend a minute retrying the network."""
+    import socket
+
+    from peftbench import modeling
+    from peftbench.config import ModelConfig
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    modeling._hub_unreachable.cache_clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    try:
+        assert modeling._hub_kwargs("some-org/some-model") == {"local_files_only": True}
+        assert modeling._hub_kwargs(modeling.resolve_name("minilm")) == {}  # a local folder loads as usual
+        with pytest.raises(ConfigError, match=r"--set model.name_or_path=.*PEFTBENCH_GLUE_DIR"):
+            modeling.load_config(ModelConfig(name_or_path="some-org/some-model"), num_labels=2)
+    finally:
+        modeling._hub_unreachable.cache_clear()

@@ -15,13 +15,13 @@ from peftbench import modeling
 from peftbench.budget import model_shapes, solve_all
 from peftbench.config import ModelConfig, parse_config
 from peftbench.errors import ConfigError
-from peftbench.hookspecs import TargetModule, TrainState, hookimpl
+from peftbench.hookspecs import TargetModule, TrainState
 from peftbench.host import Host, PluginInfo
 from peftbench.runner import run_one, run_sweep
 from peftbench.runs import expand
 from peftbench.schema import from_dict
 from peftbench.store import Store
-from peftbench.testing import tiny_config, tiny_model_config
+from peftbench.testing import CrashAtStep, tiny_config, tiny_model_config
 
 # --- rank schedules --------------------------------------------------------------------------------------
 
@@ -293,16 +293,6 @@ def test_end_to_end_counts_and_report(host, tmp_path, params):
     assert report["prune_events"] >= 1
 
 
-class _CrashAtStep:
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def peftbench_after_optimizer_step(self, state):
-        if state.step + 1 == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
-
-
 def _sweep(tmp_path, method, *observers):
     config = tiny_config(tmp_path, methods=[method], output={"checkpoint": True},
                          train={"epochs": 3, "batch_size": 32, "max_length": 24, "eval_every": 5})
@@ -323,7 +313,7 @@ def test_resumed_run_equals_an_uninterrupted_run(tmp_path, params):
     """Events, EMA counters, the random generator and permanent masks are restored from a checkpoint."""
     method = {"name": "prilora", "params": {"alpha": 8, **params}}
     whole = _sweep(tmp_path / "whole", method)
-    crashed = _sweep(tmp_path / "resumed", method, _CrashAtStep(19))  # 8 steps per epoch: after epoch 2's
+    crashed = _sweep(tmp_path / "resumed", method, CrashAtStep(19))  # 8 steps per epoch: after epoch 2's
     assert crashed["status"] == "failed"
     assert (tmp_path / "resumed" / "runs" / crashed["run_id"] / "checkpoint.pt").exists()
     resumed = _sweep(tmp_path / "resumed", method)
@@ -366,3 +356,33 @@ def test_export_loads_into_peft_with_the_same_outputs(scaling):
     expected = ours(input_ids=ids).logits
     torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, base.eval()(input_ids=ids).logits, atol=1e-4)  # the adapter matters
+
+
+def _sync_worker(rank: int, world: int, init_file: str, results) -> None:
+    from peftbench.plugins.prilora import sync_statistics
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        layers = [PRILoRALinear(nn.Linear(4, 3), r=2, alpha=2.0) for _ in range(2)]
+        for i, layer in enumerate(layers):  # every process saw different inputs
+            layer.norm_ema.copy_(torch.arange(4.0) * (rank + 1) + i)
+        sync_statistics(layers)
+        results.put((rank, [layer.norm_ema.tolist() for layer in layers]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_feature_norms_are_averaged_over_processes_before_pruning(tmp_path):
+    """Under DDP each process sees a shard of the batch: its EMAs must be averaged, or replicas prune
+    different entries and drift apart."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_sync_worker, args=(rank, 2, str(tmp_path / "init"), results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    expected = [[1.5 * j + i for j in range(4)] for i in range(2)]  # mean of (rank + 1) · j + i over ranks 0, 1
+    assert got[0] == got[1] == expected

@@ -33,7 +33,7 @@ from peftbench.hookspecs import hookimpl
 from peftbench.host import Host, PluginInfo
 from peftbench.runner import failure_reason, is_out_of_memory, run_sweep
 from peftbench.store import Store
-from peftbench.testing import tiny_config, tiny_model_config
+from peftbench.testing import CrashAtStep, tiny_config, tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_HOOKS = ["inject", "train_start", "extra_loss", "after_backward", "after_optimizer_step", "on_evaluate",
@@ -292,18 +292,6 @@ def test_cli_sigterm_stores_the_run_as_interrupted(tmp_path, capsys, monkeypatch
 
 
 # -- resumable checkpoints --------------------------------------------------------------------------------
-
-
-class CrashAtStep:
-    """An observer that raises once training reaches ``step`` (a crash in the middle of an epoch)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def peftbench_after_optimizer_step(self, state):
-        if state.step + 1 == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
 
 
 def test_resumed_run_equals_an_uninterrupted_run(tmp_path):

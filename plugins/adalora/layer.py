@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora.layer import MergedLoRAFunction, merge_is_exact, merged_linear
+
 
 class SVDLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02):
@@ -44,10 +46,16 @@ class SVDLinear(nn.Module):
             nn.init.zeros_(self.E)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # diag(E) and the scale folded into Q (an r × d_in product): autograd takes the gradients of E and Q
+        # from that product's. In fp32 the update then rides LoRA's merged path, one GEMM with W + s·P (E⊙Q)
+        # instead of three (the largest cost at small batches, where the base GEMMs are cheap).
+        scaled_q = self.Q * (self.E * self.scaling).unsqueeze(1)
+        if merge_is_exact(x, self.base.weight, self.Q, self.dropout, self.training):
+            return MergedLoRAFunction.apply(x, self.base.weight, self.base.bias, scaled_q, self.P, 1.0)
         out = self.base(x)
-        # diag(E) and the scale act on the r channels of Q x (cheap), not on the d_out-wide output, and
-        # addmm adds the update inside the GEMM: no extra passes over the layer's output.
-        h = F.linear(self.dropout(x), self.Q) * (self.E * self.scaling)
+        # otherwise (bf16/fp16, dropout): the low-rank path, one token-sized r-wide activation saved per layer;
+        # addmm adds the update inside the GEMM, no extra pass over the layer's output
+        h = F.linear(self.dropout(x), scaled_q)
         flat = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), self.P.t())
         return flat.view(out.shape)
 
@@ -56,12 +64,7 @@ class SVDLinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the update folded into the weight (for export and inference)."""
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
-        with torch.no_grad():
-            merged.weight.copy_(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
-            if self.base.bias is not None:
-                merged.bias.copy_(self.base.bias)
-        return merged
+        return merged_linear(self.base, self.delta_weight())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, init_r={self.r}, scaling={self.scaling:g}"

@@ -24,6 +24,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.no_grad()
+def merged_linear(base: nn.Linear, delta_weight: torch.Tensor) -> nn.Linear:
+    """A new ``nn.Linear`` computing ``(W + delta_weight) x + b`` (an adapter folded into its base layer)."""
+    merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    merged.weight.copy_(base.weight + delta_weight.to(base.weight.dtype))
+    if base.bias is not None:
+        merged.bias.copy_(base.bias)
+    return merged
+
+
+def merge_is_exact(x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor, dropout: nn.Module,
+                   training: bool) -> bool:
+    """Whether a low-rank update may be folded into the weight for one forward pass: everything fp32 at full
+    matmul precision (no rounding swallows the small update) and no dropout on the adapter's input in training
+    (the merged product would apply it to the base path too)."""
+    return (x.dtype == weight.dtype == adapter.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+            and torch.get_float32_matmul_precision() == "highest"
+            and not (training and isinstance(dropout, nn.Dropout)))
+
+
 class MergedLoRAFunction(torch.autograd.Function):
     """``x (W + s·B A)ᵀ + b`` with the gradients of ``x``, ``A``, ``B`` (and of ``W``, ``b`` if they train)."""
 
@@ -90,10 +111,7 @@ class LoRALinear(nn.Module):
 
     def can_merge(self, x: torch.Tensor) -> bool:
         """Whether ``W + s·B A`` can stand in for the unmerged sum without losing the update to rounding."""
-        return (self.merge_in_fp32 and x.dtype == self.base.weight.dtype == self.lora_A.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type)
-                and torch.get_float32_matmul_precision() == "highest"
-                and not (self.training and isinstance(self.dropout, nn.Dropout)))
+        return self.merge_in_fp32 and merge_is_exact(x, self.base.weight, self.lora_A, self.dropout, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0:
@@ -111,12 +129,7 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the adapter folded into the weight (for export and inference)."""
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
-        with torch.no_grad():
-            merged.weight.copy_(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
-            if self.base.bias is not None:
-                merged.bias.copy_(self.base.bias)
-        return merged
+        return merged_linear(self.base, self.delta_weight())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"

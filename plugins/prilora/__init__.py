@@ -30,7 +30,8 @@ mask; the score compares features within one module, so a common factor cancels)
 pruned per group; explicit rank lists are used as given (budget matching cannot rescale them: the host
 reports their miss); modules outside the transformer blocks, if targeted, get rank ``round(r)``.
 Intermediate dev evaluations see A between events (regrown entries included); the final one sees A pruned.
-Runs are resumable (``output.checkpoint``): the event count, the EMA flags, the ``random`` generator and the
+In a multi-process run the EMAs are averaged over the processes before every pruning event (each process sees
+a shard of the batch), so every replica prunes the same entries. Runs are resumable (``output.checkpoint``): the event count, the EMA flags, the ``random`` generator and the
 permanent masks are checkpointed; the EMAs themselves are buffers, saved with the model.
 """
 
@@ -116,6 +117,26 @@ class PRILoRAParams:
         return self.alpha if self.scaling == "alpha_over_rank" else self.alpha * rank / mean_rank
 
 
+@torch.no_grad()
+def sync_statistics(layers) -> None:
+    """Average the feature-norm EMAs over the processes of a distributed run.
+
+    Each process sees its own shard of every batch, so its EMAs differ; the weights are the same on every
+    process (DDP averages the gradients), and averaging the EMAs before scoring makes every process prune the
+    same entries. One all-reduce per pruning event; nothing at all in a single-process run.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    emas = [layer.norm_ema for layer in layers]
+    flat = torch.cat(emas)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(emas, list(flat.split([e.numel() for e in emas])))
+
+
 def _counts(params: PRILoRAParams, targets: list[TargetModule]) -> ParamCounts:
     ranks = params.module_ranks(targets)
     dense = sum(ranks[t.name] * (t.in_features + t.out_features) for t in targets)
@@ -199,6 +220,8 @@ class PRILoRA(Method):
     def prune(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """One pruning event over every module (one top-k per module)."""
         p = self.params
+        if p.criterion in ("input_norm", "prune_b"):
+            sync_statistics(self.layers.values())
         for name, layer in self.layers.items():
             weight = self.pruned_weight(layer)
             drop = prune_mask(importance(p.criterion, weight, layer.norm_ema, self.generator), p.prune_ratio,
