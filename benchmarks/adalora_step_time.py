@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every method")
+    parser.add_argument("--task", default="rte", help="GLUE task whose real batches are timed (sst2: short ones)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -77,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # every batch padded to the same length: the comparison is about the adapters, not the batch mix
-    config = bench_config(METHODS, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+    config = bench_config(METHODS, task=args.task, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           model=args.model, device=args.device, num_threads=args.threads, group_by_length=False)
     stats = time_interleaved(config, rounds=args.rounds, warmup=3)
     print(f"machine: {machine()}")
-    print(f"{args.steps} steps × {args.rounds} rounds per method (first 3 of each run dropped), batch "
+    print(f"{args.steps} steps × {args.rounds} rounds per method (first 3 of each run dropped), {args.task}, batch "
           f"{args.batch_size}, length {args.max_length}, schedule {SCHEDULE}")
     print(f"{'method':<18}" + "".join(f"{p + ' ms':>14}" for p in PHASES) + f"{'adapter':>11}")
     for label, s in stats.items():

@@ -84,13 +84,19 @@ def paired_p_values(runs: list[dict[str, Any]], main_metric: dict[str, str], bas
 
 
 def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
-    """For ablation tables: each label's params that differ between the rows (``criterion=random``)."""
-    per_label: dict[str, dict[str, Any]] = {}
+    """For ablation tables: each label's params that differ between the rows of the same method
+    (``criterion=random``); a method with a single row has nothing that varies (empty)."""
+    per_method: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
-        per_label.setdefault(run["label"], (run.get("spec") or {}).get("params") or {})
-    keys = sorted({k for p in per_label.values() for k in p})
-    varying = [k for k in keys if len({repr(p.get(k)) for p in per_label.values()}) > 1]
-    return {label: ", ".join(f"{k}={p.get(k)}" for k in varying) or "(reference)" for label, p in per_label.items()}
+        labels = per_method.setdefault(run.get("method", run["label"]), {})
+        labels.setdefault(run["label"], (run.get("spec") or {}).get("params") or {})
+    settings: dict[str, str] = {}
+    for labels in per_method.values():
+        keys = sorted({k for p in labels.values() for k in p})
+        varying = [k for k in keys if len({repr(p.get(k)) for p in labels.values()}) > 1]
+        for label, p in labels.items():
+            settings[label] = ", ".join(f"{k}={p.get(k)}" for k in varying) if len(labels) > 1 else ""
+    return settings
 
 
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",

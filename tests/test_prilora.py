@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from peftbench.plugins.prilora import PRILoRA, PRILoRALinear, PRILoRAParams
+from peftbench.plugins.prilora.layer import InputNorms
 from peftbench.plugins.prilora.pruning import importance, prune_mask
 from peftbench.plugins.prilora.ranks import layer_ranks
 from torch import nn
@@ -386,3 +387,17 @@ def test_feature_norms_are_averaged_over_processes_before_pruning(tmp_path):
         assert proc.exitcode == 0
     expected = [[1.5 * j + i for j in range(4)] for i in range(2)]  # mean of (rank + 1) · j + i over ranks 0, 1
     assert got[0] == got[1] == expected
+
+
+def test_modules_fed_the_same_tensor_share_one_norm_computation():
+    shared = InputNorms()
+    q, k = (PRILoRALinear(nn.Linear(4, 3), r=2, alpha=2.0, input_norms=shared) for _ in range(2))
+    x = torch.randn(2, 5, 4)
+    q(x)
+    first = shared.norm
+    k(x)
+    assert shared.norm is first  # reused, not recomputed
+    assert torch.allclose(k.norm_ema, x.reshape(-1, 4).norm(dim=0)) and torch.equal(q.norm_ema, k.norm_ema)
+    x.mul_(2)  # changed in place: a new statistic
+    k(x)
+    assert shared.norm is not first and torch.allclose(shared.norm, 2 * first)

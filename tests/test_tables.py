@@ -68,8 +68,14 @@ def test_paired_significance_vs_lora_marked_with_dagger():
 
 
 def test_ablation_mode_names_the_varying_params():
-    runs = [dict(run("prilora", "rte", 0, 0.7), spec={"params": {"criterion": "input_norm", "ratio": 0.5}}),
-            dict(run("prilora_random", "rte", 0, 0.6), spec={"params": {"criterion": "random", "ratio": 0.5}})]
+    runs = [dict(run("prilora", "rte", 0, 0.7), method="prilora",
+                 spec={"params": {"criterion": "input_norm", "ratio": 0.5}}),
+            dict(run("prilora_random", "rte", 0, 0.6), method="prilora",
+                 spec={"params": {"criterion": "random", "ratio": 0.5}}),
+            dict(run("lora", "rte", 0, 0.7), method="lora", spec={"params": {"r": 8, "criterion": None}})]
     table = build(runs, MAIN, "csv", ablation=True, baseline=None)
     assert table.splitlines()[0].startswith("method,setting,params")
     assert "prilora_random,criterion=random," in table
+    assert "prilora,criterion=input_norm," in table
+    # params are compared within a method: LoRA's own keys are not a "setting" of the PRILoRA rows
+    assert "lora,," in table and "r=" not in table

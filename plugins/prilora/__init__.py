@@ -49,7 +49,7 @@ from peftbench.errors import ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, TrainState, hookimpl
 from peftbench.method import Method
 
-from .layer import PRILoRALinear
+from .layer import InputNorms, PRILoRALinear
 from .pruning import Criterion, Grouping, expected_pruned, importance, prune_mask
 from .ranks import layer_ranks
 
@@ -190,7 +190,8 @@ class PRILoRA(Method):
         self.layer_index = {t.name: t.layer for t in targets}
         self.layers = inject_lora(model, targets, lambda t: ranks[t.name],
                                   lambda t: p.alpha_for(ranks[t.name], mean_rank), p.dropout,
-                                  layer_cls=PRILoRALinear, statistic=statistic, ema=p.ema)
+                                  layer_cls=PRILoRALinear, statistic=statistic, ema=p.ema,
+                                  input_norms=InputNorms())  # one per model: q, k, v share their input's norms
         return True
 
     @hookimpl
