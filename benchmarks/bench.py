@@ -333,6 +333,15 @@ CPU, fp32, one thread); root causes, not symptoms:
   vectorised gather), and flattening the tokenizer output uses `itertools.chain` instead of a generator.
   Tokenization is cached on disk per (split, tokenizer, max_length) and collation is one vectorised gather
   per batch; `train.pad_to_max_length` exists to measure what dynamic padding saves.
+* **AdaLoRA** (`plugins/adalora/`): importance EMAs, triplet scores, the global threshold and the masks are
+  batched over the modules of one shape (a few kernels per shape group per step, where HF PEFT's allocator loops
+  over every parameter), and the SVD-form update folds `diag(E)` and the scale into Q and rides LoRA's merged
+  fp32 path (`W + s·P (E ⊙ Q)`, one GEMM per layer instead of three). An AdaLoRA step costs what a LoRA step
+  costs (0.984× on SST-2 batches, `docs/benchmarks-methods.md`).
+* **PRILoRA** (`plugins/prilora/layer.py`): the per-feature input norm is `1ᵀ (x ⊙ x)` (a GEMV; the reduction
+  over the token dimension it replaced was several times slower on CPU) and is computed once per input
+  tensor, shared by the query, key and value maps (measured after this report: 0.995× LoRA's step,
+  `docs/benchmarks-methods.md`).
 * **Left as they were, after checking**: run hooks a method does not implement are never called (one check
   per run); the optimizer holds only trainable parameters (frozen weights get neither gradients nor AdamW
   state); evaluation batches are sorted by length; the trainer's one per-step `int(mask.sum())` is also

@@ -10,9 +10,7 @@ from peftbench.cli import main
 from peftbench.data import load_task_data, make_loader
 from peftbench.export import export_run, load_with_peft, rebuild
 from peftbench.modeling import load_tokenizer
-from peftbench.runner import make_host, run_sweep
-from peftbench.store import Store
-from peftbench.testing import tiny_config
+from peftbench.testing import tiny_config, train_one
 
 pytest.importorskip("peft")
 
@@ -21,10 +19,7 @@ pytest.importorskip("peft")
 def test_exported_lora_reproduces_dev_predictions(tmp_path, params):
     config = tiny_config(tmp_path, methods=[{"name": "lora", "params": params, "match_budget": False}],
                          train={"epochs": 2})
-    host = make_host(config)
-    store = Store(config.output.db)
-    run_sweep(config, host, store, progress=False, log=lambda *a: None)
-    (run,) = store.runs()
+    host, run = train_one(config)
     out = export_run(run, tmp_path / "export", host)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and set(adapter_config["modules_to_save"]) == {"classifier", "bert.pooler"}

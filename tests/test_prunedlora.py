@@ -431,15 +431,11 @@ def test_exported_adapter_gives_the_same_outputs_in_hf_peft():
 def test_peftbench_export_of_a_stored_run_reproduces_it_in_hf_peft(tmp_path):
     pytest.importorskip("peft")
     from peftbench.export import export_run, load_with_peft, rebuild
-    from peftbench.runner import make_host, run_sweep
-    from peftbench.store import Store
+    from peftbench.testing import train_one
 
     config = tiny_config(tmp_path, methods=[{"name": "prunedlora", "params": {"prune_every": None}}],
                          train={"epochs": 2})
-    host = make_host(config)
-    store = Store(config.output.db)
-    run_sweep(config, host, store, progress=False, log=lambda *a: None)
-    (run,) = store.runs()
+    host, run = train_one(config)
     out = export_run(run, tmp_path / "export", host)
     ours, theirs = rebuild(run, host)[0], load_with_peft(run, out, host)
     batch = modeling.load_tokenizer(config.model)(["a good and happy film", "awful"], padding=True,
