@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peftbench.plugins.lora import inject_lora, lora_layers
+from peftbench.plugins.lora import inject_lora, lora_layers, lora_peft_export
 from torch import nn
 
 from peftbench.errors import BudgetError, ConfigError
@@ -372,30 +372,12 @@ class PrunedLoRA(Method):
 
     @hookimpl
     def peftbench_export_peft(self, model, targets: list[TargetModule]):
+        """HF PEFT's LoRA format: per-module ranks in ``rank_pattern``, the scale fixed at ``alpha / init_r``
+        expressed as PEFT's ``lora_alpha / r`` through ``alpha_pattern`` (LoRA's shared exporter)."""
         layers = lora_layers(model, PrunedLoRALinear)
-        return lora_adapter(layers, [t.name for t in targets], self.params.dropout)
-
-
-def lora_adapter(layers: dict[str, PrunedLoRALinear], target_names: list[str], dropout: float):
-    """The pruned adapters in HF PEFT's LoRA format: per-module ranks in ``rank_pattern`` and the fixed
-    scaling ``alpha / init_r`` expressed as PEFT's ``lora_alpha / r`` through ``alpha_pattern``."""
-    if not layers:
-        return None
-    ranks = [layer.r for layer in layers.values()]
-    r = max(set(ranks), key=ranks.count)
-    scaling = next(iter(layers.values())).scaling
-    config = {
-        "peft_type": "LORA", "r": r, "lora_alpha": scaling * r, "lora_dropout": dropout, "bias": "none",
-        "target_modules": target_names,
-        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {name: layer.scaling * layer.r for name, layer in layers.items()
-                          if layer.scaling * layer.r != scaling * r},
-    }
-    state_dict = {}
-    for name, layer in layers.items():
-        state_dict[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        state_dict[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-    return config, state_dict
+        if not layers:
+            return None
+        return lora_peft_export({name: (m.lora_A, m.lora_B, m.scaling) for name, m in layers.items()})
 
 
 def _loss_scale(state) -> float:
