@@ -147,9 +147,9 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train the head
     hf_logging.disable_progress_bar()
     try:
+        name = resolve_name(mc.name_or_path)
         return AutoModelForSequenceClassification.from_pretrained(
-            resolve_name(mc.name_or_path), config=config, revision=mc.revision,
-            trust_remote_code=mc.trust_remote_code, **_hub_kwargs(resolve_name(mc.name_or_path)),
+            name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {exc})") from None

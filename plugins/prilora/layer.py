@@ -6,8 +6,8 @@ the rank-space activation ``h = A x`` (``statistic="rank"``, the analogous score
 the column sums of ``x ⊙ x`` taken as a GEMV (``1ᵀ (x ⊙ x)``: on CPU several times faster than a reduction
 over the token dimension, and ``torch.linalg.vector_norm`` is slower still), computed once per input tensor:
 the query, key and value maps of a block read the same ``x`` and share one :class:`InputNorms`. Then LoRA's
-own forward runs unchanged, fast merged path included. The rank statistic costs one extra skinny GEMM (``A x``, which LoRA's merged path never forms); it
-serves only the ``prune_b`` ablation. Evaluation skips both.
+own forward runs unchanged, fast merged path included. The rank statistic costs one extra skinny GEMM
+(``A x``, which LoRA's merged path never forms); it serves only the ``prune_b`` ablation. Evaluation skips both.
 """
 
 from __future__ import annotations
