@@ -169,3 +169,26 @@ def test_unmerged_path_where_merging_would_lose_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layer.can_merge(x)
         assert layer(x).dtype == torch.bfloat16
+
+
+def test_pair_probe_pools_tokens_without_padding_and_builds_every_feature():
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from benchmarks.pair_probe import encode, features
+    from peftbench.task import Split
+
+    tokenizer = AutoTokenizer.from_pretrained(modeling.resolve_name("minilm"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64)).eval()
+    short, long = "a cat", "a much longer sentence about a cat on a mat"
+    cls_batch, mean_batch = encode(model, tokenizer, [short, long], None)  # `short` is padded in this batch
+    cls_alone, mean_alone = encode(model, tokenizer, [short], None)
+    assert torch.allclose(torch.from_numpy(mean_batch[:1]), torch.from_numpy(mean_alone), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(cls_batch[:1]), torch.from_numpy(cls_alone), atol=1e-5)
+    split = Split([[short, long], [long, short]], [0.0, 1.0], "<test>")
+    feats = features(model, tokenizer, split)
+    assert feats["bi [u, v, |u-v|, u*v]"].shape == (2, 4 * 32)
+    # the pairs are the same two sentences swapped: the cosine of u and v is the same for both
+    assert abs(feats["bi cosine"][0, 0] - feats["bi cosine"][1, 0]) < 1e-5
+    assert feats["cross [CLS]"].shape == feats["cross mean"].shape == (2, 32)
