@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # every batch padded to the same length: the comparison is about the adapters, not the batch mix
-    config = bench_config(METHODS, task=args.task, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                          model=args.model, device=args.device, num_threads=args.threads, group_by_length=False)
+    config = bench_config(METHODS, task=args.task, steps=args.steps, batch_size=args.batch_size,
+                          max_length=args.max_length, model=args.model, device=args.device,
+                          num_threads=args.threads, group_by_length=False)
     stats = time_interleaved(config, rounds=args.rounds, warmup=3)
     print(f"machine: {machine()}")
     print(f"{args.steps} steps × {args.rounds} rounds per method (first 3 of each run dropped), {args.task}, batch "

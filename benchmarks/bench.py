@@ -340,8 +340,20 @@ CPU, fp32, one thread); root causes, not symptoms:
   costs (0.984× on SST-2 batches, `docs/benchmarks-methods.md`).
 * **PRILoRA** (`plugins/prilora/layer.py`): the per-feature input norm is `1ᵀ (x ⊙ x)` (a GEMV; the reduction
   over the token dimension it replaced was several times slower on CPU) and is computed once per input
-  tensor, shared by the query, key and value maps (measured after this report: 0.995× LoRA's step,
+  tensor, shared by the query, key and value maps (the 2026-11-23 report measured 1.095× LoRA's step before
+  this change, the 2026-11-24 one 1.048× after it; 0.995× when the two alternate step by step on one batch,
   `docs/benchmarks-methods.md`).
+* **LoRA over the floor, profiled again** (`torch.profiler` over 6 trainer steps of each, 2 threads, same
+  batches, 2026-11-24): LoRA's step exceeds the floor's by about 100 ms, of which about 50 ms are the four
+  rank-r products per module (memory-bound: each reads a tokens × d tensor for r = 8 outputs), about 6 ms the
+  copy of W that each merge starts from (forward and backward), and most of the rest autograd-function and
+  AdamW overhead over 72 small tensors. Folding the rank-r products into the big GEMMs (`x [W + sBA; A]ᵀ`
+  forward, `g [W + sBA | B]` backward, so x and g are read once less) measured no faster per layer (108 vs
+  107 ms for a layer's six projections at 2,048 tokens): the wider GEMMs cost what the skinny ones saved.
+  Dropout's `bernoulli_` alone is about 100 ms of every step (floor and adapters alike, 12 % of the floor's
+  step); a faster dropout would speed up every method and raise every ratio to the floor, so it is left as
+  transformers implements it. At this model size the ≤ 1.10× floor target needs an adapter costing under a
+  tenth of a frozen step; LoRA's own work is about 12–16 % of it here.
 * **Left as they were, after checking**: run hooks a method does not implement are never called (one check
   per run); the optimizer holds only trainable parameters (frozen weights get neither gradients nor AdamW
   state); evaluation batches are sorted by length; the trainer's one per-step `int(mask.sum())` is also

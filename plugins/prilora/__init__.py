@@ -31,8 +31,9 @@ pruned per group; explicit rank lists are used as given (budget matching cannot 
 reports their miss); modules outside the transformer blocks, if targeted, get rank ``round(r)``.
 Intermediate dev evaluations see A between events (regrown entries included); the final one sees A pruned.
 In a multi-process run the EMAs are averaged over the processes before every pruning event (each process sees
-a shard of the batch), so every replica prunes the same entries. Runs are resumable (``output.checkpoint``): the event count, the EMA flags, the ``random`` generator and the
-permanent masks are checkpointed; the EMAs themselves are buffers, saved with the model.
+a shard of the batch), so every replica prunes the same entries. Runs are resumable (``output.checkpoint``):
+the event count, the EMA flags, the ``random`` generator and the permanent masks are checkpointed; the EMAs
+themselves are buffers, saved with the model.
 """
 
 from __future__ import annotations
