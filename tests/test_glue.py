@@ -61,7 +61,7 @@ def test_missing_task_names_both_places(tasks, tmp_path, monkeypatch):
         tasks["qqp"].obj.load("train", str(tmp_path))
     message = str(err.value)
     assert str(tmp_path / "QQP" / "train.tsv") in message
-    assert 'load_dataset("glue", "qqp")' in message and "PEFTBENCH_GLUE_DIR" in message
+    assert 'load_dataset("nyu-mll/glue", "qqp")' in message and "PEFTBENCH_GLUE_DIR" in message
 
 
 def test_malformed_row_and_bad_label_name_file_and_line(tasks, tmp_path):

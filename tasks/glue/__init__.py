@@ -2,7 +2,8 @@
 
 Data comes, in this order, from the config's ``data_dir``, ``$PEFTBENCH_GLUE_DIR`` (both laid out as
 ``<dir>/<Task>/train.tsv`` and ``dev.tsv``, MNLI ``dev_matched.tsv``/``dev_mismatched.tsv``: UTF-8,
-tab-separated, no quoting, HF ``glue`` column names) or ``datasets.load_dataset("glue", task)``.
+tab-separated, no quoting, HF ``glue`` column names) or the hub (``datasets.load_dataset("nyu-mll/glue", task)``,
+the name kept in :mod:`peftbench.hub`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from peftbench import hub
 from peftbench.errors import DataError
 from peftbench.hookspecs import hookimpl
 from peftbench.task import Split, Task
@@ -67,7 +69,7 @@ class GlueTask(Task):
         try:
             return self.load_hub(split)
         except Exception as exc:  # offline, unknown split, ...
-            tried.append(f'datasets.load_dataset("glue", "{self.hub_name}") ({type(exc).__name__}: '
+            tried.append(f'datasets.load_dataset("{hub.GLUE}", "{self.hub_name}") ({type(exc).__name__}: '
                          f"{str(exc).splitlines()[0] if str(exc) else ''})")
         raise DataError(f"task {self.name!r}: no {split!r} split found; looked in: " + "; ".join(tried)
                         + ". Set `data_dir` in the config or PEFTBENCH_GLUE_DIR to a GLUE folder.")
@@ -81,9 +83,9 @@ class GlueTask(Task):
 
         hub_split = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
                      "dev_mismatched": "validation_mismatched"}[split]
-        ds = datasets.load_dataset("glue", self.hub_name, split=hub_split)
+        ds = datasets.load_dataset(hub.GLUE, self.hub_name, split=hub_split)
         return Split([list(ds[f]) for f in self.text_fields], [float(x) for x in ds["label"]],
-                     f"hub:glue/{self.hub_name}/{hub_split}")
+                     f"hub:{hub.GLUE}/{self.hub_name}/{hub_split}")
 
     def read_tsv(self, path: Path) -> Split:
         """Read a no-quoting TSV; malformed rows and labels outside the task's label set name file:line."""
