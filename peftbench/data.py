@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +65,55 @@ def _fingerprint(split: Split, tokenizer, max_length: int) -> str:
     return h.hexdigest()[:24]
 
 
-def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> Encoded:
-    """Tokenize ``split`` (truncating pairs to ``max_length``), reusing a disk cache keyed by content."""
-    path = cache_dir() / f"{_fingerprint(split, tokenizer, max_length)}.npz"
-    if use_cache and path.exists():
+def content_fingerprint(split: Split) -> str:
+    """A digest of a split's content (texts and labels, not its path): runs on changed data are new runs."""
+    h = hashlib.sha256()
+    for column in split.texts:
+        for text in column:
+            h.update(text.encode())
+            h.update(b"\x1f")
+        h.update(b"\x1e")
+    h.update(np.asarray(split.labels, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+_warned: set[Path] = set()
+
+
+def _read_cache(path: Path) -> Encoded | None:
+    """The cached encoding at ``path``, or ``None`` when it is missing or unreadable (a truncated or corrupt
+    file is a cache miss: it is rebuilt, with one warning naming it)."""
+    if not path.exists():
+        return None
+    try:
         with np.load(path, allow_pickle=False) as z:
             type_ids = z["type_ids"] if z["type_ids"].size else None
             return Encoded(z["ids"], type_ids, z["offsets"], z["labels"])
+    except Exception as exc:  # EOFError, BadZipFile, KeyError, ValueError, OSError: all mean "rebuild it"
+        if path not in _warned:
+            _warned.add(path)
+            warnings.warn(f"token cache {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it",
+                          stacklevel=3)
+        return None
+
+
+def _write_cache(path: Path, encoded: Encoded) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    type_ids = encoded.type_ids if encoded.type_ids is not None else np.zeros(0, np.int8)
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=encoded.ids, type_ids=type_ids, offsets=encoded.offsets, labels=encoded.labels)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a named, half-written cache
+    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+
+
+def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> Encoded:
+    """Tokenize ``split`` (truncating pairs to ``max_length``), reusing a disk cache keyed by content."""
+    path = cache_dir() / f"{_fingerprint(split, tokenizer, max_length)}.npz"
+    cached = _read_cache(path) if use_cache else None
+    if cached is not None:
+        return cached
     out = tokenizer(*split.texts, truncation=True, max_length=max_length)
     ids = out["input_ids"]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
@@ -81,11 +124,7 @@ def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> 
                                count=int(offsets[-1]))
     encoded = Encoded(flat, type_ids, offsets, np.asarray(split.labels, dtype=np.float32))
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, ids=encoded.ids, type_ids=type_ids if type_ids is not None else np.zeros(0, np.int8),
-                 offsets=offsets, labels=encoded.labels)
-        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+        _write_cache(path, encoded)
     return encoded
 
 

@@ -10,6 +10,13 @@ Why it survives faults:
   dead process (its pid is gone, or now belongs to a newer process, which the start time tells apart).
 * ``finish`` only writes a row its own process still owns, so a result is stored once.
 
+* Writes wait for another program's write lock with backoff for up to ``PEFTBENCH_STORE_WAIT`` seconds
+  (default 1,800), saying so on the console. A finished result that still cannot be written is kept in a
+  sidecar file (``<store>.pending/<run_id>.json``) that the next writer imports: no training is lost.
+* Readers (``peftbench table``, ``plot``, ``export``, ``report``) open the file read-only
+  (``Store(path, readonly=True)``): they never create tables, switch the journal mode or change a file that
+  is not a peftbench store.
+
 The store is meant for one machine: SQLite's WAL does not work over network file systems, and a ``running``
 row claimed on another host is taken over (it cannot be checked) when a sweep meets it.
 """
@@ -21,12 +28,12 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, PeftbenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -76,15 +83,33 @@ def process_alive(pid: int, started: int | None = None) -> bool:
     return now is None or now == started
 
 
+#: the columns a file must have to be read as a peftbench store
+REQUIRED_COLUMNS = {"run_id", "sweep", "label", "method", "task", "seed", "status", "spec", "best", "final"}
+
+
+class StoreWriteError(PeftbenchError):
+    """A result could not be written (the store stayed locked, or the disk is full); it was kept aside."""
+
+    exit_code = 1
+
+
+def _wait_budget() -> float:
+    return float(os.environ.get("PEFTBENCH_STORE_WAIT", 1800))
+
+
 class Store:
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike, readonly: bool = False, log: Callable[[str], object] = print):
+        self.path, self.readonly, self.log = Path(path), readonly, log
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.proc_start = process_start(self.pid)
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        if readonly:
+            self.db = _open_readonly(self.path)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=min(60.0, _wait_budget()), isolation_level=None)
         self.db.row_factory = sqlite3.Row
         try:
+            self._check_foreign()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self.db.executescript(SCHEMA)
@@ -92,6 +117,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ConfigError(f"{self.path}: not a peftbench results store ({exc})") from None
+        self.import_pending()
+
+    def _check_foreign(self) -> None:
+        """Refuse, before changing anything, a SQLite file that holds tables but no peftbench ``runs`` table."""
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "runs" not in tables:
+            raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])}) and no runs table")
 
     def _add_missing_columns(self) -> None:
         have = {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}
@@ -114,13 +146,35 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: read-then-write without races
+        self._begin()  # take the write lock now: read-then-write without races
         try:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def _begin(self) -> None:
+        """``BEGIN IMMEDIATE``, waiting with backoff while another program holds the write lock (each try waits
+        up to 60 s inside SQLite), for up to ``PEFTBENCH_STORE_WAIT`` seconds in all."""
+        deadline, pause, said = time.monotonic() + _wait_budget(), 1.0, False
+        while True:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if _disk_full(exc):
+                    raise StoreWriteError(f"{self.path}: the disk holding the results store is full ({exc})") from None
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if not said:
+                    self.log(f"peftbench: {self.path} is locked by another program; waiting for it (up to "
+                             f"{_wait_budget():.0f} s, PEFTBENCH_STORE_WAIT)")
+                    said = True
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
 
     def status(self, run_id: str) -> str | None:
         row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -151,14 +205,53 @@ class Store:
 
     def finish(self, run_id: str, status: str, fields: dict[str, Any]) -> bool:
         """Store a claimed run's outcome. Returns ``False`` (and writes nothing) when the row is no longer
-        this process' claim, e.g. another host took it over."""
+        this process' claim, e.g. another host took it over. When the store stays locked (or the disk is
+        full), the outcome goes to a sidecar file that the next writer imports, and the error is raised."""
         values = {**_encode(fields), "status": status, "finished": time.time()}
+        try:
+            return self._update(run_id, values, owned=True)
+        except (sqlite3.OperationalError, StoreWriteError) as exc:
+            pending = self._save_pending(run_id, values)
+            raise StoreWriteError(f"{self.path}: could not record run {run_id} ({exc}); its result is kept in "
+                                 f"{pending} and is imported by the next `peftbench run` on this store") from None
+
+    def _update(self, run_id: str, values: dict[str, Any], owned: bool) -> bool:
         assignments = ", ".join(f"{k} = ?" for k in values)
+        claim = " AND status = 'running' AND host = ? AND pid = ?" if owned else " AND status != 'done'"
         with self.transaction() as db:
-            cursor = db.execute(
-                f"UPDATE runs SET {assignments} WHERE run_id = ? AND status = 'running' AND host = ? AND pid = ?",
-                (*values.values(), run_id, self.host, self.pid))
+            cursor = db.execute(f"UPDATE runs SET {assignments} WHERE run_id = ?{claim}",
+                                (*values.values(), run_id, *((self.host, self.pid) if owned else ())))
         return cursor.rowcount == 1
+
+    @property
+    def pending_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".pending")
+
+    def _save_pending(self, run_id: str, values: dict[str, Any]) -> Path:
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        path = self.pending_dir / f"{run_id}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(values, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def import_pending(self) -> int:
+        """Write the results that an earlier process kept in sidecar files (the store was locked then)."""
+        imported = 0
+        for path in sorted(self.pending_dir.glob("*.json")) if self.pending_dir.is_dir() else ():
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                self.log(f"peftbench: ignoring unreadable pending result {path} ({exc})")
+                continue
+            if self._update(path.stem, values, owned=False):
+                imported += 1
+                self.log(f"peftbench: imported the result of run {path.stem} kept in {path}")
+            path.unlink(missing_ok=True)
+        return imported
 
     def runs(self, status: str | None = "done", **where: Any) -> list[dict[str, Any]]:
         clauses, args = [], []
@@ -174,8 +267,38 @@ class Store:
         return [_decode(row) for row in self.db.execute(sql, args)]
 
     def get(self, run_id: str) -> dict[str, Any] | None:
-        rows = self.db.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ?", (run_id, run_id + "%")).fetchall()
+        # a literal prefix: `%` and `_` in an argument are characters, not LIKE wildcards
+        rows = self.db.execute("SELECT * FROM runs WHERE substr(run_id, 1, ?) = ?", (len(run_id), run_id)).fetchall()
+        rows = [row for row in rows if row["run_id"] == run_id] or rows
         return _decode(rows[0]) if len(rows) == 1 else None
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """Open ``path`` for reading only (SQLite ``mode=ro``), refusing anything that is not a peftbench store
+    without changing it. A store in a read-only directory (no ``-shm`` file can be made there) opens as
+    ``immutable``: nothing can write it there anyway."""
+    if not path.is_file():
+        raise ConfigError(f"results store {str(path)!r} does not exist" if not path.exists()
+                          else f"results store {str(path)!r} is not a file")
+    last: Exception | None = None
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            last = exc
+            continue
+        if not REQUIRED_COLUMNS <= have:
+            db.close()
+            raise ConfigError(f"{path}: not a peftbench results store (no runs table with peftbench's columns)")
+        return db
+    raise ConfigError(f"{path}: not a peftbench results store, or not readable ({last})")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return "disk is full" in str(exc)  # SQLITE_FULL: "database or disk is full"
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
