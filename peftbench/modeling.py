@@ -178,9 +178,20 @@ def load_tokenizer(mc: ModelConfig):
         raise (_backend_error(label, exc) or load_error(label, exc)) from None
 
 
+def _fp32() -> dict:
+    """Load weights in fp32 whatever dtype the model's config names (transformers otherwise builds a model in
+    its config's dtype, e.g. bf16 for Llama-family models): mixed precision is autocast's job, and trainable
+    parameters must stay fp32. The keyword is ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
                meta: bool = False) -> nn.Module:
-    """The sequence-classification model. ``meta=True`` builds it without memory (shapes only, for budgets)."""
+    """The sequence-classification model, in fp32. ``meta=True`` builds it without memory (shapes only, for
+    budgets)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -190,7 +201,8 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
         device = torch.device("meta") if meta else contextlib.nullcontext()
         try:
             with device:
-                return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code)
+                return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code,
+                                                                      **_fp32())
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:  # e.g. bad config_overrides
             raise ConfigError(f"model: cannot build {mc.name_or_path!r} from its config (check model.config_overrides "
                               f"{mc.config_overrides}): {type(exc).__name__}: {exc}") from None
@@ -201,12 +213,39 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
         name = resolve_name(mc.name_or_path)
         return AutoModelForSequenceClassification.from_pretrained(
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
+            **_fp32(),
         )
     except (OSError, ValueError) as exc:
         raise load_error(mc.name_or_path, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def position_limit(config) -> int | None:
+    """The longest input the model's position embeddings cover, or ``None`` for relative-only positions
+    (DeBERTaV2/V3 without ``position_biased_input``)."""
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    return limit
+
+
+def check_max_length(config) -> None:
+    """``train.max_length`` above the model's position limit fails every run with a tensor-size error deep in
+    the model: stop before training instead, naming the key."""
+    limit = position_limit(load_config(config.model, num_labels=2, allow_builtin=True))
+    if limit is None:
+        return
+    for method in config.methods:
+        for task in config.tasks:
+            length = config.train_for(method, task).max_length
+            if length > limit:
+                raise ConfigError(f"{config.where('train.max_length')}: train.max_length {length} ({method.label} on "
+                                  f"{task}) exceeds the {limit}-token position limit of {config.model.name_or_path!r} "
+                                  f"(its max_position_embeddings); set train.max_length to at most {limit}")
 
 
 def preflight(mc: ModelConfig) -> None:
