@@ -1,6 +1,6 @@
 """Conformance kit: checks that a method plugin keeps the hook contract, for the plugin author's own tests.
 
-Every check runs on the tiny random-init BERT of :mod:`peftbench.testing` (2 layers, hidden 32) and the
+Every check runs on the tiny random-init BERT of :mod:`peftbench.toys` (2 layers, hidden 32) and the
 synthetic ``toy`` task, through the real host and trainer; all of them together take a few seconds::
 
     from peftbench.testing import check_method
@@ -18,8 +18,8 @@ or, one pytest test per check::
 
 The checks (names as in :data:`CHECKS`):
 
-``hooks``         the class and its hook implementations are well-formed: known hook names with the hook's
-                  argument names, ``@hookimpl`` on every ``peftbench_*`` method, ``inject`` and
+``hooks``         the class and its hook implementations are well-formed: pluggy accepts them (known hook
+                  names, the hook's argument names), ``@hookimpl`` on every ``peftbench_*`` method, ``inject`` and
                   ``count_trainable`` implemented, ``solve_budget`` if the method is budget-matched,
                   ``state_dict``/``load_state_dict`` as a pair.
 ``frozen_base``   after ``peftbench_inject`` (and after training) every weight of the base model is still
@@ -29,11 +29,14 @@ The checks (names as in :data:`CHECKS`):
 ``budget``        ``peftbench_solve_budget`` meets LoRA-rank budgets on the tiny model within ``tolerance``,
                   returns the method's ``Params``, and injection with the solved params creates exactly the
                   solved count.
-``state``         after a short training run, the trainable tensors, buffers and ``peftbench_state_dict``
-                  survive ``torch.save``/``torch.load(weights_only=True)`` (and safetensors), and loading them
-                  into a freshly injected model (``peftbench_train_start``, then ``peftbench_load_state_dict``
-                  if implemented, then the tensors; parameters whose shape changed in training are resized,
-                  as ``peftbench export`` does) reproduces the trained model's outputs exactly.
+``state``         after a short training run, a checkpoint of it (the real :class:`~peftbench.checkpoint.Checkpoint`:
+                  trainable tensors, all buffers, the loop state and ``peftbench_state_dict``, through
+                  ``torch.save``/``torch.load(weights_only=True)``) is accepted by a freshly set-up run of
+                  a new method instance, with another adapter initialisation (``peftbench_train_start``,
+                  then the checkpoint's restore:
+                  ``peftbench_load_state_dict``, then the tensors; see *Shape changes* in
+                  :mod:`peftbench.hookspecs`), whose model then gives the trained model's outputs exactly;
+                  the trainable tensors also save with safetensors (run artifacts).
 ``determinism``   two runs with the same seed give identical losses, metrics, weights and reports.
 ``return_types``  every hook returns the type :mod:`peftbench.hookspecs` documents (``inject``: ``True``,
                   ``count_trainable``: :class:`ParamCounts`, ``extra_loss``: a scalar tensor or ``None``,
@@ -44,25 +47,29 @@ A failed check raises :class:`ConformanceError` (an ``AssertionError``) saying w
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import inspect
 import io
 import json
 import math
+import re
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pluggy
 import torch
 
-from . import hookspecs, modeling
+from . import hookspecs, modeling, toys
+from .checkpoint import Checkpoint
 from .errors import PeftbenchError
 from .hookspecs import API_VERSION, ParamCounts, TrainState, hookimpl
-from .host import Host, PluginInfo, hook_problems
+from .host import Host, PluginInfo
 from .method import Method
-from .schema import from_dict, to_dict
+from .observers import observing
+from .schema import from_dict, suggest, to_dict
 
 CHECKS = ("hooks", "frozen_base", "counts", "budget", "state", "determinism", "return_types")
 
@@ -87,7 +94,8 @@ class _Run:
     error: str | None = None  #: "Type: message" and traceback tail when the run raised
     model: torch.nn.Module | None = None  #: the trained model (the one the hooks saw)
     method: Method | None = None  #: the run's method instance (it may hold per-run state)
-    state: TrainState | None = None  #: the run's TrainState, if any hook received it
+    state: TrainState | None = None  #: the run's loop state (a trainer.LoopState), once training started
+    spec: Any = None  #: the run's RunSpec
     base_ids: dict[int, str] = dataclasses.field(default_factory=dict)  #: base parameters at injection
     type_errors: list[str] = dataclasses.field(default_factory=list)
 
@@ -123,9 +131,7 @@ class Conformance:
                 host = Host(plugins=self.plugins, entry_points=False)
                 host.add_plugin(_ClassPlugin(self.method), PluginInfo(f"conformance:{self.method.__name__}", "object"))
             if "toy" not in host.tasks:
-                import peftbench.testing
-
-                host.add_plugin(peftbench.testing, PluginInfo("peftbench.testing", "object"))
+                host.add_plugin(toys, PluginInfo("peftbench.toys", "object"))
             self._host = host
         return self._host
 
@@ -150,12 +156,10 @@ class Conformance:
             raise _Fail(f"cannot build {cls.Params.__name__} from {self.raw_params!r}: {exc}") from None
 
     def _config(self, params: Any = None):
-        from .testing import tiny_config
-
         params = self.params if params is None else params
         method = {"name": self.cls.name, "params": to_dict(params), "match_budget": False}
         out = Path(tempfile.gettempdir()) / "peftbench-conformance"  # never written: runs store nothing
-        return tiny_config(out, methods=[method], train={**KIT_TRAIN, **self.train})
+        return toys.tiny_config(out, methods=[method], train={**KIT_TRAIN, **self.train})
 
     def _model(self, meta: bool = False):
         """The tiny model of the kit's config, frozen, with its target modules and head."""
@@ -216,13 +220,14 @@ class Conformance:
             cls = self.method
             if not (isinstance(cls, type) and issubclass(cls, Method)):
                 raise _Fail(f"{cls!r} is not a peftbench.method.Method subclass")
-            problems = hook_problems(cls)
+            problems = _registration_problems(cls)
             if problems:
                 raise _Fail("; ".join(problems))
         cls = self.cls
         hooks = set(cls.implemented_hooks())
-        problems = [f"does not implement {h}" for h in ("peftbench_inject", "peftbench_count_trainable")
-                    if h not in hooks]
+        problems = _registration_problems(cls) if isinstance(self.method, str) else []
+        problems += [f"does not implement {h}" for h in ("peftbench_inject", "peftbench_count_trainable")
+                     if h not in hooks]
         if cls.matches_budget and "peftbench_solve_budget" not in hooks:
             problems.append("matches_budget is True but peftbench_solve_budget is not implemented (set "
                             "matches_budget = False for a reference method that is not budget-matched)")
@@ -306,80 +311,52 @@ class Conformance:
                             f"{counts.peak:,} but peftbench_inject made {created:,} parameters trainable")
 
     def _check_state(self) -> None:
+        from .trainer import setup
+
         run = self._trained_run()
-        model, host, hooks = run.model, self.host, set(self.cls.implemented_hooks())
+        model, host = run.model, self.host
         model.eval()
         batch = self._batch()
         with torch.no_grad():
             expected = model(**batch).logits
-        # what a checkpoint holds: trainable tensors, buffers and the run's method's peftbench_state_dict
-        saved_method: dict[str, Any] = {}
-        if "peftbench_state_dict" in hooks:
-            with host.activate(run.method):
-                for part in host.hook.peftbench_state_dict(model=model, state=run.state or _bare_state(model, run)):
-                    saved_method.update(part or {})
-        tensors = {n: t.detach().clone() for n, t in _stateful_tensors(model).items()}
-        buffer = io.BytesIO()
-        try:
-            torch.save({"tensors": tensors, "method": saved_method}, buffer)
-            buffer.seek(0)
-            loaded = torch.load(buffer, weights_only=True)
-        except Exception as exc:
-            raise _Fail("the trained state does not survive torch.save / torch.load(weights_only=True) (what a "
-                        f"checkpoint does): {type(exc).__name__}: {exc}; peftbench_state_dict must return "
-                        "tensors, numbers, strings, lists and dicts only") from None
         try:
             from safetensors.torch import save
 
-            save({n: t.contiguous() for n, t in tensors.items() if n in _trainable(model)})
+            save({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad})
         except Exception as exc:
             raise _Fail(f"the trainable tensors cannot be saved with safetensors (run artifacts): "
                         f"{type(exc).__name__}: {exc}") from None
-
-        # a resumed run: a new method instance injects into a fresh model (another adapter initialisation),
-        # peftbench_train_start runs as on a fresh start, then peftbench_load_state_dict, then the tensors
-        injected = self._inject(adapter_seed=self.seed + 9973)
-        fresh, method = injected.model, injected.method
-        modeling.unfreeze_head(fresh, injected.head)
-        state = _bare_state(fresh, run, step=0)
-        try:
-            with host.activate(method):
-                if "peftbench_train_start" in hooks:
-                    host.hook.peftbench_train_start(model=fresh, state=state)
-                if "peftbench_load_state_dict" in hooks:
-                    state.step, state.epoch = run.state.step, run.state.epoch
-                    state.logs.update(run.state.logs)
-                    host.hook.peftbench_load_state_dict(model=fresh, state=state, state_dict=loaded["method"])
-        except Exception as exc:
-            raise _Fail(f"restoring the trained state into a fresh model raised {type(exc).__name__}: {exc}\n"
-                        + "".join(traceback.format_exception(exc)[-3:]).strip()) from None
-        current = _stateful_tensors(fresh)
-        missing = sorted(set(loaded["tensors"]) - set(current))
-        extra = sorted(set(current) - set(loaded["tensors"]))
-        if missing or extra:
-            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-            raise _Fail(f"the trained state does not fit a freshly injected model: {detail}")
-        parameters = dict(fresh.named_parameters())
-        for name, tensor in loaded["tensors"].items():
-            if current[name].shape == tensor.shape:
-                with torch.no_grad():
-                    current[name].copy_(tensor)
-            elif name in parameters:  # shrunk during training (pruned ranks): resized, as `peftbench export` does
-                module_name, _, attr = name.rpartition(".")
-                setattr(fresh.get_submodule(module_name), attr,
-                        torch.nn.Parameter(tensor.clone(), requires_grad=parameters[name].requires_grad))
-            else:
-                raise _Fail(f"the trained state does not fit a freshly injected model: buffer {name} was saved "
-                            f"with shape {tuple(tensor.shape)}, the fresh one has {tuple(current[name].shape)} "
-                            "(give it the saved shape in peftbench_load_state_dict)")
-        fresh.eval()
+        # a checkpoint of the trained run, restored by a resumed run: a new method instance in a freshly set-up
+        # run, peftbench_train_start as on a fresh start, then the checkpoint (the trainer's own resume path)
+        messages: list[str] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = Checkpoint(Path(tmp) / "checkpoint.pt", run.spec.run_id, log=messages.append)
+            method = self.cls(run.method.params)
+            try:
+                with host.activate(run.method):
+                    checkpoint.save(model, run.state, host)
+                with host.activate(method), observing(host, _Reseed(self.seed + 9973)):  # other adapter init
+                    fresh = setup(run.spec, host)
+                    if "peftbench_train_start" in fresh.hooks:
+                        host.hook.peftbench_train_start(model=fresh.raw_model, state=fresh.state)
+                    restored = checkpoint.restore(fresh.raw_model, fresh.state, host)
+            except Exception as exc:
+                raise _Fail(f"saving the trained run's checkpoint or restoring it into a fresh run raised "
+                            f"{type(exc).__name__}: {exc}\n"
+                            + "".join(traceback.format_exception(exc)[-3:]).strip()) from None
+        if not restored:
+            raise _Fail(f"a fresh run refused the trained run's checkpoint: {'; '.join(messages)} (it is read "
+                        "with torch.load(weights_only=True): peftbench_state_dict must return tensors, numbers, "
+                        "strings, lists and dicts only; a layer whose shapes change declares "
+                        "peftbench_resizable, see peftbench.hookspecs)")
+        fresh.raw_model.eval()
         with torch.no_grad():
-            got = fresh(**batch).logits
+            got = fresh.raw_model(**batch).logits
         diff = (got - expected).abs().max().item()
         if not diff <= 1e-6:
             raise _Fail(f"after reloading the trained state into a fresh model the outputs differ by {diff:.3g}: "
                         "some state lives outside the parameters, buffers and peftbench_state_dict (e.g. a "
-                        "tensor kept as a plain attribute or a non-persistent buffer)")
+                        "tensor kept as a plain attribute)")
 
     def _check_determinism(self) -> None:
         first, second = self._trained_run(0), self._trained_run(1)
@@ -423,7 +400,7 @@ class Conformance:
             problems += _result_problems("peftbench_export_peft", exported, cls)
         if "peftbench_state_dict" in cls.implemented_hooks():
             with self.host.activate(run.method):
-                parts = self.host.hook.peftbench_state_dict(model=run.model, state=run.state or _bare_state(run.model, run))
+                parts = self.host.hook.peftbench_state_dict(model=run.model, state=run.state)
             problems += _result_problems("peftbench_state_dict", parts, cls)
         if problems:
             raise _Fail("; ".join(dict.fromkeys(problems)))
@@ -457,7 +434,7 @@ class Conformance:
         except Exception as exc:
             run.error = f"{type(exc).__name__}: {exc}"
             return run
-        cls = self.cls
+        run.spec, cls = spec, self.cls
 
         def before(hook_name, hook_impls, kwargs):
             if hook_name == "peftbench_inject":
@@ -473,7 +450,8 @@ class Conformance:
 
         undo = self.host.pm.add_hookcall_monitoring(before, after)
         try:
-            run.result = run_one(spec, self.host, progress=False)
+            with observing(self.host, _StateRecorder(run)):  # an observer, as a tracker would be
+                run.result = run_one(spec, self.host, progress=False)
         except Exception as exc:
             tail = "".join(traceback.format_exception(exc)[-3:]).strip()
             run.error = f"{type(exc).__name__}: {exc}\n{tail}"
@@ -578,30 +556,50 @@ def _unfrozen_base(model: torch.nn.Module, base_ids: dict[int, str], allowed: se
             if id(p) in base_ids and p.requires_grad and id(p) not in allowed]
 
 
-def _trainable(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+class _StateRecorder:
+    """An observer keeping the run's loop state (to checkpoint it after training)."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    @hookimpl
+    def peftbench_train_start(self, state):
+        self.run.state = state
 
 
-def _stateful_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes and a checkpoint keeps: trainable parameters and (persistent) buffers."""
-    tensors: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    persistent = set(model.state_dict(keep_vars=True))
-    tensors.update({n: b for n, b in model.named_buffers() if n in persistent})
-    return tensors
+class _Reseed:
+    """Seeds the random generators right before injection: a resumed run's adapters start elsewhere than the
+    trained run's did, so that state which only the same initialisation would restore is caught."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    @hookimpl(tryfirst=True)
+    def peftbench_inject(self):
+        torch.manual_seed(self.seed)
 
 
-def _bare_state(model: torch.nn.Module, run: _Run, step: int | None = None) -> TrainState:
-    """A TrainState like the run's for calls outside the trainer, with a fresh optimizer over ``model``."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    like = run.state
-    if like is None:
-        return TrainState(step=step or 0, total_steps=1, epoch=0, optimizer=optimizer, lr_scheduler=scheduler,
-                          accelerator=None, seed=0)
-    return TrainState(step=like.step if step is None else step, total_steps=like.total_steps,
-                      epoch=like.epoch if step is None else 0, optimizer=optimizer, lr_scheduler=scheduler,
-                      accelerator=like.accelerator, seed=like.seed,
-                      logs=copy.deepcopy(like.logs) if step is None else {})
+def _registration_problems(cls: type[Method]) -> list[str]:
+    """Why pluggy refuses ``cls``'s hook implementations (as the host registers a run's method instance), and
+    ``peftbench_*`` functions without ``@hookimpl`` (which pluggy ignores: they would never be called)."""
+    problems = [f"{name} is not decorated with @hookimpl (from peftbench.hookspecs), so it would never be called"
+                for name in dir(cls) if name.startswith("peftbench_") and callable(getattr(cls, name, None))
+                and not hasattr(getattr(cls, name), "peftbench_impl")]
+    pm = pluggy.PluginManager("peftbench")
+    pm.add_hookspecs(hookspecs)
+    try:
+        pm.register(cls)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        message = str(exc).replace("\n", "; ")
+        hook = re.search(r"(?:unknown hook|for hook) '(\w+)'", message)
+        spec = getattr(hookspecs, hook.group(1), None) if hook else None
+        if hook and spec is None:
+            message += suggest(hook.group(1), [h for h in dir(hookspecs) if h.startswith("peftbench_")])
+        elif hook:
+            message += f"; the hook passes {hook.group(1)}({', '.join(inspect.signature(spec).parameters)}) by name"
+        problems.append(f"pluggy refuses the hook implementations: {message}")
+    return problems
 
 
 def _expect_counts(counts: Any, where: str) -> None:
@@ -725,6 +723,7 @@ _CHECKERS: dict[str, Callable[[Any, Any], str | None]] = {
     "peftbench_extra_loss": _extra_loss_result,
     "peftbench_after_backward": _none,
     "peftbench_after_optimizer_step": _none,
+    "peftbench_on_log": _none,
     "peftbench_on_evaluate": _none,
     "peftbench_train_end": _none,
     "peftbench_report": _report_result,

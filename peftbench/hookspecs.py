@@ -10,29 +10,49 @@ peftbench is a pluggy host (project name ``"peftbench"``). Everything is a plugi
   instance with that run's solved hyperparameters, registers it with the plugin manager for the duration
   of the run, and unregisters it afterwards. Its ``@hookimpl`` methods are the *run hooks* below.
   Because exactly one method instance is registered at a time, a method never sees another method's calls.
-* Any other plugin object that implements run hooks (a logger, a test recorder) is called for every run.
+* An **observer** is any other plugin object that implements run hooks (a logger, a tracker, a test
+  recorder): it is called for every run. The built-in progress bar is one
+  (:class:`peftbench.observers.ProgressBar`, registered for a run unless ``--no-progress``). Observers
+  implement the hooks called once per run, per log point or per evaluation (``peftbench_train_start``,
+  ``peftbench_on_log``, ``peftbench_on_evaluate``, ``peftbench_train_end``, ``peftbench_report``); the
+  per-step hooks are for methods.
 
-Pluggy passes arguments by name, so an implementation may accept any subset of a hook's arguments.
-Hooks marked *first result* stop at the first implementation that returns something other than ``None``.
+Pluggy passes arguments by name, so an implementation may accept any subset of a hook's arguments; pluggy
+refuses, on registration, an implementation with an argument the hook does not pass or a ``@hookimpl``
+whose name is no hook. Hooks marked *first result* stop at the first implementation that returns something
+other than ``None``.
 
-Call order for one run (the trainer reads top to bottom in the same order)::
+Call order for one run (the trainer, :mod:`peftbench.trainer`, reads top to bottom in the same order)::
 
     peftbench_count_trainable / peftbench_solve_budget   (budget check, before any training)
     peftbench_inject                                     (once, on the frozen base model)
     peftbench_train_start                                (once, optimizer built)
+    peftbench_load_state_dict                            (only when the run resumes from a checkpoint)
     for every optimizer step:
         peftbench_extra_loss                             (every micro-batch, added to the task loss)
         peftbench_after_backward                         (gradients of the full step, before clipping)
         peftbench_after_optimizer_step                   (after optimizer/scheduler step, before zero_grad)
-        peftbench_on_evaluate                            (whenever dev metrics were computed)
-    peftbench_state_dict                             (each epoch end, with ``output.checkpoint: true``)
-    peftbench_load_state_dict                        (after train_start, when a run resumes from one)
+        peftbench_on_log                                 (every ``train.log_every`` steps and the last)
+        peftbench_on_evaluate                            (every ``train.eval_every`` steps, if set)
+    at every epoch end but the last:
+        peftbench_on_evaluate
+        peftbench_state_dict                             (with ``output.checkpoint: true``)
     peftbench_train_end                                  (once, before the final evaluation)
+    peftbench_on_evaluate                                (the final evaluation)
     peftbench_report                                     (once, merged into the stored run record)
     peftbench_export_peft                                (``peftbench export``: the adapter in PEFT format)
 
 A run hook that no registered plugin implements is never called: the trainer checks once, before the
 loop, so a method that needs none of them costs nothing per step.
+
+Shape changes. A checkpoint is refused (before anything is modified; the run then starts from scratch)
+unless its tensors have the model's names and shapes, except in modules whose class declares
+``peftbench_resizable = True``. A method whose parameters change shape during training (pruned ranks) marks
+its layer class so, and the saved shapes are restored either by the layer itself, in
+``_load_from_state_dict`` (the host loads the run's tensors with ``model.load_state_dict(..., strict=False)``;
+resize in place, keeping the same ``Parameter`` objects, so the optimizer's param groups stay valid), or by
+the method's :func:`peftbench_load_state_dict`, which runs before the tensors are loaded. The conformance
+kit's ``state`` check restores every method through the same code.
 """
 
 from __future__ import annotations
@@ -92,7 +112,11 @@ class ParamCounts:
 
 @dataclass
 class TrainState:
-    """The trainer's state as seen by run hooks. Plugins may read everything and write ``logs``."""
+    """The trainer's state as seen by run hooks. Plugins may read everything and write ``logs``.
+
+    The trainer passes its :class:`peftbench.trainer.LoopState`, a subclass that adds the loop's own
+    bookkeeping (history, best-so-far...); rely on the fields below only.
+    """
 
     step: int  #: optimizer steps completed before the current one (0-based index of the current step)
     total_steps: int  #: optimizer steps the run will take
@@ -210,8 +234,22 @@ def peftbench_after_optimizer_step(model: nn.Module, state: TrainState) -> None:
 
 
 @hookspec
+def peftbench_on_log(model: nn.Module, state: TrainState, record: dict[str, Any]) -> None:
+    """Called at every log point (every ``train.log_every`` optimizer steps, and after the last) with the
+    record just added to the run's history: ``step``, ``epoch``, ``loss`` (mean training loss since the
+    previous log point, averaged over processes), ``lr`` and the scalars of ``state.logs``.
+
+    For observers (loggers, trackers, the progress bar); ``record`` is a copy, changing it changes nothing.
+    The loss is read from the device here anyway, so an observer adds no host-device sync.
+    """
+
+
+@hookspec
 def peftbench_on_evaluate(model: nn.Module, state: TrainState, metrics: dict[str, float]) -> None:
-    """Called after every dev evaluation with the dev metrics (observers: loggers, trackers)."""
+    """Called after every dev evaluation with the dev metrics (observers: loggers, trackers): at
+    ``train.eval_every`` steps, at every epoch end but the last, and once after ``peftbench_train_end``.
+    ``metrics`` holds the first dev split's metrics unprefixed and the others' as ``<split>_<metric>``.
+    """
 
 
 @hookspec
@@ -233,11 +271,12 @@ def peftbench_state_dict(model: nn.Module, state: TrainState) -> dict[str, Any]:
 def peftbench_load_state_dict(model: nn.Module, state: TrainState, state_dict: dict[str, Any]) -> None:
     """Restore what :func:`peftbench_state_dict` returned, when a run resumes from a checkpoint.
 
-    Called after ``peftbench_train_start`` (which runs as on a fresh start), with ``state.step``,
-    ``state.epoch`` and ``state.logs`` already set to the checkpoint's, and *before* the model's trainable
-    tensors and buffers, the optimizer and the scheduler are loaded: a method that changed parameter shapes
-    during training must give its parameters the saved shapes here (and update ``state.optimizer``'s param
-    groups to match), then the host copies the saved values in.
+    Called right after ``peftbench_train_start`` (which runs as on a fresh start), before the first batch,
+    with ``state.step``, ``state.epoch`` and ``state.logs`` already set to the checkpoint's, and *before* the
+    model's trainable tensors and buffers, the optimizer and the scheduler are loaded. The checkpoint's
+    tensor names and shapes have been checked by then (see *Shape changes* above): a method whose layers do
+    not restore a saved shape themselves gives its parameters the saved shapes here (and updates
+    ``state.optimizer``'s param groups to match), then the host copies the saved values in.
     """
 
 

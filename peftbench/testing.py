@@ -1,66 +1,26 @@
 """Test helpers for peftbench and for plugin authors.
 
-* ``toy`` and ``toy_pair``: small synthetic tasks (no download, no data folder) that a tiny model learns in
-  seconds. Load this module as a plugin (``plugins: [peftbench.testing]`` or ``--plugin peftbench.testing``).
-* :func:`tiny_model_config`: a 2-layer random-init BERT built from a config (MiniLM's tokenizer).
-* :func:`tiny_config`: a complete sweep config around both, for end-to-end tests in a few seconds.
+* From :mod:`peftbench.toys`: ``toy`` and ``toy_pair``, small synthetic tasks (no download, no data folder)
+  that a tiny model learns in seconds (load this module as a plugin: ``plugins: [peftbench.testing]`` or
+  ``--plugin peftbench.testing``); :func:`tiny_model_config`, a 2-layer random-init BERT; :func:`tiny_config`,
+  a complete sweep config around both, for end-to-end tests in a few seconds.
 * The conformance kit for method plugins (:mod:`peftbench.conformance`): :func:`check_method`,
   :class:`MethodConformance` (one pytest test per check), :class:`Conformance`, :class:`ConformanceError`.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-
-from .config import Config, parse_config
+from .config import Config
+from .conformance import CHECKS, Conformance, ConformanceError, MethodConformance, check_method
 from .hookspecs import hookimpl
-from .task import Split, Task
-
-PEFTBENCH_API_VERSION = 1
-
-_POSITIVE = ["good", "great", "fine", "nice", "superb", "happy"]
-_NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "dull"]
-_FILLER = ["the", "movie", "was", "a", "plot", "and", "actors", "very", "it", "story", "quite", "film"]
-
-
-@dataclass
-class ToyTask(Task):
-    """Label 1 when a sentence has more positive than negative words (a pair task compares two sentences)."""
-
-    size: int = 256
-
-    def load(self, split: str, data_dir: str | None) -> Split:
-        rng = random.Random({"train": 0, "dev": 1}.get(split, 2))
-        n = self.size if split == "train" else self.size // 2
-        texts: list[list[str]] = [[] for _ in self.text_fields]
-        labels = []
-        for _ in range(n):
-            scores = []
-            for column in texts:
-                pos, neg = rng.randint(0, 3), rng.randint(0, 3)
-                words = rng.sample(_POSITIVE * 2, pos) + rng.sample(_NEGATIVE * 2, neg)
-                words += rng.sample(_FILLER, rng.randint(2, 8))
-                rng.shuffle(words)
-                column.append(" ".join(words))
-                scores.append(pos - neg)
-            labels.append(float(scores[0] > (scores[1] if len(scores) > 1 else 0)))
-        return Split(texts, labels, f"toy:{self.name}:{split}")
-
-    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return {"accuracy": float((np.asarray(predictions) == np.asarray(labels)).mean())}
-
-
-TOY_TASKS = [ToyTask("toy", ("sentence",), 2, "accuracy", label_names=("neg", "pos")),
-             ToyTask("toy_pair", ("sentence1", "sentence2"), 2, "accuracy", label_names=("no", "yes"))]
-
-
-@hookimpl
-def peftbench_add_tasks():
-    return TOY_TASKS
+from .toys import (
+    PEFTBENCH_API_VERSION,
+    TOY_TASKS,
+    ToyTask,
+    peftbench_add_tasks,
+    tiny_config,
+    tiny_model_config,
+)
 
 
 class CrashAtStep:
@@ -88,41 +48,5 @@ def train_one(config: Config):
     return host, run
 
 
-def tiny_model_config(layers: int = 2, hidden: int = 32) -> dict[str, Any]:
-    return {
-        "name_or_path": "minilm",  # its config and tokenizer; the weights are random (random_init)
-        "random_init": True,
-        "config_overrides": {"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                             "num_attention_heads": 4, "hidden_dropout_prob": 0.0,
-                             "attention_probs_dropout_prob": 0.0},
-    }
-
-
-def tiny_config(tmp_path, methods: list[Any] | None = None, tasks: list[str] | None = None,
-                **overrides: Any) -> Config:
-    """A sweep config on the toy task and a tiny random model, storing results under ``tmp_path``."""
-    data = {
-        "name": "tiny",
-        "model": tiny_model_config(),
-        "tasks": tasks or ["toy"],
-        "methods": methods or [{"name": "lora", "params": {"r": 4, "alpha": 8}}],
-        "seeds": [0],
-        "budget": {"lora_rank": 4},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32, "log_every": 2,
-                  "num_threads": 1},
-        "plugins": ["peftbench.testing"],
-        "output": {"db": str(tmp_path / "results.sqlite"), "dir": str(tmp_path / "runs")},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return parse_config(data, "<tiny_config>")
-
-
-# The conformance kit, re-exported for plugin authors: ``from peftbench.testing import check_method``.
-from .conformance import CHECKS, Conformance, ConformanceError, MethodConformance, check_method  # noqa: E402
-
-__all__ = ["TOY_TASKS", "ToyTask", "tiny_model_config", "tiny_config", "CHECKS", "Conformance",
-           "ConformanceError", "MethodConformance", "check_method"]
+__all__ = ["PEFTBENCH_API_VERSION", "TOY_TASKS", "ToyTask", "peftbench_add_tasks", "tiny_model_config",
+           "tiny_config", "CHECKS", "Conformance", "ConformanceError", "MethodConformance", "check_method"]

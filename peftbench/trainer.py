@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import modeling
@@ -24,6 +23,7 @@ from .data import load_task_data, make_loader
 from .hookspecs import TrainState
 from .host import Host
 from .method import Method
+from .observers import ProgressBar, observing
 from .runs import RunSpec
 
 
@@ -49,13 +49,257 @@ class RunResult:
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
 
 
+@dataclass
+class LoopState(TrainState):
+    """Everything the loop changes: the run hooks' :class:`TrainState` plus the loop's own bookkeeping.
+
+    The checkpoint saves and restores it whole (:meth:`state_dict`, :meth:`load_state_dict`), so a resumed
+    run continues with the state an uninterrupted one has at that epoch end.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)  #: one entry per evaluation / log point
+    best_score: float = -math.inf  #: the task's main dev metric at the best evaluation so far
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_step: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
+    step_times: list[float] = field(default_factory=list)  #: seconds per optimizer step (evaluation excluded)
+    running_loss: torch.Tensor | None = None  #: loss summed since the last log point (on the device)
+    micro_batches: int = 0  #: micro-batches summed into ``running_loss``
+    tokens: int = 0  #: every process' tokens up to the last :meth:`count_tokens`
+    new_tokens: torch.Tensor | None = None  #: this process' tokens since then (on the device: no sync per batch)
+    train_started: float = 0.0  #: ``time.perf_counter()`` when training began (moved back by a resume)
+
+    def count_tokens(self) -> int:
+        """Every process' tokens so far (a collective: call it on every process)."""
+        self.tokens += int(self.accelerator.reduce(self.new_tokens, reduction="sum"))
+        self.new_tokens.zero_()
+        return self.tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as plain data for a checkpoint (collectives: call it on every process)."""
+        self.count_tokens()
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
+        saved["running_loss"] = self.accelerator.reduce(self.running_loss, reduction="mean")  # every process'
+        saved["train_s"] = time.perf_counter() - self.train_started
+        return saved
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        saved = dict(saved)
+        self.running_loss.copy_(saved.pop("running_loss"))
+        self.train_started = time.perf_counter() - saved.pop("train_s")
+        self.logs.clear()
+        self.logs.update(saved.pop("logs"))
+        for name, value in saved.items():
+            setattr(self, name, value)
+
+
+#: live objects and per-process counters: rebuilt by every (re)start, not saved
+_NOT_SAVED = {"optimizer", "lr_scheduler", "accelerator", "new_tokens", "train_started"}
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds for one run: fixed during training (what changes is in ``state``)."""
+
+    spec: RunSpec
+    task: Any
+    accelerator: Accelerator
+    model: torch.nn.Module  #: as prepared by accelerate (DDP-wrapped, compiled), for forward passes
+    raw_model: torch.nn.Module  #: the unwrapped model, what hooks see
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    dev_loaders: dict[str, Any]
+    head_names: set[str]
+    head_count: int
+    hooks: set[str]  #: the run hooks some registered plugin implements; the others are never called
+    state: LoopState
+    use_cpu: bool
+    started: float  #: ``time.perf_counter()`` at the start of setup
+
+
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
           checkpoint: Checkpoint | None = None) -> RunResult:
-    started = time.perf_counter()
-    cfg = spec.train
-    task = host.task(spec.task)
+    """Train one run (``method`` is registered with ``host`` for it): set up, loop, evaluate.
 
-    # --- reproducibility and device ------------------------------------------------------------------
+    ``progress``: show a progress bar (the :class:`~peftbench.observers.ProgressBar` observer);
+    ``checkpoint``: resume from it if it holds a usable checkpoint, and save to it at every epoch end.
+    """
+    bar = ProgressBar(f"{spec.label}/{spec.task}/s{spec.seed}", host.task(spec.task).main_metric)
+    with observing(host, *([bar] if progress else [])):
+        return loop(setup(spec, host), host, checkpoint)
+
+
+def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
+    """The training loop, from ``peftbench_train_start`` to the final evaluation."""
+    cfg, state, has, hook = run.spec.train, run.state, run.hooks, host.hook
+    model, raw_model, accelerator = run.model, run.raw_model, run.accelerator
+    if "peftbench_train_start" in has:
+        hook.peftbench_train_start(model=raw_model, state=state)
+    state.train_started = time.perf_counter()
+    model.train()
+    if checkpoint and checkpoint.restore(raw_model, state, host):  # continue after the epoch end it was taken at
+        run.train_loader.set_epoch(state.epoch)  # the epoch's data order (the sampler is seeded by epoch)
+    last_step_end = time.perf_counter()
+    while state.step < state.total_steps:
+        for batch in run.train_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if "peftbench_extra_loss" in has:
+                    extra = [x for x in hook.peftbench_extra_loss(model=raw_model, state=state) if x is not None]
+                    if extra:
+                        loss = loss + sum(extra)
+                state.running_loss += loss.detach()  # logged and checked for divergence, regularisers included
+                state.micro_batches += 1
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if "peftbench_after_backward" in has:
+                        hook.peftbench_after_backward(model=raw_model, state=state)
+                    if cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                if accelerator.sync_gradients and "peftbench_after_optimizer_step" in has:
+                    hook.peftbench_after_optimizer_step(model=raw_model, state=state)
+                run.optimizer.zero_grad(set_to_none=True)
+            state.new_tokens += batch["attention_mask"].sum()  # stays on the device: no sync per micro-batch
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.step_times.append(time.perf_counter() - last_step_end)
+            if state.step % cfg.log_every == 0 or state.step == state.total_steps:
+                log(run, host)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < state.total_steps:
+                evaluate(run, host)
+            last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
+            if state.step >= state.total_steps:
+                break
+        state.epoch += 1
+        if state.step < state.total_steps:  # epoch end (the last one is evaluated after train_end below)
+            evaluate(run, host)
+            if checkpoint:  # on every process (totals over processes are collectives); the main one writes
+                checkpoint.save(raw_model, state, host)
+            last_step_end = time.perf_counter()
+    train_s = time.perf_counter() - state.train_started
+
+    if "peftbench_train_end" in has:
+        hook.peftbench_train_end(model=raw_model, state=state)
+    final = evaluate(run, host)
+    report: dict[str, Any] = {}
+    if "peftbench_report" in has:
+        for part in hook.peftbench_report(model=raw_model, state=state):
+            report.update(part or {})
+    return result(run, final, report, train_s)
+
+
+def log(run: Run, host: Host) -> None:
+    """A log point: the mean loss since the previous one goes into the history (the one host-device sync)."""
+    state = run.state
+    # averaged over processes: all of them log the same loss and stop on divergence together
+    mean_loss = run.accelerator.reduce(state.running_loss, reduction="mean").item() / max(state.micro_batches, 1)
+    if not math.isfinite(mean_loss):
+        raise Diverged(f"training loss became {mean_loss} at step {state.step}")
+    state.running_loss.zero_()
+    state.micro_batches = 0
+    record = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0],
+              **state.logs}
+    state.history.append(record)
+    if "peftbench_on_log" in run.hooks:
+        host.hook.peftbench_on_log(model=run.raw_model, state=state, record=dict(record))
+
+
+def evaluate(run: Run, host: Host) -> dict[str, float]:
+    """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best so far."""
+    state, task = run.state, run.task
+    metrics = {}
+    for i, (split, loader) in enumerate(run.dev_loaders.items()):
+        split_metrics = predict_and_score(run.model, loader, task, run.accelerator)
+        prefix = "" if i == 0 else f"{split}_"
+        metrics.update({prefix + k: v for k, v in split_metrics.items()})
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, **state.logs})
+    if "peftbench_on_evaluate" in run.hooks:
+        host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics)
+    score = metrics[task.main_metric]
+    if score > state.best_score:
+        state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
+        state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
+    run.model.train()
+    return metrics
+
+
+def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float) -> RunResult:
+    """The run's :class:`RunResult`: measured counts, throughput and peak memory."""
+    state, raw_model = run.state, run.raw_model
+    tokens = state.count_tokens()
+    adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in run.head_names]
+    trainable = {
+        "adapter": sum(p.numel() for p in adapter),
+        "adapter_nonzero": sum(int(torch.count_nonzero(p)) for p in adapter),
+        "head": run.head_count,
+        "model_total": sum(p.numel() for p in raw_model.parameters()),
+    }
+    if torch.cuda.is_available() and not run.use_cpu:
+        peak, mem_kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        import resource
+
+        peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_process_max_rss"
+    return RunResult(
+        best=state.best_metrics, final=final, best_step=state.best_step, history=state.history,
+        trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
+        tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
+        step_times=state.step_times, method_report=report, best_state=state.best_weights,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup: everything the loop needs, built in a fixed order (the random generators are consumed in it)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def setup(spec: RunSpec, host: Host) -> Run:
+    """Seed, device, model with the method's adapters, data, optimizer and scheduler, and the loop state."""
+    started = time.perf_counter()
+    cfg, task = spec.train, host.task(spec.task)
+    accelerator, use_cpu = _accelerator(spec)
+    model, head_names, head_count, tokenizer = _model(spec, task, host)
+    train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
+
+    # AdamW over trainable parameters only, no decay on biases and LayerNorm
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
+                                  fused=not use_cpu and torch.cuda.is_available())
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
+    if cfg.compile:
+        model = torch.compile(model)
+    device = accelerator.device
+    state = LoopState(step=0, total_steps=total_steps, epoch=0, optimizer=optimizer.optimizer,
+                      lr_scheduler=scheduler, accelerator=accelerator, seed=spec.seed,
+                      running_loss=torch.zeros((), device=device),
+                      new_tokens=torch.zeros((), dtype=torch.long, device=device))
+    hooks = {name for name in RUN_HOOKS if host.implemented(name)}
+    if torch.cuda.is_available() and not use_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
+               dev_loaders, head_names, head_count, hooks, state, use_cpu, started)
+
+
+#: the run hooks the loop calls (each only if some registered plugin implements it)
+RUN_HOOKS = ("peftbench_train_start", "peftbench_extra_loss", "peftbench_after_backward",
+             "peftbench_after_optimizer_step", "peftbench_on_log", "peftbench_on_evaluate", "peftbench_train_end",
+             "peftbench_report")
+
+
+def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
+    """Seeded generators and the run's accelerator (CPU, or the GPU with its precision)."""
+    cfg = spec.train
     set_seed(spec.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -72,19 +316,25 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
                               gradient_accumulation_steps=cfg.grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    processes = accelerator.num_processes
+    return accelerator, use_cpu
 
-    # --- model: frozen base + the method's adapters + the shared head ----------------------------------
+
+def _model(spec: RunSpec, task, host: Host):
+    """Frozen base + the method's adapters + the shared head; returns it with the head's parameter names and
+    count, and the tokenizer."""
     tokenizer = modeling.load_tokenizer(spec.model)
-    model = modeling.load_model(spec.model, task.num_labels, spec.seed, cfg.classifier_dropout)
+    model = modeling.load_model(spec.model, task.num_labels, spec.seed, spec.train.classifier_dropout)
     head = modeling.head_modules(spec.model, model)
     targets = modeling.find_targets(model, modeling.target_patterns(spec.model, model), head)
     modeling.freeze(model)
     host.hook.peftbench_inject(model=model, targets=targets)
     head_count = modeling.unfreeze_head(model, head)
-    head_names = modeling.head_parameter_names(model, head)
+    return model, modeling.head_parameter_names(model, head), head_count, tokenizer
 
-    # --- data ------------------------------------------------------------------------------------------
+
+def _loaders(spec: RunSpec, task, tokenizer, processes: int):
+    """The shuffled train loader and one dev loader per dev split."""
+    cfg = spec.train
     train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
     dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length, cfg.max_eval_samples)
                 for split in task.dev_splits}
@@ -96,161 +346,7 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
                                                    batch_sampler=ShortBatchLast(train_loader.batch_sampler))
     dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
                    for split, data in dev_data.items()}
-
-    # --- optimizer: AdamW over trainable parameters only, no decay on biases and LayerNorm -------------
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
-                                  fused=not use_cpu and torch.cuda.is_available())
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
-    if cfg.compile:
-        model = torch.compile(model)
-    raw_model = accelerator.unwrap_model(model)
-    state = TrainState(step=0, total_steps=total_steps, epoch=0, optimizer=optimizer.optimizer,
-                       lr_scheduler=scheduler, accelerator=accelerator, seed=spec.seed)
-    has = {name: host.implemented(name) for name in (
-        "peftbench_train_start", "peftbench_extra_loss", "peftbench_after_backward",
-        "peftbench_after_optimizer_step", "peftbench_on_evaluate", "peftbench_train_end", "peftbench_report")}
-    if torch.cuda.is_available() and not use_cpu:
-        torch.cuda.reset_peak_memory_stats()
-
-    # --- evaluation and best-dev bookkeeping -------------------------------------------------------------
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": -math.inf, "metrics": {}, "step": 0, "state": None}
-
-    def evaluate() -> dict[str, float]:
-        metrics = {}
-        for i, (split, loader) in enumerate(dev_loaders.items()):
-            split_metrics = predict_and_score(model, loader, task, accelerator)
-            prefix = "" if i == 0 else f"{split}_"
-            metrics.update({prefix + k: v for k, v in split_metrics.items()})
-        record = {"step": state.step, "epoch": state.epoch, **metrics, **state.logs}
-        history.append(record)
-        if has["peftbench_on_evaluate"]:
-            host.hook.peftbench_on_evaluate(model=raw_model, state=state, metrics=metrics)
-        score = metrics[task.main_metric]
-        if score > best["score"]:
-            best.update(score=score, metrics=metrics, step=state.step,
-                        state=trainable_state(raw_model) if spec.save_adapters else None)
-        model.train()
-        return metrics
-
-    # --- the loop ----------------------------------------------------------------------------------------
-    if has["peftbench_train_start"]:
-        host.hook.peftbench_train_start(model=raw_model, state=state)
-    bar = tqdm(total=total_steps, desc=f"{spec.label}/{spec.task}/s{spec.seed}", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    tokens = 0  #: this process' tokens since this (re)start
-    resumed_tokens = 0  #: every process' tokens before the checkpoint the run resumed from
-    running_loss = torch.zeros((), device=accelerator.device)
-    micro_batches = 0
-    step_times: list[float] = []
-    train_started = last_step_end = time.perf_counter()
-    model.train()
-    resumed = checkpoint.restore(raw_model, state, scheduler, accelerator, host) if checkpoint else None
-    if resumed:  # continue after the epoch end it was taken at, with the loop's bookkeeping as it was then
-        history[:], step_times[:] = resumed["history"], resumed["step_times"]
-        best.update(resumed["best"])
-        resumed_tokens, micro_batches = resumed["tokens"], resumed["micro_batches"]
-        running_loss += resumed["running_loss"].to(running_loss.device)
-        train_started -= resumed["train_s"]
-        last_step_end = time.perf_counter()
-        train_loader.set_epoch(state.epoch)  # the epoch's data order (the sampler is seeded by epoch)
-        bar.update(state.step)
-    while state.step < total_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                if has["peftbench_extra_loss"]:
-                    extra = [x for x in host.hook.peftbench_extra_loss(model=raw_model, state=state) if x is not None]
-                    if extra:
-                        loss = loss + sum(extra)
-                running_loss += loss.detach()  # logged and checked for divergence, regularisers included
-                micro_batches += 1
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if has["peftbench_after_backward"]:
-                        host.hook.peftbench_after_backward(model=raw_model, state=state)
-                    if cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                if accelerator.sync_gradients and has["peftbench_after_optimizer_step"]:
-                    host.hook.peftbench_after_optimizer_step(model=raw_model, state=state)
-                optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            now = time.perf_counter()
-            step_times.append(now - last_step_end)
-            bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                # averaged over processes: all of them log the same loss and stop on divergence together
-                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / max(micro_batches, 1)
-                if not math.isfinite(mean_loss):
-                    raise Diverged(f"training loss became {mean_loss} at step {state.step}")
-                running_loss.zero_()
-                micro_batches = 0
-                history.append({"step": state.step, "epoch": state.epoch, "loss": mean_loss,
-                                "lr": scheduler.get_last_lr()[0], **state.logs})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best['score']:.4f}", refresh=False)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                evaluate()
-            last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
-            if state.step >= total_steps:
-                break
-        state.epoch += 1
-        if state.step < total_steps:  # epoch end (the last one is evaluated after train_end below)
-            evaluate()
-            if checkpoint:  # totals over all processes (collectives: on every one), then one writer
-                run_tokens = resumed_tokens + int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
-                                                                     reduction="sum"))
-                mean_running_loss = accelerator.reduce(running_loss, reduction="mean")
-                if accelerator.is_main_process:  # every process restores from it
-                    checkpoint.save(raw_model, state, scheduler, accelerator, host, loop={
-                        "history": history, "best": best, "step_times": step_times, "tokens": run_tokens,
-                        "micro_batches": micro_batches, "running_loss": mean_running_loss,
-                        "train_s": time.perf_counter() - train_started})
-            last_step_end = time.perf_counter()
-    train_s = time.perf_counter() - train_started
-    bar.close()
-
-    if has["peftbench_train_end"]:
-        host.hook.peftbench_train_end(model=raw_model, state=state)
-    final = evaluate()
-    report = {}
-    if has["peftbench_report"]:
-        for part in host.hook.peftbench_report(model=raw_model, state=state):
-            report.update(part or {})
-
-    tokens = resumed_tokens + int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
-                                                     reduction="sum"))  # every process' tokens
-    adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in head_names]
-    trainable = {
-        "adapter": sum(p.numel() for p in adapter),
-        "adapter_nonzero": sum(int(torch.count_nonzero(p)) for p in adapter),
-        "head": head_count,
-        "model_total": sum(p.numel() for p in raw_model.parameters()),
-    }
-    if torch.cuda.is_available() and not use_cpu:
-        peak, mem_kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-    else:
-        import resource
-
-        peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_process_max_rss"
-    return RunResult(
-        best=best["metrics"], final=final, best_step=best["step"], history=history, trainable=trainable,
-        wall_s=time.perf_counter() - started, train_s=train_s, tokens_per_s=tokens / max(train_s, 1e-9),
-        peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step, step_times=step_times, method_report=report,
-        best_state=best["state"],
-    )
+    return train_loader, dev_loaders
 
 
 class ShortBatchLast(torch.utils.data.Sampler):

@@ -26,7 +26,7 @@ from peftbench.plugins.lora import LoRA, LoRAParams
 
 import peftbench.testing
 from peftbench import runner
-from peftbench.checkpoint import unresumable
+from peftbench.checkpoint import FORMAT, unresumable
 from peftbench.cli import main
 from peftbench.errors import ConfigError, PluginError
 from peftbench.hookspecs import hookimpl
@@ -343,9 +343,9 @@ def test_unusable_or_unsafe_checkpoint_is_ignored(tmp_path, content, expected):
     if content == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 100)
     else:
-        torch.save({"pickled code": {"format": 1, "payload": Payload(marker)},
-                    "wrong layout": {"format": 1, "run_id": spec.run_id},
-                    "another run": {"format": 1, "run_id": "0123456789abcdef"}}[content], path)
+        torch.save({"pickled code": {"format": FORMAT, "payload": Payload(marker)},
+                    "wrong layout": {"format": FORMAT, "run_id": spec.run_id},
+                    "another run": {"format": FORMAT, "run_id": "0123456789abcdef"}}[content], path)
     _, rows, lines = _sweep(tmp_path, None, output={"checkpoint": True})
     assert rows["lora"]["status"] == "done" and rows["lora"]["steps"] == 4  # trained from scratch
     assert not marker.exists()  # weights_only=True refused to run the pickled code

@@ -18,6 +18,8 @@ from .surgery import shrink_parameter
 
 
 class PrunedLoRALinear(LoRALinear):
+    peftbench_resizable = True  # a checkpoint may hold a pruned rank: _load_from_state_dict takes its shapes
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, target_r: int = 1):
         super().__init__(base, r, alpha, dropout)
         if not 1 <= target_r <= r:

@@ -1,0 +1,69 @@
+"""Observers: plugins that watch every run through the run hooks (loggers, trackers, progress bars).
+
+An observer is any object with ``@hookimpl`` run hooks, registered for the runs it watches; unlike a method,
+it sees every run. The built-in progress bar is one, so the path a third-party tracker takes is the one the
+core uses itself. Observers implement only hooks called once per run, per log point or per evaluation
+(``peftbench_train_start``, ``peftbench_on_log``, ``peftbench_on_evaluate``, ``peftbench_train_end``...):
+the per-micro-batch hooks are for methods, and a run whose method needs none of them makes no hook call in
+its loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .hookspecs import hookimpl
+
+
+class ProgressBar:
+    """A tqdm bar over the optimizer steps of a run, showing the loss at each log point and the best dev
+    score so far (of ``metric``, the task's main metric). It moves at log points (``train.log_every``)."""
+
+    def __init__(self, desc: str, metric: str):
+        self.desc, self.metric = desc, metric
+        self.best = -math.inf
+        self.bar: Any = None
+
+    @hookimpl
+    def peftbench_train_start(self, state):
+        self.close()
+        self.best = -math.inf
+        self.bar = tqdm(total=state.total_steps, desc=self.desc, dynamic_ncols=True, leave=False)
+
+    @hookimpl
+    def peftbench_on_log(self, state, record):
+        self.bar.update(state.step - self.bar.n)  # a resumed run starts at its checkpoint's step
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", best=f"{self.best:.4f}", refresh=False)
+
+    @hookimpl
+    def peftbench_on_evaluate(self, metrics):
+        self.best = max(self.best, metrics.get(self.metric, -math.inf))
+
+    @hookimpl
+    def peftbench_train_end(self):
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def observing(host, *observers: Any) -> Iterator[None]:
+    """Register ``observers`` with ``host`` for the duration of a ``with`` block (one run); on the way out,
+    however the run ended, they are unregistered and closed (``close()``, if they have one)."""
+    for observer in observers:
+        host.pm.register(observer, name=f"observer:{type(observer).__name__}:{id(observer)}")
+    try:
+        yield
+    finally:
+        for observer in observers:
+            host.pm.unregister(observer)
+            if callable(getattr(observer, "close", None)):
+                observer.close()

@@ -1,0 +1,56 @@
+"""Observers see every run through the run hooks; the built-in progress bar is one."""
+
+from peftbench.budget import solve_all
+from peftbench.hookspecs import hookimpl
+from peftbench.host import PluginInfo
+from peftbench.observers import ProgressBar
+from peftbench.runner import run_one
+from peftbench.runs import expand
+from peftbench.testing import tiny_config
+
+
+class Tracker:
+    def __init__(self):
+        self.logged, self.evaluated = [], []
+
+    @hookimpl
+    def peftbench_on_log(self, state, record):
+        assert record["step"] == state.step
+        self.logged.append(record)
+
+    @hookimpl
+    def peftbench_on_evaluate(self, state, metrics):
+        self.evaluated.append((state.step, metrics))
+
+
+def _spec(host, tmp_path):
+    config = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 32, "log_every": 3})
+    (spec,) = expand(config, solve_all(config, host))
+    return spec
+
+
+def test_an_observer_sees_every_log_point_and_evaluation(host, tmp_path):
+    tracker = Tracker()
+    host.add_plugin(tracker, PluginInfo("tracker", "object"))
+    result = run_one(_spec(host, tmp_path), host, progress=False)
+    assert tracker.logged == [r for r in result.history if "loss" in r]
+    assert [r["step"] for r in tracker.logged] == [3, 6, 9, 12, 15, 16]  # every log_every steps and the last
+    assert [step for step, _ in tracker.evaluated] == [8, 16]
+    assert tracker.evaluated[-1][1] == result.final
+
+
+def test_the_progress_bar_is_an_observer_of_the_run_only_and_changes_nothing(host, tmp_path):
+    spec = _spec(host, tmp_path)
+    called = []
+    undo = host.pm.add_hookcall_monitoring(lambda name, impls, kwargs: called.append(name), lambda *a: None)
+    try:
+        shown = run_one(spec, host, progress=True)
+    finally:
+        undo()
+    quiet = run_one(spec, host, progress=False)
+    assert shown.history == quiet.history and shown.final == quiet.final
+    # no per-step hook: train_start, a call per log point and per evaluation, train_end
+    log, evaluate = "peftbench_on_log", "peftbench_on_evaluate"  # steps 3, 6, epoch end 8, 9, 12, 15, 16
+    assert called == ["peftbench_inject", "peftbench_train_start", log, log, evaluate, log, log, log, log,
+                      "peftbench_train_end", evaluate]
+    assert not any(isinstance(p, ProgressBar) for p in host.pm.get_plugins())  # unregistered after the run
