@@ -60,7 +60,7 @@ import torch
 from . import hookspecs, modeling
 from .errors import PeftbenchError
 from .hookspecs import API_VERSION, ParamCounts, TrainState, hookimpl
-from .host import Host, PluginInfo, hook_problems
+from .host import Host, PluginInfo
 from .method import Method
 from .schema import from_dict, to_dict
 
@@ -216,9 +216,10 @@ class Conformance:
             cls = self.method
             if not (isinstance(cls, type) and issubclass(cls, Method)):
                 raise _Fail(f"{cls!r} is not a peftbench.method.Method subclass")
-            problems = hook_problems(cls)
-            if problems:
-                raise _Fail("; ".join(problems))
+            try:
+                Host(entry_points=False).check_method_class(cls)
+            except TypeError as exc:
+                raise _Fail(str(exc)) from None
         cls = self.cls
         hooks = set(cls.implemented_hooks())
         problems = [f"does not implement {h}" for h in ("peftbench_inject", "peftbench_count_trainable")
@@ -444,8 +445,8 @@ class Conformance:
 
     def _train(self) -> _Run:
         from .budget import solve_all
-        from .runner import run_one
         from .runs import expand
+        from .sweep import run_one
 
         run = _Run()
         try:

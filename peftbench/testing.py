@@ -63,31 +63,6 @@ def peftbench_add_tasks():
     return TOY_TASKS
 
 
-class CrashAtStep:
-    """A plugin that raises once training reaches optimizer step ``step`` (a crash in the middle of an epoch)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def peftbench_after_optimizer_step(self, state):
-        if state.step + 1 == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
-
-
-def train_one(config: Config):
-    """Run a one-run sweep quietly into its store; returns the host and the stored run (tests of what comes
-    after training: export, tables, reports)."""
-    from .runner import make_host, run_sweep
-    from .store import Store
-
-    host = make_host(config)
-    store = Store(config.output.db)
-    run_sweep(config, host, store, progress=False, log=lambda *a: None)
-    (run,) = store.runs()
-    return host, run
-
-
 def tiny_model_config(layers: int = 2, hidden: int = 32) -> dict[str, Any]:
     return {
         "name_or_path": "minilm",  # its config and tokenizer; the weights are random (random_init)
