@@ -23,10 +23,7 @@ import statistics
 
 from peftbench.plugins.adalora import resolve_steps
 
-from benchmarks.common import bench_config, machine
-from peftbench.budget import solve_all
-from peftbench.runner import make_host, run_one
-from peftbench.runs import expand
+from benchmarks.common import bench_config, interleaved_runs, machine
 
 SCHEDULE = {"tinit": 0.13, "tfinal": 0.47, "deltaT": 1}  # the plugin's defaults
 METHODS = [
@@ -46,19 +43,16 @@ def phase_of(step: int, total: int) -> str:
 
 
 def time_interleaved(config, rounds: int, warmup: int) -> dict[str, dict]:
-    host = make_host(config)
-    runs = expand(config, solve_all(config, host))
-    times = {spec.label: {phase: [] for phase in PHASES} for spec in runs}
+    times: dict[str, dict[str, list[float]]] = {}
     info: dict[str, dict] = {}
-    for _ in range(rounds):
-        for spec in runs:
-            result = run_one(spec, host, progress=False)
-            for step, seconds in enumerate(result.step_times):
-                if step >= warmup:
-                    times[spec.label]["all"].append(seconds)
-                    times[spec.label][phase_of(step, result.steps)].append(seconds)
-            info[spec.label] = {"adapter": result.trainable["adapter"], "peak_mem_bytes": result.peak_mem_bytes,
-                                "mem_kind": result.mem_kind, "ranks": result.method_report.get("ranks")}
+    for _, spec, result in interleaved_runs(config, rounds):
+        phases = times.setdefault(spec.label, {phase: [] for phase in PHASES})
+        for step, seconds in enumerate(result.step_times):
+            if step >= warmup:
+                phases["all"].append(seconds)
+                phases[phase_of(step, result.steps)].append(seconds)
+        info[spec.label] = {"adapter": result.trainable["adapter"], "peak_mem_bytes": result.peak_mem_bytes,
+                            "mem_kind": result.mem_kind, "ranks": result.method_report.get("ranks")}
     for label, phases in times.items():
         info[label]["median"] = {phase: statistics.median(t) if t else float("nan") for phase, t in phases.items()}
         info[label]["steps"] = len(phases["all"])

@@ -19,7 +19,6 @@ It prints the tables and writes them, with the machine's details, to ``docs/benc
     python -m benchmarks.bench                     # CPU: MiniLM, RTE (about 15 min on 2 idle cores)
     python -m benchmarks.bench --gpu [--compile]   # DeBERTa-v3-base shape, random weights, bf16 autocast
     python -m benchmarks.bench --quick --out /tmp/bench.md   # a smoke run: tiny model, 4 steps per run
-    peftbench bench [same options]                 # the same, from the repository root
 """
 
 from __future__ import annotations
@@ -37,10 +36,16 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import REPO, bench_config, glue_dir, machine, machine_details, run_interleaved
-from peftbench.budget import solve_all
-from peftbench.runner import make_host, run_one
-from peftbench.runs import expand
+from benchmarks.common import (
+    REPO,
+    bench_config,
+    glue_dir,
+    interleaved_runs,
+    machine,
+    machine_details,
+    run_interleaved,
+)
+from peftbench.runner import make_host
 from peftbench.testing import tiny_model_config
 
 #: the methods the issue's targets name; any other registered method is benchmarked as well
@@ -155,12 +160,8 @@ def padding(setup: Setup, examples: int, max_length: int, rounds: int) -> dict[s
     steps = math.ceil(examples / setup.batch_size)
     config = setup.config(methods, steps, max_length=max_length, max_train_samples=examples, epochs=1)
     epochs: dict[str, list[float]] = {"dynamic": [], "fixed": []}
-    host = make_host(config)
-    runs = expand(config, solve_all(config, host))
-    for _ in range(rounds):
-        for spec in runs:
-            result = run_one(spec, host, progress=False)
-            epochs[spec.label].append(sum(result.step_times))  # every step, the first included: an epoch
+    for _, spec, result in interleaved_runs(config, rounds):
+        epochs[spec.label].append(sum(result.step_times))  # every step, the first included: an epoch
     return {label: min(times) for label, times in epochs.items()}  # min: the least disturbed pass
 
 

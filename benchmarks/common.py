@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from peftbench.budget import solve_all
 from peftbench.config import parse_config
 from peftbench.hookspecs import hookimpl
 from peftbench.host import PluginInfo
-from peftbench.runner import make_host, run_one
+from peftbench.runner import make_host
 from peftbench.runs import RunSpec, expand
+from peftbench.sweep import run_one
 
 REPO = Path(__file__).resolve().parent.parent
 GLUE = REPO.parent / "shared" / "glue"
@@ -146,6 +147,32 @@ class StepClock:
         self._last = now
 
 
+def interleaved_runs(config, rounds: int, observers: Callable[[int, RunSpec], list] | None = None,
+                     progress: bool = False) -> Iterator[tuple[int, RunSpec, Any]]:
+    """Train every run of ``config`` through the real trainer, ``rounds`` times, interleaved (A B C, A B C,
+    ...) so that machine drift hits every method alike; yields ``(round, spec, result)`` after each run.
+
+    ``observers(round, spec)``: run-hook plugins registered for that run only (unregistered after it, and
+    closed if they have a ``close``)."""
+    host = make_host(config)
+    runs = expand(config, solve_all(config, host))
+    for round_index in range(rounds):
+        for spec in runs:
+            plugins = observers(round_index, spec) if observers else []
+            for i, plugin in enumerate(plugins):
+                host.pm.register(plugin, name=f"benchmark-observer-{i}")
+            try:
+                result = run_one(spec, host, progress=progress)
+            finally:
+                for plugin in plugins:
+                    host.pm.unregister(plugin)
+                    if hasattr(plugin, "close"):
+                        plugin.close()
+            yield round_index, spec, result
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def run_interleaved(config, rounds: int = 2, warmup: int = 3, progress: bool = False,
                     probe_memory: bool | None = None,
                     timed_from: Callable[[RunSpec, Any], int] | None = None) -> dict[str, dict[str, Any]]:
@@ -155,43 +182,34 @@ def run_interleaved(config, rounds: int = 2, warmup: int = 3, progress: bool = F
     raise it per run (e.g. past PrunedLoRA's last pruning event). ``probe_memory`` (default: on CPU) runs
     :class:`TrainMemoryProbe` in the first round and reports its total as ``peak_mem_bytes``.
     """
-    host = make_host(config)
-    runs = expand(config, solve_all(config, host))
     probe_memory = not torch.cuda.is_available() if probe_memory is None else probe_memory
-    samples: dict[str, list[float]] = {r.label: [] for r in runs}
-    cpu_samples: dict[str, list[float]] = {r.label: [] for r in runs}
+    samples: dict[str, list[float]] = {}
+    cpu_samples: dict[str, list[float]] = {}
     stats: dict[str, dict[str, Any]] = {}
     clock = StepClock()
-    host.pm.register(clock, name="benchmark-step-clock")
-    try:
-        for round_index in range(rounds):
-            for spec in runs:
-                probe = TrainMemoryProbe() if probe_memory and round_index == 0 else None
-                if probe:
-                    host.pm.register(probe, name="benchmark-memory-probe")
-                try:
-                    result = run_one(spec, host, progress=progress)
-                finally:
-                    if probe:
-                        probe.close()
-                        host.pm.unregister(probe)
-                start = max(warmup, timed_from(spec, result) if timed_from else 0)
-                samples[spec.label].extend(result.step_times[start:])
-                cpu_samples[spec.label].extend(clock.times[start:])
-                entry = stats.setdefault(spec.label, {"tokens_per_s": [], "peak_mem_bytes": 0, "method": spec.method})
-                entry["tokens_per_s"].append(result.tokens_per_s)
-                if probe:
-                    entry["memory"] = probe.result
-                    entry["peak_mem_bytes"], entry["mem_kind"] = probe.result["total"], "cpu_train_state_estimate"
-                elif not probe_memory:
-                    entry["peak_mem_bytes"] = max(entry["peak_mem_bytes"], result.peak_mem_bytes)
-                    entry["mem_kind"] = result.mem_kind
-                entry["adapter"] = result.trainable["adapter"]
-                entry["report"] = result.method_report
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-    finally:
-        host.pm.unregister(clock)
+    probes: dict[str, TrainMemoryProbe] = {}
+
+    def observers(round_index: int, spec: RunSpec) -> list:
+        if probe_memory and round_index == 0:
+            probes[spec.label] = TrainMemoryProbe()
+            return [clock, probes[spec.label]]
+        return [clock]
+
+    for _, spec, result in interleaved_runs(config, rounds, observers, progress):
+        probe = probes.pop(spec.label, None)
+        start = max(warmup, timed_from(spec, result) if timed_from else 0)
+        samples.setdefault(spec.label, []).extend(result.step_times[start:])
+        cpu_samples.setdefault(spec.label, []).extend(clock.times[start:])
+        entry = stats.setdefault(spec.label, {"tokens_per_s": [], "peak_mem_bytes": 0, "method": spec.method})
+        entry["tokens_per_s"].append(result.tokens_per_s)
+        if probe:
+            entry["memory"] = probe.result
+            entry["peak_mem_bytes"], entry["mem_kind"] = probe.result["total"], "cpu_train_state_estimate"
+        elif not probe_memory:
+            entry["peak_mem_bytes"] = max(entry["peak_mem_bytes"], result.peak_mem_bytes)
+            entry["mem_kind"] = result.mem_kind
+        entry["adapter"] = result.trainable["adapter"]
+        entry["report"] = result.method_report
     for label, times in samples.items():
         if not times:
             raise ValueError(f"{label}: no step left to time; raise the steps per run above the warm-up")
@@ -258,5 +276,5 @@ def with_params(methods: list[dict[str, Any]], **params: Any) -> list[dict[str, 
             for m in methods]
 
 
-__all__ = ["bench_config", "run_interleaved", "ratio_lines", "machine", "machine_details", "glue_dir",
+__all__ = ["bench_config", "interleaved_runs", "run_interleaved", "ratio_lines", "machine", "machine_details", "glue_dir",
            "TrainMemoryProbe", "PluginInfo"]

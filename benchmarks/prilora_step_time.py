@@ -29,13 +29,10 @@ import torch
 from peftbench.plugins.lora import LoRA
 from peftbench.plugins.prilora import PRILoRA
 
-from benchmarks.common import bench_config, machine
+from benchmarks.common import bench_config, interleaved_runs, machine
 from peftbench import modeling
-from peftbench.budget import solve_all
 from peftbench.config import ModelConfig
 from peftbench.hookspecs import TrainState
-from peftbench.runner import make_host, run_one
-from peftbench.runs import expand
 from peftbench.schema import from_dict
 
 METHODS = [
@@ -49,19 +46,16 @@ TARGET = 1.05
 
 def time_interleaved(config, rounds: int, warmup: int) -> dict[str, dict]:
     """Per-step times of every method (``warmup`` first steps of each run dropped), rounds interleaved."""
-    host = make_host(config)
-    runs = expand(config, solve_all(config, host))
-    times: dict[str, list[float]] = {spec.label: [] for spec in runs}
-    event_times: dict[str, list[float]] = {spec.label: [] for spec in runs}
+    times: dict[str, list[float]] = {}
+    event_times: dict[str, list[float]] = {}
     info: dict[str, dict] = {}
-    for _ in range(rounds):
-        for spec in runs:
-            result = run_one(spec, host, progress=False)
-            every = getattr(spec.params, "prune_every", 0) if getattr(spec.params, "criterion", "none") != "none" else 0
-            for i, t in enumerate(result.step_times[warmup:], start=warmup):
-                (event_times if every and (i + 1) % every == 0 else times)[spec.label].append(t)
-            info[spec.label] = {"adapter": result.trainable["adapter"], "nonzero": result.trainable["adapter_nonzero"],
-                                "peak_mem_bytes": result.peak_mem_bytes, "mem_kind": result.mem_kind}
+    for _, spec, result in interleaved_runs(config, rounds):
+        every = getattr(spec.params, "prune_every", 0) if getattr(spec.params, "criterion", "none") != "none" else 0
+        steady, events = times.setdefault(spec.label, []), event_times.setdefault(spec.label, [])
+        for i, t in enumerate(result.step_times[warmup:], start=warmup):
+            (events if every and (i + 1) % every == 0 else steady).append(t)
+        info[spec.label] = {"adapter": result.trainable["adapter"], "nonzero": result.trainable["adapter_nonzero"],
+                            "peak_mem_bytes": result.peak_mem_bytes, "mem_kind": result.mem_kind}
     for label in times:
         every_step = times[label] + event_times[label]
         info[label].update(median=statistics.median(every_step), mean=statistics.mean(every_step),

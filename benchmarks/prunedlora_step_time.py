@@ -18,10 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import bench_config, machine
-from peftbench.budget import solve_all
-from peftbench.runner import make_host, run_one
-from peftbench.runs import expand
+from benchmarks.common import bench_config, interleaved_runs, machine
 from peftbench.testing import tiny_model_config
 
 
@@ -61,33 +58,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           max_length=args.max_length, device=args.device, precision=args.precision,
                           budget_rank=args.rank, model=tiny_model_config() if args.tiny else None,
                           num_threads=torch.get_num_threads())
-    host = make_host(config)
-    runs = expand(config, solve_all(config, host))
-    times: dict[str, list[float]] = {spec.label: [] for spec in runs}  # LoRA baselines: every step
+    times: dict[str, list[float]] = {}  # LoRA baselines: every step
     by_rank: dict[float, list[float]] = {}
     events_s: list[float] = []
     settled_s: list[float] = []  # prunedlora after its last event (+ settle steps)
-    for _ in range(args.rounds):
-        for spec in runs:  # interleaved: A B C, A B C, ...
-            result = run_one(spec, host, progress=False)
-            if spec.method != "prunedlora":
-                times[spec.label].extend(result.step_times[3:])
+    for _, spec, result in interleaved_runs(config, args.rounds):
+        if spec.method != "prunedlora":
+            times.setdefault(spec.label, []).extend(result.step_times[3:])
+            continue
+        history = result.method_report["rank_history"]
+        ranks = rank_per_step(history, len(result.step_times))
+        event_steps = {e["step"] for e in history[1:]}
+        last_event = max(event_steps)
+        for step, (seconds, rank) in enumerate(zip(result.step_times, ranks)):
+            if step < 3:
+                continue  # first steps: allocator and thread-pool warm-up
+            if step in event_steps:
+                events_s.append(seconds)  # the step that runs a pruning event (scores + surgery)
                 continue
-            history = result.method_report["rank_history"]
-            ranks = rank_per_step(history, len(result.step_times))
-            event_steps = {e["step"] for e in history[1:]}
-            last_event = max(event_steps)
-            for step, (seconds, rank) in enumerate(zip(result.step_times, ranks)):
-                if step < 3:
-                    continue  # first steps: allocator and thread-pool warm-up
-                if step in event_steps:
-                    events_s.append(seconds)  # the step that runs a pruning event (scores + surgery)
-                    continue
-                by_rank.setdefault(rank, []).append(seconds)
-                if step > last_event + args.settle:
-                    settled_s.append(seconds)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            by_rank.setdefault(rank, []).append(seconds)
+            if step > last_event + args.settle:
+                settled_s.append(seconds)
 
     final_label = f"lora_r{args.rank}"
     lora_final = statistics.median(times[final_label])

@@ -20,23 +20,31 @@ DEFAULT_CONFIG = "quickstart"
 DEFAULT_DB = "results/peftbench.sqlite"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                   help=f"YAML config file, or the name of a packaged config (default: {DEFAULT_CONFIG})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 --set methods.lora.params.r=4")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
-                   help="load a local plugin module (repeatable)")
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Options several commands take, declared once (argparse parent parsers)."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                        help=f"YAML config file, or the name of a packaged config (default: {DEFAULT_CONFIG})")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-3 --set methods.lora.params.r=4")
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
+                        help="also load this plugin module or path/to/file.py (repeatable): methods, tasks "
+                             "(those of stored runs, for table, plot and export), observers")
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--db", help=f"results store (default: run: the config's output.db; export: {DEFAULT_DB})")
+    return {"config": config, "plugin": plugin, "db": db}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftbench", description="Budget-matched PEFT method comparisons.")
     parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    shared = _shared_options()
+    config, plugin, db = shared["config"], shared["plugin"], shared["db"]
 
-    p = sub.add_parser("run", help="run every method × task × seed of a config (resumable)")
-    _add_config_args(p)
-    p.add_argument("--db", help="results store (default: the config's output.db)")
+    p = sub.add_parser("run", parents=[config, plugin, db],
+                       help="run every method × task × seed of a config (resumable)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true", help="check the config and budgets, list the runs, train nothing")
@@ -49,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per Ray task (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-run", type=float, metavar="N", help="CPUs per Ray task (default: 1)")
 
-    p = sub.add_parser("budget", help="solve and audit every method's trainable-parameter budget (no training)")
-    _add_config_args(p)
+    sub.add_parser("budget", parents=[config, plugin],
+                   help="solve and audit every method's trainable-parameter budget (no training)")
 
-    p = sub.add_parser("table", help="comparison table from a results store")
+    p = sub.add_parser("table", parents=[plugin], help="comparison table from a results store")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "plain"])
     p.add_argument("--method", action="append", help="only these method labels (repeatable)")
@@ -62,41 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", action="store_true", help="use the final instead of the best dev metrics")
     p.add_argument("--baseline", default="lora", help="method label for the paired significance test (default: lora)")
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
-                   help="load a plugin that defines tasks of the stored runs")
 
-    p = sub.add_parser("plot", help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves")
+    p = sub.add_parser("plot", parents=[plugin],
+                       help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
     p.add_argument("--out-dir", default="results/plots", help="output folder (default: results/plots)")
     for flag in ("method", "task", "model", "sweep"):
         p.add_argument(f"--{flag}", action="append", help=f"only these {flag}s (repeatable)")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
 
-    p = sub.add_parser("export", help="write a stored run's best adapter in HF PEFT format")
+    p = sub.add_parser("export", parents=[plugin, db], help="write a stored run's best adapter in HF PEFT format")
     p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
     p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
     p.add_argument("--check", action="store_true",
                    help="load the export with HF PEFT and compare its dev logits with peftbench's model")
     p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]")
 
-    sub.add_parser("bench", add_help=False,
-                   help="speed of every method vs HF PEFT, full fine-tuning and the frozen floor; writes "
-                        "docs/benchmarks.md (from the repository root; options: peftbench bench --help)")
-
-    p = sub.add_parser("plugins", help="list method and task plugins, their hooks, and failed plugins")
-    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:ATTR]",
-                   help="also load this local plugin module or .py file (repeatable); a failure is listed, not fatal")
+    p = sub.add_parser("plugins", parents=[plugin],
+                       help="list method and task plugins, their hooks, and failed plugins (a --plugin that "
+                            "fails is listed, not fatal)")
     p.add_argument("--traceback", action="store_true", help="print the full traceback of every failed plugin")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its options belong to benchmarks/bench.py: passed on unparsed
-        return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
                     "export": cmd_export, "plot": cmd_plot}
@@ -107,18 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftbench: interrupted; finished runs are stored, rerun the same command to resume", file=sys.stderr)
         return 130
-
-
-def cmd_bench(argv: list[str]) -> int:
-    """``benchmarks/bench.py`` of the checkout in the current directory (benchmarks are not installed)."""
-    if not os.path.isfile(os.path.join("benchmarks", "bench.py")):
-        print("peftbench: error: `peftbench bench` runs benchmarks/bench.py of a peftbench checkout; "
-              "run it from the repository root", file=sys.stderr)
-        return 2
-    sys.path.insert(0, os.getcwd())
-    from benchmarks.bench import main as bench_main
-
-    return bench_main(argv)
 
 
 def _load(args):
@@ -161,8 +146,9 @@ def _executor(args):
 def cmd_run(args) -> int:
     from .budget import BUDGET_HEADERS, budget_rows
     from .executors import is_main_process
-    from .runner import SweepSummary, print_summary, run_sweep, solve_budgets
+    from .runner import print_summary, run_sweep, solve_budgets
     from .store import Store
+    from .sweep import SweepSummary
     from .tables import build
 
     executor = _executor(args)
@@ -204,9 +190,8 @@ def cmd_run(args) -> int:
             store.close()
             print_summary(summary, started)
     if rows:
-        main_metric = {name: host.task(name).main_metric for name in {r["task"] for r in rows}}
         print()
-        print(build(rows, main_metric, "plain"))
+        print(build(rows, main_metrics(rows, host), "plain"))
     return 0 if summary.ok else 1
 
 
@@ -240,12 +225,11 @@ def cmd_table(args) -> int:
 
 
 def main_metrics(rows, host) -> dict[str, str]:
-    """Each stored task's main metric, from its plugin (or, without it, the runs' only metric)."""
-    main_metric = {}
-    for name in sorted({r["task"] for r in rows}):
-        if name in host.tasks:
-            main_metric[name] = host.task(name).main_metric
-            continue
+    """Each stored task's main metric, from its plugin (or, without it, the runs' only metric), in the order
+    the task plugins register their tasks (the table's column order), tasks of no loaded plugin last."""
+    stored = {r["task"] for r in rows}
+    main_metric = {name: host.task(name).main_metric for name in host.tasks if name in stored}
+    for name in sorted(stored - set(host.tasks)):
         keys = {k for r in rows if r["task"] == name for k in (r.get("best") or {})}
         if len(keys) == 1:
             main_metric[name] = keys.pop()
@@ -283,13 +267,14 @@ def cmd_export(args) -> int:
     from .host import Host
     from .store import Store
 
-    if not os.path.exists(args.db):
-        raise ConfigError(f"results store {args.db!r} does not exist")
-    store = Store(args.db)
+    db = args.db or DEFAULT_DB
+    if not os.path.exists(db):
+        raise ConfigError(f"results store {db!r} does not exist")
+    store = Store(db)
     run = store.get(args.run_id)
     store.close()
     if run is None or run["status"] != "done":
-        raise ConfigError(f"{args.db}: no finished run with id {args.run_id!r} (ids are listed by `peftbench run`)")
+        raise ConfigError(f"{db}: no finished run with id {args.run_id!r} (ids are listed by `peftbench run`)")
     host = Host(plugins=args.plugins)
     out = export_run(run, args.out_dir, host)
     print(f"peftbench: exported run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) to {out}")

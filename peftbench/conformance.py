@@ -421,8 +421,8 @@ class Conformance:
 
     def _train(self) -> _Run:
         from .budget import solve_all
-        from .runner import run_one
         from .runs import expand
+        from .sweep import run_one
 
         run = _Run()
         try:

@@ -1,9 +1,9 @@
 """Where a sweep's runs train: here, one after another; on every process of ``accelerate launch``; or as Ray
 tasks on a cluster.
 
-Every executor drives the same :class:`peftbench.runner.Sweep` bookkeeping (data check, claims, failures,
+Every executor drives the same :class:`peftbench.sweep.Sweep` bookkeeping (data check, claims, failures,
 artifacts, log lines, summary), so budgets, resume, ``--fail-fast`` and the exit statuses mean the same
-everywhere. What differs is only where :func:`peftbench.runner.train_outcome` runs:
+everywhere. What differs is only where :func:`peftbench.sweep.train_outcome` runs:
 
 * :class:`LocalExecutor` (``--executor local``, the default): in this process. Never imports Ray.
 * :class:`DistributedExecutor` (chosen by the CLI when started by ``accelerate launch`` / ``torchrun`` with
@@ -30,9 +30,9 @@ from typing import Any
 
 from .errors import ConfigError, PeftbenchError
 from .host import Host
-from .runner import Outcome, Sweep, failure_reason, train_outcome
 from .runs import RunSpec
-from .schema import from_dict, to_dict
+from .schema import from_dict
+from .sweep import Outcome, Sweep, failure_reason, train_outcome
 
 #: environment variables that launchers set to the number of processes and to this process' rank
 #: (torchrun and ``accelerate launch``; the MPI launchers)
@@ -330,11 +330,10 @@ def worker_plugins(host: Host) -> list[str]:
 
 
 def spec_payload(spec: RunSpec) -> dict[str, Any]:
-    """A run as plain data (no plugin classes travel; the worker rebuilds them from its own plugins)."""
-    return {"sweep": spec.sweep, "label": spec.label, "method": spec.method, "params": to_dict(spec.params),
-            "task": spec.task, "seed": spec.seed, "model": to_dict(spec.model), "train": to_dict(spec.train),
-            "data_dir": os.path.abspath(spec.data_dir) if spec.data_dir else None,
-            "budget_target": spec.budget_target, "save_adapters": spec.save_adapters}
+    """A run as plain data: its identity (params, model and train settings as dicts) and where its data is
+    and its artifacts go. No plugin classes travel: the worker rebuilds them from its own plugins."""
+    return {**spec.identity(), "sweep": spec.sweep, "save_adapters": spec.save_adapters,
+            "data_dir": os.path.abspath(spec.data_dir) if spec.data_dir else None}
 
 
 def rebuild_spec(data: dict[str, Any], host: Host) -> RunSpec:

@@ -2,8 +2,10 @@
 
 Plugin modules come from the ``peftbench`` entry-point group (built-ins included), from ``--plugin
 module:attr`` on the command line and from the config's ``plugins:`` list. A plugin that fails to import,
-targets another API version, has a malformed hook implementation (:func:`hook_problems`) or raises in a
-discovery hook is recorded in :attr:`Host.failed` with the reason; it never stops the CLI or other plugins.
+targets another API version, has a malformed hook implementation (pluggy validates hook and argument names
+on register; peftbench adds only that a ``peftbench_*`` function without ``@hookimpl`` is refused, as pluggy
+would skip it silently) or raises in a discovery hook is recorded in :attr:`Host.failed` with the reason; it
+never stops the CLI or other plugins.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
-import inspect
 import os
 import sys
 import traceback
@@ -147,22 +148,18 @@ class Host:
                                   f"peftbench {_peftbench_version()} implements version {hookspecs.API_VERSION}; "
                                   "install a release of the plugin written for this API version, or a "
                                   "peftbench that implements the plugin's")
-        problems = hook_problems(obj)
-        if problems:
-            return self._fail(info, "invalid hook implementation: " + "; ".join(problems))
         try:
-            self.pm.register(obj, name=info.name)
-            self.pm.check_pending()
-        except Exception as exc:  # pluggy validation: unknown hook, wrong argument names
-            if self.pm.is_registered(obj):
-                self.pm.unregister(obj)
-            return self._fail(info, f"invalid hook implementation: {exc}")
-        info.hooks = sorted(impl_name for impl_name in dir(obj) if _is_hookimpl(obj, impl_name))
+            self._register(obj, info.name)
+        except pluggy.PluginValidationError as exc:
+            return self._fail(info, f"invalid hook implementation: {_one_line(exc)}")
+        except ValueError as exc:  # pluggy: a plugin of this name, or this very object, is registered already
+            return self._fail(info, str(exc))
+        info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(obj) or ())
         try:
-            methods = _collect(obj, "peftbench_add_methods")
-            tasks = _collect(obj, "peftbench_add_tasks")
+            methods = self._collect(obj, "peftbench_add_methods")
+            tasks = self._collect(obj, "peftbench_add_tasks")
             for cls in methods:
-                _check_method_class(cls)
+                self.check_method_class(cls)
             for task in tasks:
                 _check_task(task)
         except Exception as exc:
@@ -184,6 +181,50 @@ class Host:
     def _fail(self, info: PluginInfo, reason: str, tb: str = "") -> bool:
         self.failed.append(FailedPlugin(info.name, info.source, reason, tb))
         return False
+
+    def _register(self, obj: Any, name: str) -> None:
+        """Register ``obj`` with pluggy, which checks every hook implementation against its spec (a hook name
+        that is no hook, arguments the hook does not pass) and raises ``PluginValidationError`` naming the
+        plugin; ``obj`` is left unregistered then."""
+        unmarked = [attr for attr in dir(obj) if attr.startswith("peftbench_") and callable(getattr(obj, attr, None))
+                    and self.pm.parse_hookimpl_opts(obj, attr) is None]
+        if unmarked:
+            raise pluggy.PluginValidationError(obj, f"{', '.join(unmarked)} is not decorated with @hookimpl (from "
+                                                    "peftbench.hookspecs), so it would never be called")
+        self.pm.register(obj, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            self.pm.unregister(obj)
+            raise
+
+    def _collect(self, plugin: Any, hook_name: str) -> list:
+        """What ``plugin``'s own implementation of discovery hook ``hook_name`` returns."""
+        result = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is plugin:
+                returned = impl.function()
+                if returned is not None and not isinstance(returned, (list, tuple)):
+                    raise TypeError(f"{hook_name} must return a list, got {type(returned).__name__} {returned!r}")
+                result += returned or []
+        return result
+
+    def check_method_class(self, cls: Any) -> None:
+        """Raise ``TypeError`` naming what is wrong with method class ``cls`` (also the conformance kit's)."""
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"peftbench_add_methods returned {cls!r}, which is not a peftbench.method.Method "
+                            "subclass")
+        if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+            raise TypeError(f"method class {cls.__name__} has no `name` (a non-empty string used in configs)")
+        if not dataclasses.is_dataclass(cls.Params):
+            raise TypeError(f"method {cls.name!r}: `Params` must be a dataclass, got {cls.Params!r}")
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        try:  # its run hooks are registered per run, on an instance: check them now, on the class
+            self._register(cls, f"method class {where}")
+        except pluggy.PluginValidationError as exc:
+            raise TypeError(f"method {cls.name!r} ({where}) has invalid hook implementations: "
+                            f"{_one_line(exc)}") from None
+        self.pm.unregister(cls)
 
     # -- lookup ------------------------------------------------------------------------------------------
 
@@ -224,60 +265,14 @@ class Host:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
 
 
-def _is_hookimpl(obj: Any, name: str) -> bool:
-    return name.startswith("peftbench_") and hasattr(getattr(obj, name, None), "peftbench_impl")
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _peftbench_version() -> str:
     from . import __version__
 
     return __version__
-
-
-_HOOK_SIGNATURES = {
-    name: list(inspect.signature(getattr(hookspecs, name)).parameters)
-    for name in dir(hookspecs) if name.startswith("peftbench_") and hasattr(getattr(hookspecs, name), "peftbench_spec")
-}
-
-
-def hook_problems(obj: Any) -> list[str]:
-    """Mistakes in the hook implementations of a plugin module/object or a :class:`Method` subclass.
-
-    Catches what would otherwise fail silently or late: a ``@hookimpl`` whose name is no hook (a typo),
-    a ``peftbench_*`` function without ``@hookimpl`` (never called), and arguments the hook does not pass.
-    """
-    problems = []
-    for attr in dir(obj):
-        try:
-            value = getattr(obj, attr)
-        except Exception:
-            continue
-        opts = getattr(value, "peftbench_impl", None)
-        is_impl = isinstance(opts, dict)
-        hook = (opts or {}).get("specname") or attr
-        if hook not in _HOOK_SIGNATURES:
-            if is_impl:
-                problems.append(f"{attr} is marked @hookimpl but is no peftbench hook"
-                                f"{suggest(hook, _HOOK_SIGNATURES)}")
-            continue
-        if not callable(value):
-            continue
-        if not is_impl:
-            problems.append(f"{attr} is not decorated with @hookimpl (from peftbench.hookspecs), so it would "
-                            "never be called")
-            continue
-        try:
-            args = list(inspect.signature(value).parameters.values())
-        except (TypeError, ValueError):
-            continue
-        if isinstance(obj, type) and not isinstance(inspect.getattr_static(obj, attr), (staticmethod, classmethod)):
-            args = args[1:]  # an unbound method of a Method class: drop ``self``
-        expected = _HOOK_SIGNATURES[hook]
-        unknown = [a.name for a in args if a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD) and a.name not in expected]
-        if unknown:
-            problems.append(f"{attr}({', '.join(a.name for a in args)}): argument(s) {', '.join(map(repr, unknown))} "
-                            f"are not passed by the hook; it passes {hook}({', '.join(expected)}) by name")
-    return problems
 
 
 def _import_spec(spec: str) -> Any:
@@ -316,31 +311,6 @@ def _import_spec(spec: str) -> Any:
     for part in filter(None, attr.split(".")):
         obj = getattr(obj, part)
     return obj
-
-
-def _collect(plugin: Any, hook_name: str) -> list:
-    function = getattr(plugin, hook_name, None)
-    if function is None or not hasattr(function, "peftbench_impl"):
-        return []
-    result = function()
-    if result is None:
-        return []
-    if not isinstance(result, (list, tuple)):
-        raise TypeError(f"{hook_name} must return a list, got {type(result).__name__} {result!r}")
-    return list(result)
-
-
-def _check_method_class(cls: Any) -> None:
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"peftbench_add_methods returned {cls!r}, which is not a peftbench.method.Method subclass")
-    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-        raise TypeError(f"method class {cls.__name__} has no `name` (a non-empty string used in configs)")
-    if not dataclasses.is_dataclass(cls.Params):
-        raise TypeError(f"method {cls.name!r}: `Params` must be a dataclass, got {cls.Params!r}")
-    problems = hook_problems(cls)
-    if problems:
-        raise TypeError(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}) has invalid hook "
-                        "implementations: " + "; ".join(problems))
 
 
 def _check_task(task: Any) -> None:

@@ -22,7 +22,6 @@ class RunSpec:
     model: ModelConfig
     train: TrainConfig
     data_dir: str | None
-    budget_target: int | None
     save_adapters: bool = True
 
     def identity(self) -> dict[str, Any]:
@@ -48,6 +47,6 @@ def expand(config: Config, solved: dict[tuple[str, str], Any]) -> list[RunSpec]:
                     sweep=config.name, label=method.label, method=method.name,
                     params=solved[(method.label, task)].params, task=task, seed=seed, model=config.model,
                     train=config.train_for(method, task), data_dir=data_dir_for(config),
-                    budget_target=solved[(method.label, task)].target, save_adapters=config.output.save_adapters,
+                    save_adapters=config.output.save_adapters,
                 ))
     return runs

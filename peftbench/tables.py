@@ -2,7 +2,8 @@
 
 Rows are methods (labels) with their trainable-parameter count, columns are tasks plus the average; each
 cell is mean ± std over seeds of the task's main metric (×100, as in the papers), the best mean of each
-column marked.
+column marked. Task columns come in the order of ``main_metric`` (the CLI lists tasks in the order their
+plugins register them, so a task plugin decides its columns' order).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from tabulate import tabulate
 
 FORMATS = ("markdown", "latex", "csv", "plain")
-TASK_ORDER = ["mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb"]
 
 
 def human_count(n: float | None) -> str:
@@ -28,13 +28,10 @@ def human_count(n: float | None) -> str:
     return str(int(n))
 
 
-def _task_key(task: str) -> tuple[int, str]:
-    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
-
-
 def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str = "best"
             ) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]], dict[str, int]]:
-    """Values per (label, task) and the trainable count per label, from stored ``done`` runs."""
+    """Values per (label, task) and the trainable count per label, from stored ``done`` runs; tasks in the
+    order of ``main_metric``."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     params: dict[str, int] = {}
     labels: list[str] = []
@@ -47,7 +44,7 @@ def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str
             labels.append(run["label"])
         values[(run["label"], run["task"])].append(100 * float(metrics[name]))
         params[run["label"]] = (run.get("trainable") or {}).get("adapter") or params.get(run["label"])
-    tasks = sorted({t for (_, t) in values}, key=_task_key)
+    tasks = [t for t in main_metric if any(task == t for (_, task) in values)]
     return labels, tasks, values, params
 
 

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-from .config import Config
 from .conformance import CHECKS, Conformance, ConformanceError, MethodConformance, check_method
-from .hookspecs import hookimpl
 from .toys import (
     PEFTBENCH_API_VERSION,
     TOY_TASKS,
@@ -21,32 +19,6 @@ from .toys import (
     tiny_config,
     tiny_model_config,
 )
-
-
-class CrashAtStep:
-    """A plugin that raises once training reaches optimizer step ``step`` (a crash in the middle of an epoch)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def peftbench_after_optimizer_step(self, state):
-        if state.step + 1 == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
-
-
-def train_one(config: Config):
-    """Run a one-run sweep quietly into its store; returns the host and the stored run (tests of what comes
-    after training: export, tables, reports)."""
-    from .runner import make_host, run_sweep
-    from .store import Store
-
-    host = make_host(config)
-    store = Store(config.output.db)
-    run_sweep(config, host, store, progress=False, log=lambda *a: None)
-    (run,) = store.runs()
-    return host, run
-
 
 __all__ = ["PEFTBENCH_API_VERSION", "TOY_TASKS", "ToyTask", "peftbench_add_tasks", "tiny_model_config",
            "tiny_config", "CHECKS", "Conformance", "ConformanceError", "MethodConformance", "check_method"]

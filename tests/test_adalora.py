@@ -31,9 +31,10 @@ from peftbench.budget import model_shapes, solve_all
 from peftbench.config import ModelConfig, parse_config
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import TrainState
-from peftbench.runner import make_host, run_one
+from peftbench.runner import make_host
 from peftbench.runs import expand
 from peftbench.schema import from_dict
+from peftbench.sweep import run_one
 from peftbench.testing import tiny_config, tiny_model_config
 
 peft = pytest.importorskip("peft")

@@ -108,11 +108,12 @@ class NoSolver(LoRA):
 
 
 def test_hooks_check_catches_a_typo_in_a_hook_name():
-    _fails(TypoHook, "hooks", "peftbench_train_strat", "did you mean 'peftbench_train_start'")
+    _fails(TypoHook, "hooks", "unknown hook 'peftbench_train_strat'")
 
 
 def test_hooks_check_catches_wrong_argument_names():
-    _fails(WrongArgument, "hooks", "'stat'", "peftbench_train_end(model, state)")
+    _fails(WrongArgument, "hooks", "Argument(s) {'stat'} are declared in the hookimpl but can not be found in the "
+           "hookspec")
 
 
 def test_hooks_check_catches_a_missing_hookimpl_marker():

@@ -15,8 +15,8 @@ from peftbench.cli import main
 from peftbench.errors import DataError
 from peftbench.hookspecs import hookimpl
 from peftbench.host import Host, PluginInfo
-from peftbench.runner import check_data
 from peftbench.store import Store
+from peftbench.sweep import check_data
 from peftbench.task import Split
 from peftbench.testing import ToyTask, tiny_config, tiny_model_config
 

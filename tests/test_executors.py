@@ -22,9 +22,10 @@ from peftbench.cli import main
 from peftbench.errors import ConfigError, DataError, PeftbenchError
 from peftbench.executors import RayExecutor, rebuild_spec, spec_payload, worker_plugins
 from peftbench.host import Host
-from peftbench.runner import Outcome, Sweep, SweepSummary, make_host, run_sweep, solve_budgets
+from peftbench.runner import make_host, run_sweep, solve_budgets
 from peftbench.runs import expand
 from peftbench.store import Store
+from peftbench.sweep import Outcome, Sweep, SweepSummary
 from peftbench.testing import tiny_config
 
 #: 256 toy examples, batch 32: 8 optimizer steps

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import train_one
 
 from peftbench.cli import main
 from peftbench.data import load_task_data, make_loader
 from peftbench.export import export_run, load_with_peft, rebuild
 from peftbench.modeling import load_tokenizer
-from peftbench.testing import tiny_config, train_one
+from peftbench.testing import tiny_config
 
 pytest.importorskip("peft")
 

@@ -5,8 +5,8 @@ import torch
 from peftbench.budget import solve_all
 from peftbench.hookspecs import TrainState, hookimpl
 from peftbench.host import PluginInfo
-from peftbench.runner import run_one
 from peftbench.runs import expand
+from peftbench.sweep import run_one
 from peftbench.testing import tiny_config
 
 

@@ -16,7 +16,7 @@ from peftbench import __version__, hookspecs
 from peftbench.cli import main
 from peftbench.errors import PluginError
 from peftbench.hookspecs import hookimpl
-from peftbench.host import Host, hook_problems
+from peftbench.host import Host, PluginInfo
 from peftbench.testing import tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +54,7 @@ BROKEN = {
                       f"declares no PEFTBENCH_API_VERSION; add `PEFTBENCH_API_VERSION = {hookspecs.API_VERSION}`"),
     "pb-hook-typo": ('from peftbench.hookspecs import hookimpl\nPEFTBENCH_API_VERSION = 1\n'
                      '@hookimpl\ndef peftbench_add_method():\n    return []\n',
-                     "peftbench_add_method is marked @hookimpl but is no peftbench hook (did you mean "
-                     "'peftbench_add_methods'"),
+                     "invalid hook implementation: unknown hook 'peftbench_add_method' in plugin"),
     "pb-forgot-hookimpl": ('PEFTBENCH_API_VERSION = 1\ndef peftbench_add_methods():\n    return []\n',
                            "peftbench_add_methods is not decorated with @hookimpl"),
     "pb-wrong-args": ('from peftbench.hookspecs import hookimpl\nfrom peftbench.plugins.lora import LoRA\n'
@@ -63,8 +62,10 @@ BROKEN = {
                       'class Bad(LoRA):\n    name = "bad_args"\n'
                       '    @hookimpl\n    def peftbench_after_backward(self, modle, state):\n        pass\n'
                       '@hookimpl\ndef peftbench_add_methods():\n    return [Bad]\n',
-                      "method 'bad_args' (pb_wrong_args.Bad) has invalid hook implementations: "
-                      "peftbench_after_backward(modle, state): argument(s) 'modle' are not passed by the hook"),
+                      "method 'bad_args' (pb_wrong_args.Bad) has invalid hook implementations: Plugin 'method "
+                      "class pb_wrong_args.Bad' for hook 'peftbench_after_backward' hookimpl definition: "
+                      "peftbench_after_backward(self, modle, state) Argument(s) {'modle'} are declared in the hookimpl "
+                      "but can not be found in the hookspec"),
     "pb-raises": ('from peftbench.hookspecs import hookimpl\nPEFTBENCH_API_VERSION = 1\n'
                   '@hookimpl\ndef peftbench_add_methods():\n    raise RuntimeError("kaboom in discovery")\n',
                   "RuntimeError: kaboom in discovery"),
@@ -300,14 +301,14 @@ def test_a_plugin_named_twice_is_loaded_once():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_hook_problems_accepts_subsets_specname_and_kwargs():
+def test_pluggy_validates_hook_implementations_subsets_specname_and_kwargs_pass():
     class Fine:
         @hookimpl
         def peftbench_after_backward(self, state):
             pass
 
         @hookimpl(specname="peftbench_train_end")
-        def finish(self, model, **kwargs):
+        def finish(self, model):
             pass
 
     class Bad:
@@ -315,8 +316,19 @@ def test_hook_problems_accepts_subsets_specname_and_kwargs():
         def finish(self, model):
             pass
 
-    assert hook_problems(Fine()) == [] and hook_problems(Fine) == []
-    assert "finish is marked @hookimpl but is no peftbench hook (did you mean 'peftbench_train_end'" in hook_problems(Bad)[0]
+    class Unmarked:
+        def peftbench_train_end(self, model):
+            pass
+
+    host = Host(entry_points=False)
+    assert host.add_plugin(Fine(), PluginInfo("fine", "object"))
+    assert host.plugins[-1].hooks == ["peftbench_after_backward", "peftbench_train_end"]
+    assert not host.add_plugin(Bad(), PluginInfo("bad", "object"))
+    assert host.failed[-1].reason.startswith("invalid hook implementation: unknown hook 'peftbench_train_ends'")
+    assert not host.add_plugin(Unmarked(), PluginInfo("unmarked", "object"))
+    assert host.failed[-1].reason == ("invalid hook implementation: peftbench_train_end is not decorated with "
+                                      "@hookimpl (from peftbench.hookspecs), so it would never be called")
+    assert [p for p in host.pm.get_plugins() if isinstance(p, (Bad, Unmarked))] == []  # refused: unregistered
 
 
 def test_the_docs_quote_every_hook_with_its_signature():

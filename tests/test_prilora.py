@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import CrashAtStep
 from peftbench.plugins.prilora import PRILoRA, PRILoRALinear, PRILoRAParams
 from peftbench.plugins.prilora.layer import InputNorms
 from peftbench.plugins.prilora.pruning import importance, prune_mask
@@ -18,11 +19,12 @@ from peftbench.config import ModelConfig, parse_config
 from peftbench.errors import ConfigError
 from peftbench.hookspecs import TargetModule, TrainState
 from peftbench.host import Host, PluginInfo
-from peftbench.runner import run_one, run_sweep
+from peftbench.runner import run_sweep
 from peftbench.runs import expand
 from peftbench.schema import from_dict
 from peftbench.store import Store
-from peftbench.testing import CrashAtStep, tiny_config, tiny_model_config
+from peftbench.sweep import run_one
+from peftbench.testing import tiny_config, tiny_model_config
 
 # --- rank schedules --------------------------------------------------------------------------------------
 

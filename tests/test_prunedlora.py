@@ -23,9 +23,9 @@ from peftbench.data import load_task_data, make_loader
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import TrainState, hookimpl
 from peftbench.host import PluginInfo
-from peftbench.runner import run_one
 from peftbench.runs import expand
 from peftbench.schema import from_dict
+from peftbench.sweep import run_one
 from peftbench.testing import TOY_TASKS, tiny_config, tiny_model_config
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,8 +430,9 @@ def test_exported_adapter_gives_the_same_outputs_in_hf_peft():
 
 def test_peftbench_export_of_a_stored_run_reproduces_it_in_hf_peft(tmp_path):
     pytest.importorskip("peft")
+    from helpers import train_one
+
     from peftbench.export import export_run, load_with_peft, rebuild
-    from peftbench.testing import train_one
 
     config = tiny_config(tmp_path, methods=[{"name": "prunedlora", "params": {"prune_every": None}}],
                          train={"epochs": 2})

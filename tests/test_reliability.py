@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import CrashAtStep
 from peftbench.plugins.lora import LoRA, LoRAParams
 
 import peftbench.testing
@@ -31,9 +32,11 @@ from peftbench.cli import main
 from peftbench.errors import ConfigError, PluginError
 from peftbench.hookspecs import hookimpl
 from peftbench.host import Host, PluginInfo
-from peftbench.runner import failure_reason, is_out_of_memory, run_sweep
+from peftbench.runner import run_sweep
+from peftbench.runs import expand
 from peftbench.store import Store
-from peftbench.testing import CrashAtStep, tiny_config, tiny_model_config
+from peftbench.sweep import failure_reason, is_out_of_memory
+from peftbench.testing import tiny_config, tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_HOOKS = ["inject", "train_start", "extra_loss", "after_backward", "after_optimizer_step", "on_evaluate",
@@ -184,7 +187,7 @@ def test_plugin_raising_in_a_run_hook_fails_that_run_only(tmp_path, hook):
 
 def test_diverged_and_out_of_memory_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     released = []
-    monkeypatch.setattr(runner, "release_memory", lambda: released.append(True))
+    monkeypatch.setattr("peftbench.sweep.release_memory", lambda: released.append(True))
     summary, rows, lines = _sweep(tmp_path, [faulty("nan_loss", "diverges"), faulty("oom", "ooms"), LORA])
     assert rows["diverges"]["status"] == "failed"
     assert re.fullmatch(r"Diverged: training loss became nan at step 2", rows["diverges"]["error"])
@@ -337,7 +340,7 @@ class Payload:
 def test_unusable_or_unsafe_checkpoint_is_ignored(tmp_path, content, expected):
     marker = tmp_path / "pwned"
     config = tiny_config(tmp_path, train=FAST_TRAIN)
-    (spec,) = runner.expand(config, runner.solve_budgets(config, _host()))
+    (spec,) = expand(config, runner.solve_budgets(config, _host()))
     path = Path(config.output.dir) / spec.run_id / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     if content == "garbage":

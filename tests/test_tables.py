@@ -79,3 +79,16 @@ def test_ablation_mode_names_the_varying_params():
     assert "prilora,criterion=input_norm," in table
     # params are compared within a method: LoRA's own keys are not a "setting" of the PRILoRA rows
     assert "lora,," in table and "r=" not in table
+
+
+def test_task_columns_follow_the_order_of_main_metric():
+    """The CLI passes tasks in the order their plugins register them: the task plugin orders the columns."""
+    header = build(RUNS, {"stsb": "corr", "rte": "accuracy"}, "csv").splitlines()[0]
+    assert header == "method,params,stsb (corr),rte (accuracy),avg"
+
+
+def test_the_cli_lists_tasks_in_registration_order(host):
+    from peftbench.cli import main_metrics
+
+    rows = [{"task": task, "best": {}} for task in ("stsb", "rte", "mnli", "sst2", "toy")]
+    assert list(main_metrics(rows, host)) == ["mnli", "sst2", "rte", "stsb", "toy"]

@@ -144,22 +144,24 @@ def _undecodable_line(path: Path) -> int:
     return 0
 
 
+#: in the column order of the AdaLoRA paper's GLUE table: peftbench's tables follow the order in which task
+#: plugins register their tasks
 GLUE_TASKS = [
-    GlueTask("cola", ("sentence",), 2, "matthews", folder="CoLA", metric_fn=matthews,
-             label_names=("unacceptable", "acceptable")),
-    GlueTask("sst2", ("sentence",), 2, "accuracy", folder="SST-2", metric_fn=accuracy,
-             label_names=("negative", "positive")),
-    GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", folder="MRPC", metric_fn=accuracy_f1,
-             label_names=("not_equivalent", "equivalent")),
-    GlueTask("stsb", ("sentence1", "sentence2"), 1, "corr", folder="STS-B", metric_fn=correlations),
-    GlueTask("qqp", ("question1", "question2"), 2, "accuracy", folder="QQP", metric_fn=accuracy_f1,
-             label_names=("not_duplicate", "duplicate")),
     GlueTask("mnli", ("premise", "hypothesis"), 3, "accuracy", dev_splits=("dev_matched", "dev_mismatched"),
              folder="MNLI", metric_fn=accuracy, label_names=("entailment", "neutral", "contradiction")),
+    GlueTask("sst2", ("sentence",), 2, "accuracy", folder="SST-2", metric_fn=accuracy,
+             label_names=("negative", "positive")),
+    GlueTask("cola", ("sentence",), 2, "matthews", folder="CoLA", metric_fn=matthews,
+             label_names=("unacceptable", "acceptable")),
+    GlueTask("qqp", ("question1", "question2"), 2, "accuracy", folder="QQP", metric_fn=accuracy_f1,
+             label_names=("not_duplicate", "duplicate")),
     GlueTask("qnli", ("question", "sentence"), 2, "accuracy", folder="QNLI", metric_fn=accuracy,
              label_names=("entailment", "not_entailment")),
     GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", folder="RTE", metric_fn=accuracy,
              label_names=("entailment", "not_entailment")),
+    GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", folder="MRPC", metric_fn=accuracy_f1,
+             label_names=("not_equivalent", "equivalent")),
+    GlueTask("stsb", ("sentence1", "sentence2"), 1, "corr", folder="STS-B", metric_fn=correlations),
 ]
 
 

@@ -1,0 +1,208 @@
+"""The shape of the code: no import cycles, no function in peftbench/ over 80 lines, no plugin importing another.
+
+The import graph is read from the source (``ast``), not from ``sys.modules``: every ``import`` and
+``from ... import`` counts, at module level and inside functions (a function-level import still makes a cycle,
+only a later one), except those under ``if TYPE_CHECKING:``, which never run. ``plugins/`` and ``tasks/`` are
+read as the ``peftbench.plugins`` and ``peftbench.tasks`` packages they ship as.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: source folder -> the package it ships as (pyproject's package-dir)
+PACKAGES = {"peftbench": "peftbench", "plugins": "peftbench.plugins", "tasks": "peftbench.tasks"}
+MAX_FUNCTION_LINES = 80
+
+# Known violations on main that other work packages of issue #18 remove; the lead empties these after merging.
+#: import cycles, each as the sorted modules of one strongly connected component (WP-B: testing <-> conformance)
+KNOWN_CYCLES: set[tuple[str, ...]] = {("peftbench.conformance", "peftbench.testing")}
+#: functions in peftbench/ over MAX_FUNCTION_LINES (WP-B: the trainer)
+KNOWN_LONG_FUNCTIONS: set[str] = {"peftbench.trainer.train"}
+#: plugins that import another plugin's package (WP-A: the LoRA toolkit)
+KNOWN_CROSS_PLUGIN_IMPORTS: set[tuple[str, str]] = {
+    ("peftbench.plugins.adalora", "peftbench.plugins.lora"),
+    ("peftbench.plugins.prilora", "peftbench.plugins.lora"),
+    ("peftbench.plugins.prunedlora", "peftbench.plugins.lora"),
+}
+
+
+def source_modules(repo: Path = REPO) -> dict[str, Path]:
+    """Every module of the shipped packages: dotted name -> file."""
+    modules = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((repo / folder).rglob("*.py")):
+            parts = list(path.relative_to(repo / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.AST):
+    """Every import statement, at any depth, except those under ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                yield from _import_nodes(ast.Module(body=[child], type_ignores=[]))
+            continue
+        yield from _import_nodes(node)
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of ``modules`` that ``module`` (at ``path``) imports."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            base = ".".join(filter(None, [base if node.level else "", node.module or ""]))
+            # `from pkg import x`: the submodule pkg.x where there is one, else pkg itself
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        found.update(t for t in targets if t in modules and t != module)
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(tuple(sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def long_functions(modules: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """``module.qualname`` -> lines of every function (methods and nested ones included) of ``peftbench``
+    itself (not its plugins or tasks) longer than ``limit`` lines, decorators not counted."""
+    long = {}
+    for module, path in modules.items():
+        if module.startswith(("peftbench.plugins", "peftbench.tasks")):
+            continue
+
+        def walk(node: ast.AST, prefix: str) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = f"{prefix}.{child.name}"
+                    lines = child.end_lineno - child.lineno + 1
+                    if not isinstance(child, ast.ClassDef) and lines > limit:
+                        long[name] = lines
+                    walk(child, name)
+                else:
+                    walk(child, prefix)
+
+        walk(ast.parse(path.read_text(), str(path)), module)
+    return long
+
+
+def cross_plugin_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """``(plugin, other plugin)`` for every module of a plugin package that imports another plugin's."""
+    def plugin_of(module: str) -> str | None:
+        parts = module.split(".")
+        return ".".join(parts[:3]) if parts[:2] == ["peftbench", "plugins"] and len(parts) > 2 else None
+
+    found = set()
+    for module, targets in graph.items():
+        mine = plugin_of(module)
+        for target in targets:
+            theirs = plugin_of(target)
+            if mine and theirs and theirs != mine:
+                found.add((mine, theirs))
+    return found
+
+
+# -- the checks ------------------------------------------------------------------------------------------
+
+
+def test_no_import_cycles():
+    found = set(cycles(import_graph(source_modules())))
+    assert not found - KNOWN_CYCLES, f"import cycles: {sorted(found - KNOWN_CYCLES)}"
+
+
+def test_no_function_in_peftbench_is_longer_than_80_lines():
+    found = {name: lines for name, lines in long_functions(source_modules()).items()
+             if name not in KNOWN_LONG_FUNCTIONS}
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines: {found}"
+
+
+def test_no_plugin_imports_another_plugin():
+    found = cross_plugin_imports(import_graph(source_modules()))
+    assert not found - KNOWN_CROSS_PLUGIN_IMPORTS, f"plugins importing other plugins: {sorted(found)}"
+
+
+# -- the checks catch what they look for -----------------------------------------------------------------
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return source_modules(tmp_path)
+
+
+def test_the_checks_find_planted_cycles_long_functions_and_cross_plugin_imports(tmp_path):
+    long_body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    modules = _tree(tmp_path, {
+        "peftbench/__init__.py": "",
+        "peftbench/a.py": "from .b import f\n",
+        "peftbench/b.py": f"def f():\n    from . import a\n{long_body}",  # a function-level import
+        "peftbench/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .d import X\n",
+        "peftbench/d.py": "import peftbench.c\n",
+        "plugins/__init__.py": "",
+        "plugins/one/__init__.py": "from ..two.layer import Layer\n",
+        "plugins/one/util.py": "from . import helpers\nfrom .. import two\n",
+        "plugins/one/helpers.py": "",
+        "plugins/two/__init__.py": "",
+        "plugins/two/layer.py": "import peftbench.a\n",
+        "tasks/__init__.py": "",
+    })
+    graph = import_graph(modules)
+    assert graph["peftbench.plugins.one.util"] == {"peftbench.plugins.one.helpers", "peftbench.plugins.two"}
+    assert cycles(graph) == [("peftbench.a", "peftbench.b")]  # c <-> d only under TYPE_CHECKING: no cycle
+    assert long_functions(modules) == {"peftbench.b.f": MAX_FUNCTION_LINES + 2}  # def, import, body
+    assert cross_plugin_imports(graph) == {("peftbench.plugins.one", "peftbench.plugins.two")}
