@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import modeling
-from .config import Config, MethodConfig
+from .config import Config
 from .errors import BudgetError, ConfigError
 from .hookspecs import ParamCounts, TargetModule
 from .host import Host
-from .schema import from_dict, to_dict
+from .schema import to_dict
 
 
 @dataclass
@@ -44,7 +44,10 @@ class Solved:
 
 
 def model_shapes(config: Config, num_labels: int = 2) -> Shapes:
-    model = modeling.load_model(config.model, num_labels, seed=0, meta=True)
+    try:
+        model = modeling.load_model(config.model, num_labels, seed=0, meta=True)
+    except ConfigError as exc:  # about the `model:` section: name its line
+        raise ConfigError(f"{config.where('model')}{exc}") from None
     head = modeling.head_modules(config.model, model)
     targets = modeling.find_targets(model, modeling.target_patterns(config.model, model), head)
     return Shapes(model, targets, head)
@@ -56,11 +59,6 @@ def target_count(config: Config, targets: list[TargetModule]) -> int:
     if config.budget.lora_rank is None:
         raise ConfigError(f"{config.source}: budget: set `lora_rank` or `params`")
     return config.budget.lora_rank * sum(t.in_features + t.out_features for t in targets)
-
-
-def parse_params(host: Host, method: MethodConfig, raw: dict[str, Any], where: str) -> Any:
-    cls = host.method(method.name)
-    return from_dict(cls.Params, raw, f"{where}.params")
 
 
 def solve_method(host: Host, cls, params: Any, shapes: Shapes, target: int, tolerance: float,
@@ -85,16 +83,19 @@ def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[
     shapes = shapes or model_shapes(config)
     target = target_count(config, shapes.targets)
     solved: dict[tuple[str, str], Solved] = {}
-    cache: dict[str, tuple[Any, ParamCounts]] = {}
+    cache: dict[tuple, tuple[Any, ParamCounts]] = {}
+    config.check_params(host.method)  # done already when the host came from make_host
     for i, method in enumerate(config.methods):
         cls = host.method(method.name)
         for task in config.tasks:
-            raw = config.params_for(method, task)
-            key = f"{method.name}:{sorted(raw.items())!r}:{method.match_budget}"
+            params = config.params_of(method, task)
+            key = (method.name, repr(params), method.match_budget)
             if key not in cache:
-                params = parse_params(host, method, raw, f"methods[{i}]")
-                cache[key] = solve_method(host, cls, params, shapes, target, config.budget.tolerance,
-                                          method.match_budget)
+                try:
+                    cache[key] = solve_method(host, cls, params, shapes, target, config.budget.tolerance,
+                                              method.match_budget)
+                except (ConfigError, BudgetError) as exc:  # a budget hook refusing the params: name the method
+                    raise type(exc)(f"{config.where(f'methods[{i}]')}methods[{i}] ({task}): {exc}") from None
             params, counts = cache[key]
             matched = cls.matches_budget and method.match_budget
             solved[(method.label, task)] = Solved(method.label, method.name, task, params, counts,

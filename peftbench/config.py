@@ -9,16 +9,19 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import os
+import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from typing_extensions import TypedDict
 
 from .errors import ConfigError
-from .schema import Located, coerce, from_dict, suggest, to_dict, where
+from .schema import Located, from_dict, key_path, locate, suggest, to_dict, where
 
 
 @dataclass
@@ -88,18 +91,23 @@ class TrainConfig:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
 
 
+#: training overrides (per task, per method, per method and task): some of :class:`TrainConfig`'s keys,
+#: each checked like the key in ``train:``; :meth:`Config.train_for` resolves them
+TrainOverrides = TypedDict("TrainOverrides", typing.get_type_hints(TrainConfig), total=False)
+
+
 @dataclass
 class TaskOverride:
     params: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TrainOverrides = field(default_factory=dict)
 
 
 @dataclass
 class MethodConfig:
     name: str
     label: str | None = None  #: row name in tables (defaults to name); must be unique in a sweep
-    params: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)  #: training overrides for this method
+    params: dict[str, Any] = field(default_factory=dict)  #: checked by :meth:`Config.check_params`
+    train: TrainOverrides = field(default_factory=dict)  #: training overrides for this method
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
     #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations)
     match_budget: bool = True
@@ -143,7 +151,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     train: TrainConfig = field(default_factory=TrainConfig)
-    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per-task training overrides
+    per_task: dict[str, TrainOverrides] = field(default_factory=dict)  #: per-task training overrides
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     #: local GLUE-style data folder (``<dir>/<Task>/train.tsv``); relative paths are taken from the
@@ -167,28 +175,83 @@ class Config:
         if repeated:
             raise ValueError(f"seeds: repeated seed(s) {repeated}")
 
+    _data = None  # the checked mapping, with its lines (set by parse_config)
+    _params = None  # {(label, task): checked params} (set by check_params)
+
     def where(self, key_path: str) -> str:
-        """``file:line: `` of a key of this config (as far as known), for error messages."""
-        return getattr(self, "_where", {}).get(key_path) or f"{self.source}: "
+        """``file:line: `` of a top-level key or of ``methods[i]`` (its ``name``), for error messages."""
+        method = re.fullmatch(r"methods\[(\d+)\]", key_path)
+        steps = ("methods", int(method[1]), "name") if method else (key_path,)
+        return locate(self._data, steps, f"{self.source}: ")
 
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
-        layers = [self.per_task.get(task, {}), method.train]
-        if task in method.per_task:
-            layers.append(method.per_task[task].train)
         train = self.train
-        for layer in layers:
+        for _, layer in self._train_layers(method, task):
             train = dataclasses.replace(train, **layer)
         return train
 
+    def _train_layers(self, method: MethodConfig, task: str, i: int = -1):
+        """The training overrides of (method ``i``, task), lowest precedence first, with their key steps."""
+        yield ("per_task", task), self.per_task.get(task, {})
+        yield ("methods", i, "train"), method.train
+        if task in method.per_task:
+            yield ("methods", i, "per_task", task, "train"), method.per_task[task].train
+
+    def check_train(self) -> None:
+        """Check the resolved training hyperparameters of every (method, task) (``epochs`` >= 1, ...): a
+        failure names the override that set the key."""
+        for i, method in enumerate(self.methods):
+            for task in self.tasks:
+                try:
+                    self.train_for(method, task)
+                except ValueError as exc:
+                    named = re.match(r"\w*", str(exc))[0]
+                    layers = list(self._train_layers(method, task, i))
+                    steps = next((s for s, layer in reversed(layers) if named in layer), layers[-1][0])
+                    raise ConfigError(f"{locate(self._data, (*steps, named), f'{self.source}: ')}"
+                                      f"{key_path('', steps)}: {exc}") from None
+
     def params_for(self, method: MethodConfig, task: str) -> dict[str, Any]:
+        """The params of (method, task) as written: ``params`` updated by ``per_task.<task>.params``."""
         params = dict(method.params)
         if task in method.per_task:
             params.update(method.per_task[task].params)
         return params
 
+    def check_params(self, lookup: Callable[[str], Any]) -> None:
+        """Check every method's params (per task) against its plugin's ``Params`` dataclass, once;
+        ``lookup``: a method name's class (:meth:`peftbench.host.Host.method`). Errors name the file, line
+        and key path. :meth:`params_of` returns the checked params."""
+        if self._params is not None:
+            return
+        checked = {}
+        for i, method in enumerate(self.methods):
+            cls = lookup(method.name).Params
+            base = self._checked(cls, method.params, ("methods", i, "params"))
+            for task in self.tasks:
+                override = method.per_task.get(task)
+                checked[(method.label, task)] = base if not (override and override.params) else self._checked(
+                    cls, self.params_for(method, task), ("methods", i, "per_task", task, "params"))
+        self._params = checked
+
+    def _checked(self, cls: type, values: dict[str, Any], steps: tuple) -> Any:
+        node, located = self._data, Located(values)
+        for step in steps:
+            node = node[step] if isinstance(node, (dict, list)) and _has(node, step) else None
+        located.lines, located.source = getattr(node, "lines", {}), getattr(node, "source", None)
+        return from_dict(cls, located, key_path("", steps), locate(self._data, steps, f"{self.source}: "))
+
+    def params_of(self, method: MethodConfig, task: str) -> Any:
+        """The checked ``Params`` of (method, task) (after :meth:`check_params`)."""
+        return self._params[(method.label, task)]
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _has(node: dict | list, step: Any) -> bool:
+    return step in node if isinstance(node, dict) else isinstance(step, int) and 0 <= step < len(node)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,12 +334,11 @@ def apply_override(data: dict, assignment: str) -> None:
             continue
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key_path}: {'.'.join(parts[:i])} is not a mapping")
-        if last:
-            node[part] = value
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
+        if last or node.get(part) is None:
+            node[part] = value if last else Located()
+            if isinstance(node, Located):  # errors in the value name the --set, not the file's old line
+                node.lines[part] = f"--set {key_path}"
+        node = node[part]
 
 
 def _list_index(items: list, part: str, key_path: str) -> int:
@@ -312,55 +374,46 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:
-    original, data = data, Located(data)  # a shallow copy that keeps the key lines
-    data.lines, data.source = getattr(original, "lines", {}), getattr(original, "source", None)
-    ctx = f"{source}: "
-    if isinstance(data.get("methods"), list):  # shorthand: `methods: [lora, full]`
-        data["methods"] = [{"name": m} if isinstance(m, str) else m for m in data["methods"]]
-    if isinstance(data.get("tasks"), str):
-        data["tasks"] = [data["tasks"]]
+    """Check ``data`` (a config mapping, ``--set`` applied) into a :class:`Config`: every framework key,
+    training overrides included. Method params are checked against their plugins once those are loaded
+    (:meth:`Config.check_params`, called by ``make_host``)."""
+    data = _spelled_out(data)
     seeds = data.get("seeds")
     if isinstance(seeds, int) and not isinstance(seeds, bool):  # shorthand: `seeds: 3` means [0, 1, 2]
         if not 1 <= seeds <= 10_000:
-            raise ConfigError(f"{where(data, 'seeds') or ctx}seeds: a number of seeds must be in 1..10000, got {seeds}")
+            raise ConfigError(f"{where(data, 'seeds') or f'{source}: '}seeds: a number of seeds must be in "
+                              f"1..10000, got {seeds}")
         data["seeds"] = list(range(seeds))
-    config = from_dict(Config, data, "", ctx)
-    config.source = source
+    config = from_dict(Config, data, "", f"{source}: ")
+    config.source, config._data = source, data
     config.tasks = [t.lower() for t in config.tasks]
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-
-    def check_train(overrides: dict, path: str, raw: Any) -> dict:
-        checked = {}
-        for key, value in overrides.items():
-            if key not in train_fields:
-                raise ConfigError(f"{where(raw, key) or ctx}{path}.{key}: unknown training key{suggest(key, train_fields)}")
-            checked[key] = coerce(value, hints[key], f"{path}.{key}", where(raw, key) or ctx)
-        try:
-            dataclasses.replace(config.train, **checked)
-        except ValueError as exc:
-            raise ConfigError(f"{where(raw) or ctx}{path}: {exc}") from None
-        return checked
-
-    raw_per_task = data.get("per_task") or {}
-    config.per_task = {
-        task.lower(): check_train(over, f"per_task.{task}", raw_per_task.get(task))
-        for task, over in config.per_task.items()
-    }
-    raw_methods = data.get("methods") or []
-    for i, method in enumerate(config.methods):
-        raw = raw_methods[i] if i < len(raw_methods) else {}
-        method.train = check_train(method.train, f"methods[{i}].train", raw.get("train") if isinstance(raw, dict) else None)
-        for task, over in list(method.per_task.items()):
-            raw_task = (raw.get("per_task") or {}).get(task) if isinstance(raw, dict) else None
-            over.train = check_train(over.train, f"methods[{i}].per_task.{task}.train",
-                                     raw_task.get("train") if isinstance(raw_task, dict) else None)
-        method.per_task = {t.lower(): o for t, o in method.per_task.items()}
-    # lines of keys checked later (unknown task and method names): see Config.where
-    config._where = {key: where(data, key) for key in data}
-    config._where.update({f"methods[{i}]": where(raw, "name") for i, raw in enumerate(raw_methods)
-                          if where(raw, "name")})
+    config.check_train()
     return config
+
+
+def _spelled_out(data: dict) -> Located:
+    """A copy of ``data`` (lines kept) with the shorthands ``methods: [lora, full]`` and ``tasks: rte``
+    spelled out, and the task names under ``per_task`` lower-cased like ``tasks``."""
+    data = _copy(data)
+    if isinstance(data.get("tasks"), str):
+        data["tasks"] = [data["tasks"]]
+    methods = data.get("methods")
+    if isinstance(methods, list):
+        methods = data["methods"] = [{"name": m} if isinstance(m, str) else _copy(m) for m in methods]
+    for node in [data, *(m for m in methods if isinstance(m, dict))] if isinstance(methods, list) else [data]:
+        if isinstance(node.get("per_task"), dict):
+            node["per_task"] = _copy(node["per_task"], lambda k: k.lower() if isinstance(k, str) else k)
+    return data
+
+
+def _copy(node: Any, rename=lambda key: key) -> Any:
+    """A shallow copy of a mapping that keeps its lines (and renames its keys)."""
+    if not isinstance(node, dict):
+        return node
+    copy = Located({rename(k): v for k, v in node.items()})
+    copy.lines = {rename(k): line for k, line in getattr(node, "lines", {}).items()}
+    copy.source = getattr(node, "source", None)
+    return copy
 
 
 def data_dir_for(config: Config) -> str | None:

@@ -35,7 +35,8 @@ from .sweep import Sweep, SweepSummary, raised_at
 
 
 def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -> Host:
-    """The plugin host of a sweep; unknown task and method names fail here, naming the config key."""
+    """The plugin host of a sweep; unknown task and method names and bad method params fail here, naming
+    the config key."""
     host = Host(plugins=list(extra_plugins))
     for spec in config.plugins:
         host.load_spec(spec, source=f"{config.where('plugins')}plugins")
@@ -43,6 +44,7 @@ def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -
         _check_name(host.task, name, f"{config.where('tasks')}tasks[{i}]")
     for i, method in enumerate(config.methods):
         _check_name(host.method, method.name, f"{config.where(f'methods[{i}]')}methods[{i}].name")
+    config.check_params(host.method)
     return host
 
 
@@ -58,10 +60,8 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
     (nothing can run without budgets) naming the plugin code that raised."""
     try:
         return solve_all(config, host, shapes)
-    except PeftbenchError as exc:
-        if str(exc).startswith(config.source) or type(exc).__init__ is not Exception.__init__:
-            raise
-        raise type(exc)(f"{config.source}: {exc}") from None  # name the file: "c.yaml: methods[0].params.r: ..."
+    except PeftbenchError:
+        raise
     except Exception as exc:
         raise PluginError(f"solving the trainable-parameter budgets failed: {type(exc).__name__}: {exc} "
                           f"(raised at {raised_at(exc)})") from exc

@@ -1,25 +1,32 @@
-"""Typed validation of plain YAML data into dataclasses, with key paths in every error.
+"""Typed validation of plain YAML data into dataclasses (with pydantic), with key paths in every error.
 
-A tiny, dependency-free subset of what pydantic does, tuned for config files: unknown keys and wrong types
-are errors that name the key path (``methods[1].params.r``) and, where known, the file and line.
+Unknown keys and wrong types are errors that name the key path (``methods[1].params.r``) and, where the data
+came from a file (a :class:`Located` mapping), the file and line: ``c.yaml:12: train.lr: expected a number,
+got 'fast'``. The dataclasses stay plain dataclasses; pydantic checks them and returns their instances.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
+import re
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Union
+
+import pydantic
+import typing_extensions
+from pydantic_core import SchemaValidator, core_schema
 
 from .errors import ConfigError
 
 
 class Located(dict):
-    """A dict that remembers the source line of each key (filled by :func:`peftbench.config.load_yaml`)."""
+    """A dict that remembers the source line of each key (filled by :func:`peftbench.config.load_yaml`).
+    A key set by ``--set`` has the assignment (``"--set train.lr"``) instead of a line."""
 
-    lines: dict[str, int]
+    lines: dict[Any, int | str]
     source: str | None
 
     def __init__(self, *args, **kwargs):
@@ -28,123 +35,22 @@ class Located(dict):
         self.source = None
 
 
-def where(data: Any, key: str | None = None) -> str:
-    """``file:line`` of ``key`` inside a :class:`Located` mapping, or ``""`` when unknown."""
-    if isinstance(data, Located) and data.source:
-        line = data.lines.get(key) if key is not None else None
-        return f"{data.source}:{line}: " if line else f"{data.source}: "
-    return ""
+def where(data: Any, key: Any = None) -> str:
+    """``file:line: `` of ``key`` inside a :class:`Located` mapping, ``file: `` when the line is unknown, or
+    ``""`` when the mapping did not come from a file."""
+    if not isinstance(data, Located):
+        return ""
+    line = data.lines.get(key) if key is not None else None
+    if isinstance(line, str):
+        return f"{line}: "
+    if not data.source:
+        return ""
+    return f"{data.source}:{line}: " if line else f"{data.source}: "
 
 
 def suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, path: str, ctx: str = "") -> Any:
-    """Return ``value`` checked (and minimally converted, int -> float) against the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, path, ctx)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{ctx}{path}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(
-                f"{ctx}{path}: expected one of {_type_name(tp)}, got {value!r}{suggest(value, typing.get_args(tp))}"
-            )
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{ctx}{path}: expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [coerce(v, item_tp, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{ctx}{path}: expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp) or (Any, Any)
-        return {str(k): coerce(v, val_tp, f"{path}.{k}", where(value, k) or ctx) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path, ctx)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "5e-4" (no dot) as a string: accept numeric strings for floats.
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ConfigError(f"{ctx}{path}: expected a number, got {value!r}") from None
-                return coerce(value, tp, path, ctx)
-            raise ConfigError(f"{ctx}{path}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{ctx}{path}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{ctx}{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{ctx}{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{ctx}{path}: expected a string, got {value!r}")
-        return str(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{ctx}{path}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: Any, path: str = "", ctx: str = "") -> Any:
-    """Build dataclass ``cls`` from mapping ``data``; every error names ``path`` (and file:line if known)."""
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data) and isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where(data) or ctx}{path or '<root>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise ConfigError(f"{where(data, key) or ctx}{key_path}: unknown key{suggest(key, fields)}")
-        kwargs[key] = coerce(value, hints[key], key_path, where(data, key) or ctx)
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where(data) or ctx}{path or '<root>'}: missing required key(s) {', '.join(missing)}")
-    try:
-        obj = cls(**kwargs)
-    except (ValueError, TypeError) as exc:  # __post_init__ validation: point at the key it names, if any
-        named = next((k for k in data if str(exc).startswith(f"{k} ")), None)
-        location = where(data, named) if named is not None else ""
-        raise ConfigError(f"{location or ctx or where(data)}{path or '<root>'}: {exc}") from None
-    return obj
 
 
 def to_dict(obj: Any) -> Any:
@@ -156,3 +62,197 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def from_dict(cls: type, data: Any, path: str = "", ctx: str = "") -> Any:
+    """Build dataclass ``cls`` from mapping ``data``. Every error names ``path`` (the key path of ``data``)
+    and the file and line of the key (from :class:`Located` data), else ``ctx`` (e.g. ``"c.yaml: "``)."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    try:
+        return _validator(cls).validate_python(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(explain(exc, cls, data, path, ctx)) from None
+    except TypeError as exc:  # a __post_init__ that fails on a type pydantic let through
+        raise ConfigError(f"{where(data) or ctx}{path or '<root>'}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pydantic glue: strict leaves with the YAML leniencies configs rely on
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _yaml_float(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _whole_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _number_as_str(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+#: pydantic's lax mode reads ``true`` as 1 and ``"yes"`` as true; these leaves are strict instead, after
+#: accepting what configs write: ``1e-3`` for a float, ``2.0`` for an int, ``name: 2024`` for a string
+_LENIENT = {"float": _yaml_float, "int": _whole_int, "str": _number_as_str, "bool": None}
+
+
+def _tighten(node: Any) -> Any:
+    """A copy of pydantic core schema ``node``: strict leaves (see :data:`_LENIENT`), no NaN or inf, and
+    unknown keys refused in every dataclass and typed dict."""
+    if isinstance(node, list):
+        return [_tighten(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: v if k in ("default", "metadata", "cls", "expected") else _tighten(v) for k, v in node.items()}
+    kind = node.get("type")
+    if kind in ("dataclass-args", "typed-dict"):
+        node["extra_behavior"] = "forbid"
+    if kind in _LENIENT:
+        node["strict"] = True
+        if kind == "float":
+            node["allow_inf_nan"] = False
+        if _LENIENT[kind] is not None:
+            node = core_schema.no_info_before_validator_function(_LENIENT[kind], node)
+    return node
+
+
+@functools.cache
+def _validator(tp: Any):
+    return SchemaValidator(_tighten(pydantic.TypeAdapter(tp).core_schema))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pydantic errors as file:line: key.path: message
+# ---------------------------------------------------------------------------------------------------------
+
+_EXPECTED = {
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping", "dataclass_type": "a mapping", "dataclass_exact_type": "a mapping",
+}
+
+
+def explain(exc: pydantic.ValidationError, tp: Any, data: Any, path: str = "", ctx: str = "") -> str:
+    """One ``file:line: key.path: message`` line per error of ``exc`` (raised validating ``data`` as
+    ``tp``); type errors at one key (the members of a union) are merged into one line."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for error in exc.errors():
+        here, steps, node = _walk(data, error["loc"], ctx)
+        kind = error["type"]
+        if kind in ("missing", "missing_argument"):
+            steps = [*steps, error["loc"][len(steps)]]
+        message = _message(error, tp, steps, node)
+        if kind in ("value_error", "assertion_error"):  # a __post_init__ check: point at the key it names
+            named = re.match(r"(\w+)[ :]", message)
+            if named and isinstance(node, dict) and named[1] in node:
+                here = _line(node, named[1]) or here
+                if not steps and message.startswith(f"{named[1]}:"):  # "seeds: repeated seed(s) [3]"
+                    merged.setdefault((here, ""), []).append(message)
+                    continue
+        key = (here, key_path(path, steps) or "<root>")
+        merged.setdefault(key, []).append(message)
+    lines = [f"{here}{f'{key}: ' if key else ''}{_merge(messages)}" for (here, key), messages in merged.items()]
+    return "\n".join(sorted(lines, key=lambda line: int(m[1]) if (m := re.match(r"[^:]*:(\d+): ", line)) else 1e9))
+
+
+def locate(data: Any, steps: tuple | list, ctx: str = "") -> str:
+    """``file:line: `` of the innermost key of ``steps`` inside ``data`` whose line is known, else ``ctx``."""
+    return _walk(data, steps, ctx)[0]
+
+
+def key_path(path: str, steps: tuple | list) -> str:
+    """``key_path("methods", [1, "params", "r"])`` → ``methods[1].params.r``."""
+    for step in steps:
+        path = f"{path}[{step}]" if isinstance(step, int) else f"{path}.{step}" if path else str(step)
+    return path
+
+
+def _walk(data: Any, loc: tuple, ctx: str) -> tuple[str, list, Any]:
+    """Follow ``loc`` into ``data`` as far as it goes: the innermost known ``file:line: ``, the steps taken
+    (a union's member names, which are not in the data, end the walk) and the value reached."""
+    here, steps, node = where(data) or ctx, [], data
+    for step in loc:
+        if isinstance(node, dict) and step in node:
+            here = _line(node, step) or here
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        else:
+            break
+        steps.append(step)
+    return here, steps, node
+
+
+def _line(node: Any, key: Any) -> str | None:
+    return where(node, key) if isinstance(node, Located) and key in node.lines else None
+
+
+def _message(error: dict, tp: Any, steps: list, node: Any) -> str:
+    kind, value = error["type"], error.get("input")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key{suggest(steps[-1], _keys(_type_at(tp, steps[:-1])))}"
+    if kind in ("missing", "missing_argument"):
+        return "missing required key"
+    if kind in ("value_error", "assertion_error"):
+        return str(error["ctx"]["error"])
+    if kind == "literal_error":
+        choices = typing.get_args(_type_at(tp, steps)) or ()
+        allowed = " | ".join(repr(c) for c in choices) or error["ctx"]["expected"]
+        return f"expected one of {allowed}, got {value!r}{suggest(value, choices)}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {value!r}"
+    return f"{error['msg']}, got {value!r}"
+
+
+def _merge(messages: list[str]) -> str:
+    """``expected a list, got 5`` and ``expected a string, got 5`` → ``expected a list or a string, got 5``."""
+    parts = [re.fullmatch(r"expected (.*), got (.*)", m, re.S) for m in messages]
+    if len(messages) > 1 and all(parts) and len({p[2] for p in parts}) == 1:
+        return f"expected {' or '.join(dict.fromkeys(p[1] for p in parts))}, got {parts[0][2]}"
+    return "; ".join(dict.fromkeys(messages))
+
+
+def _type_at(tp: Any, steps: list) -> Any:
+    """The annotation of the value at ``steps`` inside a value annotated ``tp`` (``None``: unknown)."""
+    for step in steps:
+        if tp is None:
+            return None
+        tp = _child(tp, step)
+    return tp
+
+
+def _child(tp: Any, step: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return next((c for c in (_child(a, step) for a in args) if c is not None), None)
+    if dataclasses.is_dataclass(tp) or typing_extensions.is_typeddict(tp):
+        return typing.get_type_hints(tp).get(step)
+    if origin in (list, tuple) and isinstance(step, int):
+        return args[0] if args else Any
+    if origin is dict:
+        return args[1] if args else Any
+    return None
+
+
+def _keys(tp: Any) -> list[str]:
+    if dataclasses.is_dataclass(tp):
+        return [f.name for f in dataclasses.fields(tp) if f.init]
+    if typing_extensions.is_typeddict(tp):
+        return list(typing.get_type_hints(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [k for a in typing.get_args(tp) for k in _keys(a)]
+    return []
+
+
+__all__ = ["Located", "where", "suggest", "to_dict", "from_dict", "explain", "locate", "key_path"]

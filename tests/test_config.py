@@ -50,7 +50,7 @@ def test_valid_config_and_precedence(tmp_path):
     (VALID.replace("  epochs: 2", "  epohcs: 2"), r"c\.yaml:14: train\.epohcs: unknown key \(did you mean 'epochs'"),
     (VALID.replace("  lr: 5e-4", "  lr: fast"), r"c\.yaml:13: train\.lr: expected a number, got 'fast'"),
     (VALID.replace("    train: {lr: 2.0e-3}", "    train: {lr: [1]}"), r"c\.yaml:9: methods\[2\]|methods\[1\]\.train\.lr: expected a number"),
-    (VALID.replace("rte: {lr: 1.0e-3, epochs: 5}", "rte: {lr: 1.0e-3, epoch: 5}"), r"c\.yaml:16: per_task\.rte\.epoch: unknown training key"),
+    (VALID.replace("rte: {lr: 1.0e-3, epochs: 5}", "rte: {lr: 1.0e-3, epoch: 5}"), r"c\.yaml:16: per_task\.rte\.epoch: unknown key \(did you mean 'epochs'"),
     (VALID.replace("tasks: [rte, MRPC]", "tasks: [rte, MRPC"), r"c\.yaml:\d+: YAML syntax error"),
     (VALID + "seeds: [a]\n", r"c\.yaml:17: seeds\[0\]: expected an integer"),
     (VALID + "name: again\n", r"c\.yaml:17: duplicate key 'name'"),

@@ -152,7 +152,7 @@ train:
     (("  epochs: 1", "  epochs: 1\n  warmup_ratio: 1.5"), r"c\.yaml:\d+: train: warmup_ratio must be in \[0, 1\)"),
     (("seeds: [0]", "seeds: 0"), r"c\.yaml:7: seeds: a number of seeds must be in 1\.\.10000, got 0"),
     (("seeds: [0]", "seeds: 1000000000"), r"c\.yaml:7: seeds: a number of seeds must be in 1\.\.10000"),
-    (("seeds: [0]", "seeds: [3, 3]"), r"c\.yaml: .*seeds: repeated seed\(s\) \[3\]"),
+    (("seeds: [0]", "seeds: [3, 3]"), r"c\.yaml:7: seeds: repeated seed\(s\) \[3\]"),
     (("budget: {lora_rank: 4}", "budget: {lora_rank: 4, tolerance: -0.1}"), r"c\.yaml:\d+: budget: tolerance must be >= 0"),
     (("budget: {lora_rank: 4}", "bugdet: {lora_rank: 4}"), r"c\.yaml:8: bugdet: unknown key \(did you mean 'budget'\?\)"),
     (("    params: {r: 4}", "    parms: {r: 4}"), r"c\.yaml:6: methods\[0\]\.parms: unknown key \(did you mean 'params'"),
@@ -187,13 +187,13 @@ def test_unknown_names_suggest_close_matches(tmp_path, change, error, expected):
 
 
 @pytest.mark.parametrize("change,error,expected", [
-    (("    params: {r: 4}", "    params: {r: four}"), ConfigError, r"c\.yaml: methods\[0\]\.params\.r: expected an integer"),
-    (("    params: {r: 4}", "    params: {rank: 4}"), ConfigError, r"c\.yaml: methods\[0\]\.params\.rank: unknown key"),
+    (("    params: {r: 4}", "    params: {r: four}"), ConfigError, r"c\.yaml:6: methods\[0\]\.params\.r: expected an integer, got 'four'"),
+    (("    params: {r: 4}", "    params: {rank: 4}"), ConfigError, r"c\.yaml:6: methods\[0\]\.params\.rank: unknown key"),
     (("budget: {lora_rank: 4}", "budget: {params: 7}"), BudgetError,
      r"c\.yaml: budget: target 7 adapter parameters \(tolerance 1\.0%\) missed by:\n  lora \(toy\)"),
-    (("hidden_size: 32", "hidden_size: 30"), ConfigError, r"c\.yaml: model: cannot build 'minilm'.*not a multiple"),
+    (("hidden_size: 32", "hidden_size: 30"), ConfigError, r"c\.yaml:2: model: cannot build 'minilm'.*not a multiple"),
     (("hidden_size: 32", "hidden_size: wide"), ConfigError,
-     r"c\.yaml: model\.config_overrides\.hidden_size: 'wide' refused by BertConfig"),
+     r"c\.yaml:2: model\.config_overrides\.hidden_size: 'wide' refused by BertConfig"),
 ])
 def test_params_and_budgets_fail_before_training(tmp_path, change, error, expected):
     config = load_config(write(tmp_path, GOOD.replace(*change)))
@@ -238,3 +238,91 @@ def test_unknown_hub_model_offline_fails_at_once_naming_the_overrides(monkeypatc
             modeling.load_config(ModelConfig(name_or_path="some-org/some-model"), num_labels=2)
     finally:
         modeling._hub_unreachable.cache_clear()
+
+
+TWO_METHODS = GOOD.replace("""    params: {r: 4}
+""", """    params: {r: 4}
+  - name: lora
+    label: b
+    params:
+      r: 4
+      alpha: 8
+    per_task:
+      toy:
+        train: {epochs: 1}
+""")
+
+
+@pytest.mark.parametrize("change,sets,expected", [
+    (("      r: 4\n", "      r: four\n"), [], r"c\.yaml:10: methods\[1\]\.params\.r: expected an integer, got 'four'$"),
+    (("      alpha: 8", "      alhpa: 8"), [], r"c\.yaml:11: methods\[1\]\.params\.alhpa: unknown key \(did you mean 'alpha'\?\)$"),
+    (("      alpha: 8", "      alpha: 8\n      dropout: 1.5"), [],  # a ValueError of LoRAParams.__post_init__
+     r"c\.yaml:12: methods\[1\]\.params: dropout must be in \[0, 1\), got 1\.5$"),
+    (("train: {epochs: 1}", "train: {epochs: 0}"), [], r"c\.yaml:14: methods\[1\]\.per_task\.toy\.train: epochs must be >= 1"),
+    (("train: {epochs: 1}", "train: {epoch: 1}"), [], r"c\.yaml:14: methods\[1\]\.per_task\.toy\.train\.epoch: unknown key"),
+    (("train: {epochs: 1}", "train: {lr: fast}"), [], r"c\.yaml:14: methods\[1\]\.per_task\.toy\.train\.lr: expected a number"),
+    (("seeds: [0]", "seeds: [0]\nper_task:\n  TOY: {warmup_ratio: 2}"), [], r"c\.yaml:17: per_task\.toy: warmup_ratio must be in"),
+    (("", ""), ["methods.b.params.r=x"], r"^--set methods\.b\.params\.r: methods\[1\]\.params\.r: expected an integer, got 'x'$"),
+    (("", ""), ["methods.b.per_task.toy.params={r: 0}"], r"^--set methods\.b\.per_task\.toy\.params:1: "
+                                                         r"methods\[1\]\.per_task\.toy\.params: r must be >= 1, got 0$"),
+    (("", ""), ["train.epochs=0"], r"^--set train\.epochs: train: epochs must be >= 1, got 0$"),
+])
+def test_method_params_and_overrides_name_file_line_and_key(tmp_path, change, sets, expected):
+    """Method params are checked against the plugin's Params dataclass when the host is made, with the line."""
+    assert change[0] in TWO_METHODS
+    with pytest.raises(ConfigError, match=expected):
+        make_host(load_config(write(tmp_path, TWO_METHODS.replace(*change)), sets))
+
+
+def test_params_are_checked_once_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    from peftbench import modeling, schema
+
+    checked = []
+    validator = schema._validator
+    monkeypatch.setattr(schema, "_validator", lambda tp: checked.append(tp.__name__) or validator(tp))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the params were checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_model)
+    monkeypatch.setattr(modeling, "preflight", no_model)
+    path = write(tmp_path, TWO_METHODS.replace("      r: 4\n", "      r: -2\n"))
+    for command in (["run", path, "--no-progress"], ["budget", path]):
+        assert main(command) == 2
+        assert re.search(r"c\.yaml:10: methods\[1\]\.params: r must be >= 1, got -2$", capsys.readouterr().err)
+    monkeypatch.undo()
+    config = load_config(write(tmp_path, TWO_METHODS))
+    checked.clear()
+    monkeypatch.setattr(schema, "_validator", lambda tp: checked.append(tp.__name__) or validator(tp))
+    host = make_host(config)
+    solve_budgets(config, host)  # uses the checked params
+    assert checked == ["LoRAParams", "LoRAParams"]  # each method's params, once
+
+
+def test_yaml_spellings_are_accepted_and_wrong_types_refused(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace("  epochs: 1", "  epochs: 2.0\n  lr: 1e-3\n  head_lr: 1")
+                               .replace("name: t", "name: 2024")))
+    assert config.train.epochs == 2 and type(config.train.epochs) is int
+    assert config.train.lr == 1e-3 and type(config.train.head_lr) is float and config.name == "2024"
+    for bad, message in [("epochs: true", "train.epochs: expected an integer, got True"),
+                         ("epochs: '3'", "train.epochs: expected an integer, got '3'"),
+                         ("epochs: 2.5", "train.epochs: expected an integer, got 2.5"),
+                         ("lr: on", "train.lr: expected a number, got True"),
+                         ("lr: .inf", "train.lr: expected a finite number, got inf"),
+                         ("compile: 1", "train.compile: expected true or false, got 1"),
+                         ("compile: 'yes'", "train.compile: expected true or false, got 'yes'")]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, GOOD.replace("  epochs: 1", f"  epochs: 1\n  {bad}".replace(
+                "  epochs: 1\n  epochs", "  epochs"))))
+        assert str(exc.value).endswith(f"c.yaml:{11 if bad.startswith('epochs') else 12}: {message}"), str(exc.value)
+
+
+def test_every_error_is_reported_in_line_order(tmp_path):
+    text = GOOD.replace("  epochs: 1", "  epochs: 1\n  precision: bf61\n  lr: fast").replace("seeds: [0]", "seeds: [x]")
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    lines = [line.split("c.yaml", 1)[1] for line in str(exc.value).splitlines()]
+    assert lines == [":7: seeds[0]: expected an integer, got 'x'",
+                     ":12: train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got 'bf61' "
+                     "(did you mean 'bf16'?)",
+                     ":13: train.lr: expected a number, got 'fast'"]
