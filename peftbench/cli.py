@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from . import __version__
 from .errors import PeftbenchError
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", parents=[plugin], help="comparison table from a results store")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
-    p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "plain"])
+    p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "plain", "json"],
+                   help="json: one object per run (spec with the data fingerprint, counts, metrics, costs)")
     p.add_argument("--method", action="append", help="only these method labels (repeatable)")
     p.add_argument("--task", action="append", help="only these tasks (repeatable)")
     p.add_argument("--model", action="append", help="only runs of these models (repeatable)")
@@ -157,15 +159,18 @@ def cmd_run(args) -> int:
         from tabulate import tabulate
 
         from .runs import expand
+        from .sweep import check_data
 
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
-        for spec in expand(config, solved):
+        for spec in expand(config, solved, check_data(config, host, config.tasks)):  # the ids a run will use
             print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
         return 0
-    from .modeling import preflight
+    from .modeling import check_max_length, preflight
 
     preflight(config.model)
+    check_max_length(config)
+    check_writable(args.db or config.output.db, config.output.dir)  # before any training, not after it
     solved = solve_budgets(config, host)  # bad input fails here, before the store is created
     # under `accelerate launch`, the main process alone writes the store and reports; the others train along
     main_process = is_main_process()
@@ -187,12 +192,53 @@ def cmd_run(args) -> int:
             signal.signal(signal.SIGTERM, previous)
         if main_process:
             rows = store.runs(sweep=[config.name])
+            summary.abandoned = store.abandoned(summary.busy_ids)  # their process died after we skipped them
             store.close()
             print_summary(summary, started)
     if rows:
         print()
         print(build(rows, main_metrics(rows, host), "plain"))
     return 0 if summary.ok else 1
+
+
+def check_writable(db: str, output_dir: str) -> None:
+    """The store and the output folder can be written: checked before training, so that a sweep never trains
+    runs whose results it then cannot keep."""
+    from .errors import ConfigError
+
+    db_path = Path(db)
+    if db_path.is_dir():
+        raise ConfigError(f"--db / output.db {db!r} is a directory; give the path of a results file")
+    problem = _unwritable_dir(db_path.parent)
+    if problem:
+        raise ConfigError(f"--db / output.db {db!r}: {problem}")
+    if db_path.exists():
+        try:
+            with open(db_path, "r+b"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--db / output.db {db!r}: the store cannot be written ({exc.strerror})") from None
+    problem = _unwritable_dir(Path(output_dir))
+    if problem:
+        raise ConfigError(f"output.dir {output_dir!r}: {problem}")
+
+
+def _unwritable_dir(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), or ``None``: tried, not guessed from modes."""
+    import tempfile
+
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+        if parent.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".peftbench-write-test-"):
+            pass
+    except OSError as exc:
+        return f"cannot create files in {folder} ({exc.strerror or exc})"
+    return None
 
 
 def cmd_budget(args) -> int:
@@ -245,7 +291,7 @@ def _stored_runs(args):
     if not os.path.exists(args.db):
         raise ConfigError(f"results store {args.db!r} does not exist; run `peftbench run CONFIG` first "
                           "or pass the store's path")
-    store = Store(args.db)
+    store = Store(args.db, readonly=True)  # a reader never changes the file
     rows = store.runs(label=args.method, task=args.task, model=args.model, sweep=args.sweep)
     store.close()
     return rows
@@ -270,7 +316,9 @@ def cmd_export(args) -> int:
     db = args.db or DEFAULT_DB
     if not os.path.exists(db):
         raise ConfigError(f"results store {db!r} does not exist")
-    store = Store(db)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"export destination {args.out_dir!r} is an existing file; give a folder")
+    store = Store(db, readonly=True)
     run = store.get(args.run_id)
     store.close()
     if run is None or run["status"] != "done":

@@ -184,6 +184,16 @@ class Config:
         steps = ("methods", int(method[1]), "name") if method else (key_path,)
         return locate(self._data, steps, f"{self.source}: ")
 
+    def locate(self, steps: tuple) -> str:
+        """``file:line: `` of the key at ``steps`` (e.g. ``("methods", 1, "per_task", "rte")``)."""
+        return locate(self._data, steps, f"{self.source}: ")
+
+    def per_task_keys(self) -> list[tuple]:
+        """The key steps of every task named under ``per_task`` (top level and each method's)."""
+        keys = [("per_task", task) for task in self.per_task]
+        keys += [("methods", i, "per_task", task) for i, m in enumerate(self.methods) for task in m.per_task]
+        return keys
+
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
         train = self.train
@@ -283,10 +293,15 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def load_yaml(text: str, source: str) -> Any:
-    loader = _LineLoader(text)
-    loader.name = source
+    loader = None
     try:
+        loader = _LineLoader(text)  # the reader rejects control characters here, before parsing
+        loader.name = source
         return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:  # a NUL, a bell...: no problem_mark, a position in the text
+        line = text[:exc.position].count("\n") + 1
+        raise ConfigError(f"{source}:{line}: unprintable character {chr(exc.character)!r} (code {exc.character:#x}) "
+                          "is not allowed in a YAML config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -295,7 +310,8 @@ def load_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{source}: YAML nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def packaged_configs() -> dict[str, Path]:

@@ -30,6 +30,7 @@ from .config import Config
 from .errors import PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
+from .schema import key_path
 from .store import Store
 from .sweep import Sweep, SweepSummary, raised_at
 
@@ -44,6 +45,8 @@ def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -
         _check_name(host.task, name, f"{config.where('tasks')}tasks[{i}]")
     for i, method in enumerate(config.methods):
         _check_name(host.method, method.name, f"{config.where(f'methods[{i}]')}methods[{i}].name")
+    for steps in config.per_task_keys():  # a misspelled task there would be ignored silently
+        _check_name(host.task, steps[-1], f"{config.locate(steps)}{key_path('', steps)}")
     config.check_params(host.method)
     return host
 
@@ -85,6 +88,10 @@ def print_summary(summary: SweepSummary, started: float, out=None) -> None:
     took = time.time() - started
     print(f"peftbench: {summary.done} run(s) finished, {summary.skipped} skipped (finished earlier), "
           f"{len(summary.failed)} failed, {summary.busy} running elsewhere, in {took:.0f}s", file=out)
+    if summary.abandoned:
+        print(f"  unfinished: {len(summary.abandoned)} run(s) skipped as running elsewhere were left unfinished by a "
+              f"process that stopped ({', '.join(summary.abandoned[:5])}); rerun the same command to train them",
+              file=out)
     for spec, reason in summary.failed:
         print(f"  failed: {spec.label} {spec.task} seed={spec.seed} ({spec.run_id}): {reason}", file=out)
     if summary.failed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config, ModelConfig, TrainConfig, data_dir_for
@@ -23,13 +23,19 @@ class RunSpec:
     train: TrainConfig
     data_dir: str | None
     save_adapters: bool = True
+    #: content fingerprint of each split the run reads (``{"train": ..., "dev": ...}``): changed data is a new run
+    data: dict[str, str] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the result (and nothing that does not, like the sweep name)."""
-        return {
+        """Everything that determines the result (and nothing that does not, like the sweep name or the data's
+        path: its content is in ``data``)."""
+        identity = {
             "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
             "model": to_dict(self.model), "train": to_dict(self.train), "label": self.label,
         }
+        if self.data:
+            identity["data"] = dict(self.data)
+        return identity
 
     @property
     def run_id(self) -> str:
@@ -37,8 +43,10 @@ class RunSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def expand(config: Config, solved: dict[tuple[str, str], Any]) -> list[RunSpec]:
-    """All runs of ``config``; ``solved[(label, task)]`` holds each method's budget-solved params."""
+def expand(config: Config, solved: dict[tuple[str, str], Any],
+           data: dict[str, dict[str, str]] | None = None) -> list[RunSpec]:
+    """All runs of ``config``; ``solved[(label, task)]`` holds each method's budget-solved params, ``data[task]``
+    the content fingerprints of the task's splits (:func:`peftbench.sweep.check_data`)."""
     runs = []
     for method in config.methods:
         for task in config.tasks:
@@ -47,6 +55,6 @@ def expand(config: Config, solved: dict[tuple[str, str], Any]) -> list[RunSpec]:
                     sweep=config.name, label=method.label, method=method.name,
                     params=solved[(method.label, task)].params, task=task, seed=seed, model=config.model,
                     train=config.train_for(method, task), data_dir=data_dir_for(config),
-                    save_adapters=config.output.save_adapters,
+                    save_adapters=config.output.save_adapters, data=(data or {}).get(task, {}),
                 ))
     return runs

@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
+-- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
+CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (sweep, run_id));
 """
 
 #: columns added after the first release, with their type: older stores get them on open
@@ -184,6 +186,8 @@ class Store:
         """Mark a run as running by this process. Returns ``"claimed"``, ``"done"`` (skip: finished) or
         ``"busy"`` (skip: another live process on this host is running it)."""
         with self.transaction() as db:
+            if fields.get("sweep"):
+                db.execute("INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?, ?)", (fields["sweep"], run_id))
             row = db.execute("SELECT status, host, pid, proc_start FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is not None:
                 if row["status"] == "done":
@@ -197,6 +201,16 @@ class Store:
             marks = ", ".join("?" for _ in values)
             db.execute(f"INSERT OR REPLACE INTO runs ({columns}) VALUES ({marks})", tuple(values.values()))
         return "claimed"
+
+    def abandoned(self, run_ids: list[str]) -> list[str]:
+        """Those of ``run_ids`` still ``running`` under a process of this host that no longer exists."""
+        lost = []
+        for run_id in run_ids:
+            row = self.db.execute("SELECT status, host, pid, proc_start FROM runs WHERE run_id = ?",
+                                  (run_id,)).fetchone()
+            if row and row["status"] == "running" and row["host"] == self.host and not self._other_live(row):
+                lost.append(run_id)
+        return lost
 
     def _other_live(self, row: sqlite3.Row) -> bool:
         if row["pid"] == self.pid and row["proc_start"] == self.proc_start:
@@ -261,10 +275,19 @@ class Store:
         for key, value in where.items():
             if value:
                 values = value if isinstance(value, (list, tuple)) else [value]
-                clauses.append(f"{key} IN ({', '.join('?' for _ in values)})")
+                marks = ", ".join("?" for _ in values)
+                if key == "sweep" and self._has_table("sweep_runs"):  # also runs another sweep had finished
+                    clauses.append(f"(sweep IN ({marks}) OR run_id IN (SELECT run_id FROM sweep_runs "
+                                   f"WHERE sweep IN ({marks})))")
+                    args.extend(values)
+                else:
+                    clauses.append(f"{key} IN ({marks})")
                 args.extend(values)
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY started"
         return [_decode(row) for row in self.db.execute(sql, args)]
+
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         # a literal prefix: `%` and `_` in an argument are characters, not LIKE wildcards

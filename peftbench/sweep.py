@@ -22,6 +22,7 @@ import numpy as np
 
 from .budget import Solved
 from .config import Config, data_dir_for
+from .data import content_fingerprint
 from .errors import DataError, PeftbenchError
 from .host import Host
 from .runs import RunSpec, expand
@@ -34,10 +35,13 @@ class SweepSummary:
     skipped: int = 0  #: finished earlier
     failed: list[tuple[RunSpec, str]] = field(default_factory=list)
     busy: int = 0  #: running in another live process
+    busy_ids: list[str] = field(default_factory=list)
+    #: runs skipped as running elsewhere whose process has since stopped without finishing them
+    abandoned: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.abandoned
 
 
 @dataclass
@@ -63,14 +67,15 @@ class Sweep:
                  summary: SweepSummary, log=print):
         self.config, self.host, self.store, self.solved = config, host, store, solved
         self.summary, self.log = summary, log
-        self.runs = expand(config, solved)
+        # every split is read and checked before any training; its content fingerprint is part of each run's
+        # identity, so a run on changed data is a new run, never "finished earlier"
+        self.runs = expand(config, solved, check_data(config, host, config.tasks))
 
     def check(self) -> None:
-        """Announce the sweep and check the data of every task with pending runs, before any training."""
+        """Announce the sweep (its data was checked when the run list was made)."""
         config, runs = self.config, self.runs
         self.log(f"peftbench: sweep {config.name!r}: {len(runs)} runs ({len(config.methods)} methods × "
                  f"{len(config.tasks)} tasks × {len(config.seeds)} seeds) → {self.store.path}")
-        check_data(config, self.host, sorted({s.task for s in runs if self.store.status(s.run_id) != "done"}))
 
     def claim(self, i: int, spec: RunSpec) -> str | None:
         """Claim run ``i`` (1-based) in the store: its log tag, or ``None`` to skip it (finished earlier, or
@@ -81,6 +86,8 @@ class Sweep:
             return tag
         self.summary.skipped += claim == "done"
         self.summary.busy += claim == "busy"
+        if claim == "busy":
+            self.summary.busy_ids.append(spec.run_id)
         self.log(f"{tag}: {'finished earlier, skipped' if claim == 'done' else 'running elsewhere, skipped'}")
         return None
 
@@ -134,10 +141,11 @@ class Sweep:
 # -- the data check --------------------------------------------------------------------------------------
 
 
-def check_data(config: Config, host: Host, tasks: list[str]) -> None:
+def check_data(config: Config, host: Host, tasks: list[str]) -> dict[str, dict[str, str]]:
     """Load every split of ``tasks`` once and check it against its task, so that a malformed file stops
-    the sweep before any training instead of hours into it."""
+    the sweep before any training instead of hours into it. Returns each split's content fingerprint."""
     data_dir = data_dir_for(config)
+    fingerprints: dict[str, dict[str, str]] = {}
     for name in tasks:
         task = host.task(name)
         for split in ("train", *task.dev_splits):
@@ -149,6 +157,8 @@ def check_data(config: Config, host: Host, tasks: list[str]) -> None:
                 raise DataError(f"task {name!r}: loading the {split!r} split failed: {type(exc).__name__}: "
                                 f"{exc} (raised at {raised_at(exc)})") from exc
             _check_split(task, split, data)
+            fingerprints.setdefault(name, {})[split] = content_fingerprint(data)
+    return fingerprints
 
 
 def _check_split(task, split: str, data) -> None:

@@ -16,7 +16,44 @@ from typing import Any
 
 from tabulate import tabulate
 
-FORMATS = ("markdown", "latex", "csv", "plain")
+FORMATS = ("markdown", "latex", "csv", "plain", "json")
+
+#: run fields that ``--format json`` leaves out (long, or the store's bookkeeping)
+JSON_SKIP = ("history", "traceback", "host", "pid", "proc_start")
+
+
+def settings_key(run: dict[str, Any]) -> str:
+    """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
+    the training settings and the method's params. Runs of one label are seeds of one setting only when
+    these are equal."""
+    import hashlib
+    import json
+
+    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def separate_settings(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``runs`` with the label of every run whose (label, task) was trained with more than one setting (other
+    data, other params) suffixed by its setting's key, so that such runs are never averaged as seeds; and
+    a note naming them."""
+    keys: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for run in runs:
+        keys[(run["label"], run["task"])].add(settings_key(run))
+    mixed = sorted({label for (label, _), found in keys.items() if len(found) > 1})
+    if not mixed:
+        return runs, []
+    renamed = [{**run, "label": f"{run['label']}@{settings_key(run)}"} if run["label"] in mixed else run
+               for run in runs]
+    return renamed, [f"{', '.join(mixed)}: runs of one label with different settings or data, shown as one row "
+                     "per setting (label@setting), never averaged as seeds"]
+
+
+def runs_json(runs: list[dict[str, Any]]) -> str:
+    """One JSON object per run: config (spec, with the data fingerprint), counts, metrics, costs."""
+    import json
+
+    return json.dumps([{k: v for k, v in run.items() if k not in JSON_SKIP} for run in runs], indent=1, default=str)
 
 
 def human_count(n: float | None) -> str:
@@ -102,6 +139,9 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "json":
+        return runs_json(runs)
+    runs, notes = separate_settings(runs)
     labels, tasks, values, params = collect(runs, main_metric, metric)
     p_values = paired_p_values(runs, main_metric, baseline, metric) if baseline else {}
     settings = varying_params(runs) if ablation else {}
@@ -149,6 +189,7 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     note = f"mean{'±std' if max(seeds) > 1 else ''} of {metric} dev {', '.join(map(str, seeds))} seed(s), ×100"
     if p_values:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
+    note = "; ".join([note, *notes])
     if fmt == "latex":
         return table + f"\n% {note}; best per column in bold"
     return table + f"\n\n{note}; best per column " + ("in bold" if fmt == "markdown" else "marked *")
