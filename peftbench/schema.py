@@ -152,7 +152,7 @@ def explain(exc: pydantic.ValidationError, tp: Any, data: Any, path: str = "", c
         kind = error["type"]
         if kind in ("missing", "missing_argument"):
             steps = [*steps, error["loc"][len(steps)]]
-        message = _message(error, tp, steps, node)
+        message = _message(error, tp, steps)
         if kind in ("value_error", "assertion_error"):  # a __post_init__ check: point at the key it names
             named = re.match(r"(\w+)[ :]", message)
             if named and isinstance(node, dict) and named[1] in node:
@@ -198,7 +198,7 @@ def _line(node: Any, key: Any) -> str | None:
     return where(node, key) if isinstance(node, Located) and key in node.lines else None
 
 
-def _message(error: dict, tp: Any, steps: list, node: Any) -> str:
+def _message(error: dict, tp: Any, steps: list) -> str:
     kind, value = error["type"], error.get("input")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown key{suggest(steps[-1], _keys(_type_at(tp, steps[:-1])))}"
