@@ -14,6 +14,7 @@ from .config import Config, MethodConfig
 from .errors import BudgetError, ConfigError
 from .hookspecs import ParamCounts, TargetModule
 from .host import Host
+from .lora import rank_cost
 from .schema import from_dict, to_dict
 
 
@@ -55,7 +56,7 @@ def target_count(config: Config, targets: list[TargetModule]) -> int:
         return config.budget.params
     if config.budget.lora_rank is None:
         raise ConfigError(f"{config.source}: budget: set `lora_rank` or `params`")
-    return config.budget.lora_rank * sum(t.in_features + t.out_features for t in targets)
+    return config.budget.lora_rank * rank_cost(targets)
 
 
 def parse_params(host: Host, method: MethodConfig, raw: dict[str, Any], where: str) -> Any:

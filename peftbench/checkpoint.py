@@ -102,7 +102,8 @@ class Checkpoint:
         state.logs.update(saved["state"]["logs"])
         if host.implemented("peftbench_load_state_dict"):  # first: it may restore shapes the tensors need
             host.hook.peftbench_load_state_dict(model=model, state=state, state_dict=saved["method"])
-        with torch.no_grad():
+        model.load_state_dict(saved["model"], strict=False)  # a peftbench_resizable layer takes the saved shape
+        with torch.no_grad():  # then every tensor, non-persistent buffers included
             current = _resumable_tensors(model)
             for name, tensor in saved["model"].items():
                 current[name].copy_(tensor)

@@ -20,7 +20,7 @@ from .config import Config, parse_config
 from .hookspecs import hookimpl
 from .task import Split, Task
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 
 _POSITIVE = ["good", "great", "fine", "nice", "superb", "happy"]
 _NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "dull"]
