@@ -135,7 +135,8 @@ class LoRALinear(nn.Module):
 
     def resize(self, r: int) -> None:
         """Give the adapter rank ``r`` in place (the same ``nn.Parameter`` objects, so an optimizer holding them
-        stays valid): components beyond ``r`` are dropped, new ones are zero. The scaling is kept."""
+        stays valid): components beyond ``r`` are dropped, new ones are zero. The scaling is kept. For loading;
+        during training, use :func:`~peftbench.lora.keep_rank` (see :mod:`peftbench.lora.resize`)."""
         resize_rank(self.lora_A, 0, r)
         resize_rank(self.lora_B, 1, r)
 
