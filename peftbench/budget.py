@@ -14,6 +14,7 @@ from .config import Config
 from .errors import BudgetError, ConfigError
 from .hookspecs import ParamCounts, TargetModule
 from .host import Host
+from .lora import rank_cost
 from .schema import to_dict
 
 
@@ -58,7 +59,7 @@ def target_count(config: Config, targets: list[TargetModule]) -> int:
         return config.budget.params
     if config.budget.lora_rank is None:
         raise ConfigError(f"{config.source}: budget: set `lora_rank` or `params`")
-    return config.budget.lora_rank * sum(t.in_features + t.out_features for t in targets)
+    return config.budget.lora_rank * rank_cost(targets)
 
 
 def solve_method(host: Host, cls, params: Any, shapes: Shapes, target: int, tolerance: float,

@@ -1,8 +1,8 @@
 """``peftbench export RUN_ID DIR``: a stored run's best adapter in HF PEFT's format.
 
 The run's model is rebuilt exactly as the trainer built it (same base, same seed, the method injected with the
-run's solved params), its saved best trainable weights are loaded (tensors whose shape changed during
-training, like PrunedLoRA's shrunk ranks, are resized to the saved shape), and the method's
+run's solved params), its saved best trainable weights are loaded (a layer whose shape changed during
+training, like PrunedLoRA's shrunk ranks, takes the saved shape itself: ``peftbench_resizable``), and the method's
 ``peftbench_export_peft`` hook turns the adapter into PEFT's layout. The head (pooler, classifier) goes into
 ``modules_to_save``, so ``PeftModel.from_pretrained(base, DIR)`` reproduces the run's dev predictions.
 """
@@ -20,9 +20,8 @@ from . import modeling
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .host import Host
+from .lora import PREFIX
 from .schema import from_dict
-
-PREFIX = "base_model.model."
 
 
 def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
@@ -56,23 +55,19 @@ def _weights_path(run: dict[str, Any]) -> Path:
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
-    """Load saved trainable weights (safetensors: data only, nothing executed), resizing changed shapes."""
+    """Load saved trainable weights (safetensors: data only, nothing executed) into the rebuilt model."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ConfigError(f"{path}: weights for parameters the rebuilt model lacks: {unknown[:5]}")
-    for name, tensor in state.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        current = getattr(module, attr)
-        if current.shape != tensor.shape:  # e.g. ranks pruned during training
-            setattr(module, attr, nn.Parameter(tensor.to(current.dtype), requires_grad=current.requires_grad))
-        else:
-            with torch.no_grad():
-                current.copy_(tensor)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    unknown, missing = sorted(set(state) - trainable), sorted(trainable - set(state))
+    if unknown or missing:
+        raise ConfigError(f"{path}: the saved weights do not fit the rebuilt model: "
+                          f"{'unexpected ' + str(unknown[:5]) if unknown else 'missing ' + str(missing[:5])}")
+    try:
+        model.load_state_dict(state, strict=False)  # frozen weights are rebuilt, not saved
+    except RuntimeError as exc:  # a shape no layer can take (only peftbench_resizable ones resize)
+        raise ConfigError(f"{path}: the saved weights do not fit the rebuilt model: {exc}") from None
 
 
 def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:

@@ -69,9 +69,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .method import Method
     from .task import Task
 
-#: Major version of this contract. Bumped only when a hook changes incompatibly; a plugin module declares
-#: the version it targets as ``PEFTBENCH_API_VERSION`` and is refused, with a clear reason, on mismatch.
-API_VERSION = 1
+#: Major version of the plugin API: these hooks and the LoRA toolkit (:mod:`peftbench.lora`). Bumped only when
+#: either changes incompatibly; a plugin module declares the version it targets as ``PEFTBENCH_API_VERSION``.
+#: 2 added the toolkit; version 1 plugins still load (with a note naming what to change), others are refused.
+API_VERSION = 2
 
 hookspec = pluggy.HookspecMarker("peftbench")
 hookimpl = pluggy.HookimplMarker("peftbench")

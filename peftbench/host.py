@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .schema import suggest
 from .task import Task
 
 ENTRY_POINT_GROUP = "peftbench"
+#: plugin API versions loaded: the current one, and 1 through the compatibility layer of ``peftbench.plugins.lora``
+COMPATIBLE_API_VERSIONS = (1, hookspecs.API_VERSION)
 
 
 @dataclass
@@ -137,17 +140,10 @@ class Host:
 
     def add_plugin(self, obj: Any, info: PluginInfo) -> bool:
         """Register a plugin module/object and collect its methods and tasks. Returns success."""
-        version = getattr(obj, "PEFTBENCH_API_VERSION", None)
         if info.source != "object":
-            if version is None:
-                return self._fail(info, "declares no PEFTBENCH_API_VERSION; add `PEFTBENCH_API_VERSION = "
-                                  f"{hookspecs.API_VERSION}` to the plugin module (this peftbench implements "
-                                  f"hook API version {hookspecs.API_VERSION})")
-            if version != hookspecs.API_VERSION:
-                return self._fail(info, f"targets peftbench hook API version {version!r}, but "
-                                  f"peftbench {_peftbench_version()} implements version {hookspecs.API_VERSION}; "
-                                  "install a release of the plugin written for this API version, or a "
-                                  "peftbench that implements the plugin's")
+            problem = api_version_problem(getattr(obj, "PEFTBENCH_API_VERSION", None), info)
+            if problem:
+                return self._fail(info, problem)
         try:
             self._register(obj, info.name)
         except pluggy.PluginValidationError as exc:
@@ -267,6 +263,25 @@ class Host:
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+def api_version_problem(version: Any, info: PluginInfo) -> str | None:
+    """Why a plugin declaring ``version`` is refused, or ``None``; version 1 loads with a note (a warning)
+    naming what to change, and runs through the compatibility layer of ``peftbench.plugins.lora``."""
+    current = hookspecs.API_VERSION
+    if version is None:
+        return (f"declares no PEFTBENCH_API_VERSION; add `PEFTBENCH_API_VERSION = {current}` to the plugin module "
+                f"(this peftbench implements hook API version {current})")
+    if version not in COMPATIBLE_API_VERSIONS:
+        return (f"targets peftbench hook API version {version!r}, but peftbench {_peftbench_version()} implements "
+                f"version {current} (and 1 through a compatibility layer); install a release of the plugin "
+                "written for this API version, or a peftbench that implements the plugin's")
+    if version != current:
+        warnings.warn(f"plugin {info.name!r} ({info.source}) targets peftbench API version {version} and runs "
+                      "through a compatibility layer; to update it, import the LoRA toolkit from peftbench.lora "
+                      f"(not peftbench.plugins.lora) and declare PEFTBENCH_API_VERSION = {current}",
+                      FutureWarning, stacklevel=3)
+    return None
 
 
 def _peftbench_version() -> str:

@@ -370,11 +370,12 @@ def test_export_reproduces_outputs_in_peft():
             layer.E.copy_(torch.randn(4, generator=g, dtype=layer.E.dtype) * (torch.rand(4, generator=g) < 0.6))
             if i == 3:
                 layer.E.zero_()  # no triplet left: the module is left out of the adapter
-    config, state = method.peftbench_export_peft(model=model, targets=targets)
+    config, state = method.peftbench_export_peft(model=model)
     assert config["peft_type"] == "LORA" and targets[3].name not in config["target_modules"]
-    for name, r in config["rank_pattern"].items():
+    for name in config["target_modules"]:
+        r = config["rank_pattern"].get(name, config["r"])
         assert state[f"base_model.model.{name}.lora_A.weight"].shape[0] == r
-        assert math.isclose(config["alpha_pattern"][name] / r, 8.0 / 4)
+        assert math.isclose(config["alpha_pattern"].get(name, config["lora_alpha"]) / r, 8.0 / 4)
 
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
     loaded = set_peft_model_state_dict(lora, state)

@@ -233,7 +233,7 @@ def test_export_loads_into_hf_peft_with_identical_outputs(tiny, tmp_path):
     ours = _dora(base, targets, r=3, alpha=6, rank_pattern={targets[2].name: 4})
     _perturb(ours, targets)
     config, state_dict = DoRA(DoRAParams(r=3, alpha=6, rank_pattern={targets[2].name: 4})).peftbench_export_peft(
-        ours, targets)
+        ours)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     save_file(state_dict, str(tmp_path / "adapter_model.safetensors"))
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()

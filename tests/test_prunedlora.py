@@ -13,7 +13,6 @@ from peftbench.plugins.prunedlora import (
     plan_schedule,
     pruning,
 )
-from peftbench.plugins.prunedlora.surgery import replace_parameter
 from torch import nn
 
 from peftbench import modeling
@@ -197,30 +196,8 @@ def test_activation_criterion_tracks_the_input_energy_of_each_component():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# optimizer surgery and physical shrinking
+# physical shrinking (the toolkit's keep_rank: tests/test_lora_toolkit.py)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_replace_parameter_slices_adam_state_and_keeps_the_step():
-    old = nn.Parameter(torch.randn(4, 6))
-    other = nn.Parameter(torch.randn(3))
-    optimizer = torch.optim.AdamW([{"params": [other]}, {"params": [old], "weight_decay": 0.1}], lr=0.1)
-    for _ in range(2):
-        (old.square().sum() + other.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    before = {k: v.clone() for k, v in optimizer.state[old].items()}
-    keep = torch.tensor([0, 2, 5])
-    new = nn.Parameter(old.detach()[:, keep].clone())
-    replace_parameter(optimizer, old, new, [None, keep])
-    assert optimizer.param_groups[1]["params"] == [new] and old not in optimizer.state
-    assert torch.equal(optimizer.state[new]["exp_avg"], before["exp_avg"][:, keep])
-    assert torch.equal(optimizer.state[new]["exp_avg_sq"], before["exp_avg_sq"][:, keep])
-    assert torch.equal(optimizer.state[new]["step"], before["step"])
-    with pytest.raises(KeyError):
-        replace_parameter(optimizer, old, nn.Parameter(torch.zeros(4, 3)), [None, keep])
-    with pytest.raises(ValueError, match="shape"):
-        replace_parameter(optimizer, new, nn.Parameter(torch.zeros(2, 2)), [None, torch.tensor([0])])
 
 
 def test_step_on_shrunk_tensors_equals_step_on_masked_full_tensors():
@@ -250,8 +227,7 @@ def test_step_on_shrunk_tensors_equals_step_on_masked_full_tensors():
             for tensor in (p, p.grad, masked_optimizer.state[p]["exp_avg"], masked_optimizer.state[p]["exp_avg_sq"]):
                 tensor.index_fill_(dim, removed, 0.0)
     # shrunk: the same gradient step on physically smaller tensors
-    layer.keep_components(keep, layer.lora_B.detach(), layer.lora_A.detach(),
-                          lambda old, new, index: replace_parameter(optimizer, old, new, index))
+    layer.keep_components(keep, layer.lora_B.detach(), layer.lora_A.detach(), optimizer)
     assert layer.r == 4 and layer.lora_B.grad.shape == (6, 4) and layer.component_ids.tolist() == keep.tolist()
     for _ in range(3):
         optimizer.step()
@@ -389,15 +365,13 @@ def test_checkpoint_state_restores_pruned_shapes_into_a_fresh_model():
     restored = PrunedLoRA(method.params)
     state = _state(fresh)
     restored.peftbench_train_start(model=fresh, state=state)
-    restored.peftbench_load_state_dict(model=fresh, state=state, state_dict=saved)
-    with torch.no_grad():  # what the host does next: copy the saved tensors in
-        trained = dict(pruned.named_parameters())
-        for name, p in fresh.named_parameters():
-            p.copy_(trained[name])
+    restored.peftbench_load_state_dict(model=fresh, state_dict=saved)  # the method's Python state only
+    trained = {name: p for name, p in pruned.named_parameters() if p.requires_grad}
+    fresh.load_state_dict(trained, strict=False)  # what the host does next: each layer takes the saved rank
     assert restored.ranks() == method.ranks() == {t.name: 10 for t in targets}
     assert restored.rank_history == method.rank_history and restored._next_event == method._next_event
     optimized = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
-    assert all(id(layer.lora_A) in optimized for layer in restored.layers.values())
+    assert all(id(layer.lora_A) in optimized for layer in restored.layers.values())  # resized in place
     assert _loss(fresh, batches[1]) == _loss(pruned, batches[1])
 
 
@@ -410,7 +384,7 @@ def test_exported_adapter_gives_the_same_outputs_in_hf_peft():
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PrunedLoRALinear)}
     for name, layer in layers.items():
         keep = torch.arange(0, layer.r, 2 if ".0." in name else 3)
-        layer.keep_components(keep, layer.lora_B.detach(), layer.lora_A.detach(), lambda *_: None)
+        layer.keep_components(keep, layer.lora_B.detach(), layer.lora_A.detach())
     config, state_dict = method.peftbench_export_peft(model=model, targets=targets)
     assert config["peft_type"] == "LORA" and config["rank_pattern"]
 

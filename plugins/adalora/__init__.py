@@ -43,14 +43,13 @@ Intentional differences from HF PEFT (``tests/test_adalora.py`` checks parity wi
   final mask is one tensor, and per-shape batching replaces per-parameter loops; results are the same.
 
 Export (``peftbench_export_peft``) folds the adapter into LoRA form: per module, the triplets in effect
-(``Λ_i != 0``) give ``lora_B = P[:, kept] · diag(Λ[kept])`` and ``lora_A = Q[kept]``, with ``rank_pattern``
-and ``alpha_pattern`` (``alpha · r_m / init_r``) so that PEFT's ``alpha / r`` equals the AdaLoRA scale.
+(``Λ_i != 0``) give ``lora_B = P[:, kept] · diag(Λ[kept])`` and ``lora_A = Q[kept]`` at the AdaLoRA scale;
+the toolkit's exporter writes the per-module ranks and alphas (``alpha · r_m / init_r``) PEFT needs.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,13 +58,14 @@ from torch import nn
 
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
+from peftbench.lora import lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Method
 from peftbench.modeling import replace_module
 
 from .allocator import RankAllocator, budget_schedule, orthogonal_penalty
 from .layer import SVDLinear
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
 __all__ = ["AdaLoRA", "AdaLoRAParams", "SVDLinear", "RankAllocator", "adalora_layers", "budget_schedule",
            "orthogonal_penalty", "resolve_steps"]
@@ -124,11 +124,12 @@ def resolve_steps(value: float, total_steps: int) -> int:
 
 
 def adalora_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
+    return lora_layers(model, SVDLinear)
 
 
-def _triplet_costs(targets: list[TargetModule]) -> list[int]:
-    return [t.in_features + t.out_features + 1 for t in targets]
+def _triplet_costs(modules) -> list[int]:
+    """A triplet: one rank of LoRA (a column of P, a row of Q) and its singular value."""
+    return [rank_cost(m) + 1 for m in modules]
 
 
 class AdaLoRA(Method):
@@ -189,7 +190,7 @@ class AdaLoRA(Method):
                 "tinit < total steps - tfinal (give them as fractions, e.g. tinit: 0.13, tfinal: 0.47)")
         layers = adalora_layers(model)
         unit = p.budget_unit
-        costs = [layer.in_features + layer.out_features + 1 for layer in layers.values()]
+        costs = _triplet_costs(layers.values())
         target = round(p.target_r * (len(layers) if unit == "triplets" else sum(costs)))
         self.allocator = RankAllocator(layers, target=target, tinit=tinit, tfinal=tfinal,
                                        total_steps=state.total_steps, delta_t=p.deltaT, beta1=p.beta1,
@@ -221,8 +222,7 @@ class AdaLoRA(Method):
         kept = {name: int(torch.count_nonzero(layer.E)) for name, layer in layers.items()}
         report = {
             "counts": {
-                "final": sum(r * (layer.in_features + layer.out_features + 1)
-                             for r, layer in zip(kept.values(), layers.values())),
+                "final": sum(r * cost for r, cost in zip(kept.values(), _triplet_costs(layers.values()))),
                 "peak": sum(p.numel() for layer in layers.values() for p in (layer.P, layer.E, layer.Q)),
                 "nonzero": sum(int(torch.count_nonzero(p)) for layer in layers.values()
                                for p in (layer.P, layer.E, layer.Q)),
@@ -241,26 +241,14 @@ class AdaLoRA(Method):
     # --- export ----------------------------------------------------------------------------------------------
 
     @hookimpl
-    def peftbench_export_peft(self, model, targets):
-        state, ranks, alphas = {}, {}, {}
+    def peftbench_export_peft(self, model):
+        """LoRA form through the toolkit's exporter; a module with no triplet left (rank 0) is left out."""
+        factors = {}
         for name, layer in adalora_layers(model).items():
             kept = torch.nonzero(layer.E.detach()).flatten()  # the triplets in effect
-            if kept.numel() == 0:
-                continue  # a module with no triplet left has no update: leave it out of the adapter
-            e = layer.E.detach()[kept]
-            state[f"base_model.model.{name}.lora_B.weight"] = (layer.P.detach()[:, kept] * e).contiguous()
-            state[f"base_model.model.{name}.lora_A.weight"] = layer.Q.detach()[kept].contiguous()
-            ranks[name] = kept.numel()
-            alphas[name] = layer.scaling * kept.numel()  # PEFT's scale alpha / r = AdaLoRA's alpha / init_r
-        if not ranks:
-            return None
-        r = Counter(ranks.values()).most_common(1)[0][0]
-        config = {
-            "peft_type": "LORA", "r": r, "lora_alpha": alphas[next(n for n in ranks if ranks[n] == r)],
-            "target_modules": list(ranks), "rank_pattern": ranks, "alpha_pattern": alphas,
-            "lora_dropout": self.params.dropout, "bias": "none",
-        }
-        return config, state
+            b = layer.P.detach()[:, kept] * layer.E.detach()[kept]
+            factors[name] = (layer.Q.detach()[kept], b, layer.scaling)
+        return lora_peft_export(factors)
 
 
 @hookimpl

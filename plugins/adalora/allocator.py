@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftbench.lora import rank_cost
+
 from .layer import SVDLinear
 
 
@@ -83,7 +85,7 @@ class RankAllocator:
         self.final_step = total_steps - tfinal  # the step that fixes the final mask
         self.budget_unit = budget_unit
         #: parameters a triplet of each module costs: a column of P, a row of Q and its singular value
-        self.cost = torch.tensor([[layer.in_features + layer.out_features + 1] * self.r for layer in self.layers],
+        self.cost = torch.tensor([[rank_cost(layer) + 1] * self.r for layer in self.layers],
                                  device=device)
         self.initial = self.cost.numel() if budget_unit == "triplets" else int(self.cost.sum())
         self.target = target

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.layer import MergedLoRAFunction, merge_is_exact, merged_linear
+from peftbench.lora import MergedLoRAFunction, merge_is_exact, merged_linear
 
 
 class SVDLinear(nn.Module):

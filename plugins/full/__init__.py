@@ -8,7 +8,7 @@ from __future__ import annotations
 from peftbench.hookspecs import ParamCounts, hookimpl
 from peftbench.method import Method
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
 
 

@@ -2,27 +2,26 @@
 
 Numerically equivalent to HF PEFT's LoRA (``tests/test_lora_parity.py``). Per-module ranks and alphas
 (``rank_pattern`` / ``alpha_pattern``, PEFT's semantics: a key matches a module whose name ends with it)
-make the layer reusable by methods with non-uniform ranks.
+serve methods with non-uniform ranks.
+
+The layer, injection and export live in the public toolkit :mod:`peftbench.lora`; this plugin is only the
+method. API version 1 plugins imported the toolkit's names from here: they still resolve, with a
+``DeprecationWarning`` (:func:`__getattr__`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from torch import nn
-
-from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
+import peftbench.lora as toolkit
+from peftbench.hookspecs import ParamCounts, hookimpl
 from peftbench.method import Method
-from peftbench.modeling import replace_module
 
-from .export import lora_peft_export
-from .layer import LoRALinear
-
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
-__all__ = ["LoRA", "LoRAParams", "LoRALinear", "inject_lora", "lora_layers", "lora_peft_export"]
+__all__ = ["LoRA", "LoRAParams"]
 
 
 @dataclass
@@ -55,38 +54,17 @@ def _lookup(pattern: dict, name: str, default):
     return default
 
 
-def inject_lora(model: nn.Module, targets: list[TargetModule], rank_of: Callable[[TargetModule], int],
-                alpha_of: Callable[[TargetModule], float], dropout: float = 0.0,
-                layer_cls: type[LoRALinear] = LoRALinear, **layer_kwargs) -> dict[str, LoRALinear]:
-    """Wrap every target ``nn.Linear`` of ``model`` in ``layer_cls``; returns the new layers by name."""
-    layers = {}
-    for target in targets:
-        base = model.get_submodule(target.name)
-        layer = layer_cls(base, rank_of(target), alpha_of(target), dropout, **layer_kwargs)
-        replace_module(model, target.name, layer)
-        layers[target.name] = layer
-    return layers
-
-
-def lora_layers(model: nn.Module, layer_cls: type[nn.Module] = LoRALinear) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, layer_cls)}
-
-
-def lora_count(targets: list[TargetModule], rank_of: Callable[[TargetModule], int]) -> int:
-    return sum(rank_of(t) * (t.in_features + t.out_features) for t in targets)
-
-
 class LoRA(Method):
     name = "lora"
     Params = LoRAParams
     description = "LoRA (Hu et al.): W + (alpha/r)·B·A on every target module"
 
-    def _rank(self, target: TargetModule) -> int:
+    def _rank(self, target) -> int:
         return self.params.rank_of(target.name)
 
-    def _count(self, targets: list[TargetModule]) -> int:
+    def _count(self, targets) -> int:
         bias = sum(t.out_features for t in targets) if self.params.bias == "lora_only" else 0
-        return lora_count(targets, self._rank) + bias
+        return sum(self._rank(t) * toolkit.rank_cost(t) for t in targets) + bias
 
     @hookimpl
     def peftbench_count_trainable(self, targets):
@@ -95,14 +73,15 @@ class LoRA(Method):
 
     @hookimpl
     def peftbench_solve_budget(self, targets, target):
-        per_rank = sum(t.in_features + t.out_features for t in targets)
+        per_rank = toolkit.rank_cost(targets)
         bias = sum(t.out_features for t in targets) if self.params.bias == "lora_only" else 0
         r = max(1, round((target - bias) / per_rank))
         return self.with_params(r=r, rank_pattern={})
 
     @hookimpl
     def peftbench_inject(self, model, targets):
-        layers = inject_lora(model, targets, self._rank, lambda t: self.params.alpha_of(t.name), self.params.dropout)
+        layers = toolkit.inject_lora(model, targets, self._rank, lambda t: self.params.alpha_of(t.name),
+                                     self.params.dropout)
         if self.params.bias == "lora_only":
             for layer in layers.values():
                 if layer.base.bias is not None:
@@ -113,9 +92,27 @@ class LoRA(Method):
     def peftbench_export_peft(self, model):
         if self.params.bias != "none":
             return None  # PEFT keeps trained biases in the base layer: not exported here
-        return lora_peft_export({n: (m.lora_A, m.lora_B, m.scaling) for n, m in lora_layers(model).items()})
+        layers = toolkit.lora_layers(model)
+        return toolkit.lora_peft_export({n: (m.lora_A, m.lora_B, m.scaling) for n, m in layers.items()})
 
 
 @hookimpl
 def peftbench_add_methods():
     return [LoRA]
+
+
+#: API version 1 names, now in the toolkit: resolved with a warning (see :func:`__getattr__`)
+_MOVED = ("LoRALinear", "inject_lora", "lora_layers", "lora_peft_export")
+
+
+def __getattr__(name: str) -> Any:
+    """``from peftbench.plugins.lora import inject_lora`` (API version 1) still works, with a warning."""
+    if name in _MOVED:
+        return _moved(__name__, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _moved(module: str, name: str) -> Any:
+    warnings.warn(f"{module}.{name} moved to peftbench.lora.{name} (the LoRA toolkit, API version 2): import it "
+                  "from peftbench.lora and declare PEFTBENCH_API_VERSION = 2", DeprecationWarning, stacklevel=3)
+    return getattr(toolkit, name)

@@ -43,18 +43,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peftbench.plugins.lora import inject_lora
 from torch import nn
 
 from peftbench.errors import ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, TrainState, hookimpl
+from peftbench.lora import inject_lora, lora_peft_export, rank_cost
 from peftbench.method import Method
 
 from .layer import InputNorms, PRILoRALinear
 from .pruning import Criterion, Grouping, expected_pruned, importance, prune_mask
 from .ranks import layer_ranks
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
 __all__ = ["PRILoRA", "PRILoRAParams", "PRILoRALinear", "layer_ranks"]
 
@@ -140,7 +140,7 @@ def sync_statistics(layers) -> None:
 
 def _counts(params: PRILoRAParams, targets: list[TargetModule]) -> ParamCounts:
     ranks = params.module_ranks(targets)
-    dense = sum(ranks[t.name] * (t.in_features + t.out_features) for t in targets)
+    dense = sum(ranks[t.name] * rank_cost(t) for t in targets)
     pruned = sum(expected_pruned(params.criterion, params.grouping, params.prune_ratio, ranks[t.name],
                                  t.in_features, t.out_features) for t in targets)
     return ParamCounts(final=dense, peak=dense, nonzero=dense - pruned)
@@ -174,7 +174,7 @@ class PRILoRA(Method):
         if isinstance(self.params.schedule, list):
             return self.params  # used as given; the host reports a miss
         num_layers = targets[0].num_layers
-        per_rank_unit = sum(t.in_features + t.out_features for t in targets) / num_layers  # mean layer cost
+        per_rank_unit = rank_cost(targets) / num_layers  # mean layer cost
         guess = round(target / per_rank_unit)  # total rank units over all layers
         candidates = [self.with_params(r=units / num_layers)
                       for units in range(max(num_layers, guess - 2), max(num_layers, guess + 2) + 1)]
@@ -304,27 +304,11 @@ class PRILoRA(Method):
 
     @hookimpl
     def peftbench_export_peft(self, model: nn.Module, targets: list[TargetModule]):
-        """LoRA format: one ``rank_pattern`` entry per module (full module names), pruned zeros kept in A."""
+        """LoRA format through the toolkit's exporter (per-layer ranks and scales), pruned zeros kept in A."""
         layers = {t.name: model.get_submodule(t.name) for t in targets}
         if not all(isinstance(m, PRILoRALinear) for m in layers.values()):
             return None
-        ranks = {name: m.r for name, m in layers.items()}
-        config = {
-            "peft_type": "LORA",
-            "r": round(sum(ranks.values()) / len(ranks)),  # unused: every module is in rank_pattern
-            "lora_alpha": self.params.alpha,
-            "lora_dropout": self.params.dropout,
-            "bias": "none",
-            "target_modules": list(layers),
-            "rank_pattern": ranks,
-            # scaling alpha / r_l: PEFT computes the same from rank_pattern; "constant" needs alpha per module
-            "alpha_pattern": {name: m.alpha for name, m in layers.items()} if self.params.scaling == "constant" else {},
-        }
-        state_dict = {}
-        for name, m in layers.items():
-            state_dict[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().clone()
-            state_dict[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().clone()
-        return config, state_dict
+        return lora_peft_export({name: (m.lora_A, m.lora_B, m.scaling) for name, m in layers.items()})
 
 
 @hookimpl

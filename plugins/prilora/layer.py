@@ -17,8 +17,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from peftbench.plugins.lora import LoRALinear
 from torch import nn
+
+from peftbench.lora import LoRALinear
 
 Statistic = Literal["input", "rank", "none"]
 

@@ -18,8 +18,8 @@ Algorithm (per pruning event, for every module above its target; :mod:`.pruning`
    (mirror for A); by default only its compensation part ``−b_j (H_B⁻¹)_{j,:} / (H_B⁻¹)_jj`` is applied,
    half on B and half on A (see below).
 4. Repeat 2–3 ``prune_k`` times (H⁻¹ recomputed on the survivors, gradient moved along the model), then
-   physically shrink A and B, their gradients and Adam's moments (:mod:`.surgery`), so the optimizer step
-   that follows, and every later step, runs on the smaller tensors.
+   physically shrink A and B, their gradients and Adam's moments (:func:`peftbench.lora.keep_rank`), so the
+   optimizer step that follows, and every later step, runs on the smaller tensors.
 
 Schedule: the first event at ``warmup_ratio · total_steps``, then one every ``prune_every`` optimizer steps
 (K1), each removing ``prune_k`` components per module (K2); every module reaches ``r`` before the last
@@ -28,7 +28,7 @@ evenly over that window instead). Our reading of the paper's best K1 = 10, K2 = 
 between events, two components per module per event (128 → 64 takes 32 events, 320 steps).
 
 Choices and differences from the paper, the authors' code and the shared notes (each a switch, default
-first). Loss changes quoted are from ``python -m peftbench.plugins.prunedlora.study`` (MiniLM on SST-2,
+first). Loss changes quoted are from ``python -m benchmarks.prunedlora_study`` (MiniLM on SST-2,
 30 steps trained at init_r 32, one event removing 8 (16) components from every module, mean over three
 held-out batches): no recovery +0.050 (+0.135).
 
@@ -68,18 +68,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peftbench.plugins.lora import inject_lora, lora_layers, lora_peft_export
-from torch import nn
 
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
+from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Method
 
 from .layer import PrunedLoRALinear
 from .pruning import activation_scores, keep_indices, prune_components, rank_curvature, taylor_scores
-from .surgery import replace_parameter
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
 __all__ = ["PrunedLoRA", "PrunedLoRAParams", "PrunedLoRALinear", "Schedule", "plan_schedule"]
 
@@ -179,13 +177,13 @@ class PrunedLoRA(Method):
 
     @hookimpl
     def peftbench_count_trainable(self, targets):
-        per_rank = sum(t.in_features + t.out_features for t in targets)
+        per_rank = rank_cost(targets)
         return ParamCounts(final=self.params.r * per_rank, peak=self.params.initial_rank * per_rank,
                            nonzero=self.params.r * per_rank)
 
     @hookimpl
     def peftbench_solve_budget(self, targets, target):
-        per_rank = sum(t.in_features + t.out_features for t in targets)
+        per_rank = rank_cost(targets)
         r = max(1, round(target / per_rank))
         if self.params.init_r is not None and self.params.init_r < r:
             raise BudgetError(f"prunedlora: init_r={self.params.init_r} is below the solved target rank {r}; "
@@ -286,14 +284,13 @@ class PrunedLoRA(Method):
             elif params.criterion == "taylor":
                 fixed = taylor_scores(b, g_b, a_t, g_a_t)
             plans.append((layers, rank, k, b, a_t, g_b, g_a_t, h_b, h_a, fixed))
-        swap = lambda old, new, index: replace_parameter(state.optimizer, old, new, index)  # noqa: E731
         for layers, rank, k, b, a_t, g_b, g_a_t, h_b, h_a, fixed in plans:
             removed = prune_components([(b, g_b, h_b), (a_t, g_a_t, h_a)], k, fixed,
                                        params.recovery_update if params.recovery else "none", params.damping,
                                        FACTOR_WEIGHTS[params.recovery_factors])
             keep = keep_indices(removed, rank)
             for i, layer in enumerate(layers):
-                layer.keep_components(keep[i], b[i], a_t[i].T, swap)
+                layer.keep_components(keep[i], b[i], a_t[i].T, state.optimizer)
         self.rank_history.append({"step": state.step, "ranks": self.ranks()})
         self._next_event = state.step + self.schedule.every
         if all(layer.r == layer.target_r for layer in self.layers.values()):
@@ -303,7 +300,8 @@ class PrunedLoRA(Method):
                 layer.curvature_ema = None
         self._log(state)
 
-    # --- checkpoints: ranks, schedule position and the criterion's running statistics -------------------
+    # --- checkpoints: schedule position, component ids and the criterion's running statistics ------------
+    # (the shrunk A and B are tensors of the model: the host restores them, each layer taking the saved rank)
 
     @hookimpl
     def peftbench_state_dict(self):
@@ -315,21 +313,14 @@ class PrunedLoRA(Method):
         }}
 
     @hookimpl
-    def peftbench_load_state_dict(self, model, state, state_dict):
+    def peftbench_load_state_dict(self, model, state_dict):
+        """The method's Python state only; ``state.logs`` (rank, adapter_params) comes back with the run's."""
         saved = state_dict.get("prunedlora")
         if saved is None:
             return
         self.layers = lora_layers(model, PrunedLoRALinear)
         for name, layer in self.layers.items():
             entry = saved["layers"][name]
-            rank = len(entry["component_ids"])
-            if rank != layer.r:  # give A and B the saved (pruned) shapes; the host then copies the values in
-                keep = torch.arange(rank, device=layer.lora_A.device)
-                for attr, index in (("lora_B", [None, keep]), ("lora_A", [keep, None])):
-                    old = getattr(layer, attr)
-                    new = nn.Parameter(old.detach()[tuple(slice(None) if i is None else i for i in index)].clone())
-                    replace_parameter(state.optimizer, old, new, index)
-                    setattr(layer, attr, new)
             device = layer.lora_A.device
             layer.component_ids = entry["component_ids"].clone()
             energy = entry["input_energy"]
@@ -338,7 +329,6 @@ class PrunedLoRA(Method):
             layer.curvature_ema = None if ema is None else tuple(h.to(device) for h in ema)
         self._next_event, self._done = saved["next_event"], saved["done"]
         self.rank_history = saved["rank_history"]
-        self._log(state)
 
     # --- reporting and export ----------------------------------------------------------------------------
 
@@ -349,7 +339,7 @@ class PrunedLoRA(Method):
         return sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in self.layers.values())
 
     def peak_count(self) -> int:
-        return sum(layer.init_r * (layer.in_features + layer.out_features) for layer in self.layers.values())
+        return sum(layer.init_r * rank_cost(layer) for layer in self.layers.values())
 
     def _log(self, state) -> None:
         state.logs["rank"] = sum(layer.r for layer in self.layers.values()) / max(len(self.layers), 1)

@@ -1,20 +1,18 @@
-"""The PrunedLoRA layer: a :class:`LoRALinear` whose rank shrinks in place during training.
+"""The PrunedLoRA layer: a :class:`LoRALinear` whose rank shrinks during training.
 
-Removing components replaces ``lora_A``/``lora_B`` by smaller ``nn.Parameter`` objects (the caller swaps
-them into the optimizer), so after the last pruning event the layer costs exactly what a LoRA layer of the
-final rank costs. The scaling stays ``alpha / init_r`` (fixed at construction, as in the reference code).
+Removing components replaces ``lora_A``/``lora_B`` by smaller parameters, in the optimizer too, gradients
+and optimizer state sliced (:func:`peftbench.lora.keep_rank`), so after the last pruning event the layer
+costs exactly what a LoRA layer of the final rank costs. The scaling stays ``alpha / init_r`` (fixed at construction, as in the reference
+code). A checkpoint of a pruned layer loads into a fresh one through :class:`LoRALinear`'s own resizing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-from peftbench.plugins.lora.layer import LoRALinear
 from torch import nn
 
-from .surgery import shrink_parameter
+from peftbench.lora import LoRALinear, keep_rank
 
 
 class PrunedLoRALinear(LoRALinear):
@@ -42,31 +40,16 @@ class PrunedLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def keep_components(self, keep: torch.Tensor, new_b: torch.Tensor, new_a: torch.Tensor,
-                        swap: Callable[[nn.Parameter, nn.Parameter, list], None]) -> None:
+                        optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep only components ``keep`` (indices into the current rank), taking their values from the
-        updated full-rank ``new_b``/``new_a``; ``swap(old, new, keep_index_per_dim)`` updates the optimizer."""
-        for name, value, index in (("lora_B", new_b, [None, keep]), ("lora_A", new_a, [keep, None])):
-            old = getattr(self, name)
-            new = shrink_parameter(old, index, value.to(old.dtype))
-            swap(old, new, index)
-            setattr(self, name, new)
+        updated full-rank ``new_b``/``new_a``; gradients and ``optimizer``'s state are sliced alike."""
+        keep_rank(self, "lora_B", 1, keep, optimizer, new_b)
+        keep_rank(self, "lora_A", 0, keep, optimizer, new_a)
         self.component_ids = self.component_ids[keep.to(self.component_ids.device)]
         if self.input_energy is not None:
             self.input_energy = torch.zeros(len(keep), device=keep.device)
         if self.curvature_ema is not None:
             self.curvature_ema = tuple(h[keep][:, keep] for h in self.curvature_ema)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint of a pruned adapter has smaller A/B than a freshly injected one: take its shapes
-        for name in ("lora_A", "lora_B"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                old = getattr(self, name)
-                setattr(self, name, nn.Parameter(torch.empty(saved.shape, dtype=old.dtype, device=old.device),
-                                                 requires_grad=old.requires_grad))
-                if name == "lora_A":  # the original ids are not saved: number the loaded components afresh
-                    self.component_ids = torch.arange(saved.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, init_r={self.init_r}, target_r={self.target_r}"

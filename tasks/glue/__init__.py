@@ -22,7 +22,7 @@ from peftbench.errors import DataError
 from peftbench.hookspecs import hookimpl
 from peftbench.task import Split, Task
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
 
 csv.field_size_limit(sys.maxsize)

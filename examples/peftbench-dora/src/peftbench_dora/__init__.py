@@ -27,15 +27,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peftbench.plugins.lora import inject_lora, lora_layers
-
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
+from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Method
 
 from .layer import DoRALinear
 
 #: the major version of peftbench's hook contract this plugin is written against (``peftbench.API_VERSION``)
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 __version__ = "0.1.0"
 __all__ = ["DoRA", "DoRAParams", "DoRALinear"]
 
@@ -67,7 +66,7 @@ class DoRAParams:
 
 def dora_count(targets: list[TargetModule], rank_of) -> int:
     """Trainable parameters of DoRA on ``targets``: LoRA's ``r·(in + out)`` plus ``out`` magnitudes each."""
-    return sum(rank_of(t.name) * (t.in_features + t.out_features) + t.out_features for t in targets)
+    return sum(rank_of(t.name) * rank_cost(t) + t.out_features for t in targets)
 
 
 class DoRA(Method):
@@ -83,7 +82,7 @@ class DoRA(Method):
     @hookimpl
     def peftbench_solve_budget(self, targets, target, tolerance):
         magnitudes = sum(t.out_features for t in targets)
-        per_rank = sum(t.in_features + t.out_features for t in targets)
+        per_rank = rank_cost(targets)
         uniform = self.with_params(r=max(1, round((target - magnitudes) / per_rank)), rank_pattern={})
         miss = abs(dora_count(targets, uniform.rank_of) - target)
         if self.params.budget_ranks == "uniform" or miss <= tolerance * target:
@@ -92,11 +91,10 @@ class DoRA(Method):
         r = max(1, math.floor((target - magnitudes) / per_rank))
         remaining = target - dora_count(targets, lambda name: r)
         pattern = {}
-        for t in sorted(targets, key=lambda t: t.in_features + t.out_features, reverse=True):  # stable
-            cost = t.in_features + t.out_features
-            if abs(remaining - cost) < abs(remaining):
+        for t in sorted(targets, key=rank_cost, reverse=True):  # stable
+            if abs(remaining - rank_cost(t)) < abs(remaining):
                 pattern[t.name] = r + 1
-                remaining -= cost
+                remaining -= rank_cost(t)
         return self.with_params(r=r, rank_pattern=pattern)
 
     @hookimpl
@@ -107,26 +105,11 @@ class DoRA(Method):
         return True
 
     @hookimpl
-    def peftbench_export_peft(self, model, targets):
+    def peftbench_export_peft(self, model):
         """HF PEFT's format: ``LoraConfig(use_dora=True)`` with ``lora_magnitude_vector`` per module."""
         layers = lora_layers(model, DoRALinear)
-        config = {
-            "peft_type": "LORA",
-            "use_dora": True,
-            "r": self.params.r,
-            "lora_alpha": self.params.alpha,
-            "lora_dropout": self.params.dropout,
-            "bias": "none",
-            "target_modules": sorted(layers),
-            "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != self.params.r},
-        }
-        state_dict = {}
-        for name, layer in layers.items():
-            prefix = f"base_model.model.{name}"
-            state_dict[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().cpu().clone()
-            state_dict[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().cpu().clone()
-            state_dict[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().cpu().clone()
-        return config, state_dict
+        factors = {name: (layer.lora_A, layer.lora_B, layer.scaling) for name, layer in layers.items()}
+        return lora_peft_export(factors, magnitudes={name: layer.magnitude for name, layer in layers.items()})
 
 
 @hookimpl

@@ -5,16 +5,17 @@ magnitude ``m`` (one scalar per output unit, initialised to the norms of ``W``'s
 leaves the output unchanged). The paper writes ``W ∈ R^{d×k}`` and takes column norms; in PyTorch's
 ``(out, in)`` layout the same vectors are the rows, hence ``dim=1``.
 
-Built on peftbench's :class:`~peftbench.plugins.lora.layer.LoRALinear` (``lora_A``, ``lora_B``, ``scaling``,
-dropout): DoRA only adds ``magnitude`` and the rescaling.
+Built on the LoRA toolkit's :class:`~peftbench.lora.LoRALinear` (``lora_A``, ``lora_B``, ``scaling``, dropout,
+loading a saved rank): DoRA only adds ``magnitude`` and the rescaling.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peftbench.plugins.lora.layer import LoRALinear
 from torch import nn
+
+from peftbench.lora import LoRALinear
 
 
 class DoRALinear(LoRALinear):

@@ -4,7 +4,7 @@ Trains PrunedLoRA's over-parameterized adapter a few steps without pruning, then
 (through the plugin's hooks, on a copy of the model) that removes ``k`` components from every module, with
 the gradient of one fixed batch, and reports the loss change on that batch and on held-out batches::
 
-    python -m peftbench.plugins.prunedlora.study --task sst2 --data-dir ../shared/glue --k 8 16
+    python -m benchmarks.prunedlora_study --task sst2 --data-dir ../shared/glue --k 8 16
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import argparse
 import copy
 
 import torch
+from peftbench.plugins.prunedlora import PrunedLoRA, PrunedLoRAParams
 
 from peftbench import modeling
 from peftbench.config import ModelConfig
 from peftbench.data import load_task_data, make_loader
 from peftbench.hookspecs import TrainState
 from peftbench.host import Host
-
-from . import PrunedLoRA, PrunedLoRAParams
 
 VARIANTS = {
     "no recovery": {"recovery": False},
