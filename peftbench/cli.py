@@ -224,20 +224,18 @@ def check_writable(db: str, output_dir: str) -> None:
 
 
 def _unwritable_dir(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder`` (made if missing), or ``None``: tried, not guessed from modes."""
+    """Why files cannot be created in ``folder``, or ``None``: tried (a temporary file in the nearest folder that
+    exists), not guessed from permission bits; nothing is left behind, no folder is made."""
     import tempfile
 
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            return f"{parent} is a file, not a folder"
-        if parent.exists():
-            break
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".peftbench-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".peftbench-write-test-"):
             pass
     except OSError as exc:
-        return f"cannot create files in {folder} ({exc.strerror or exc})"
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
     return None
 
 

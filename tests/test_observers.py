@@ -4,8 +4,8 @@ from peftbench.budget import solve_all
 from peftbench.hookspecs import hookimpl
 from peftbench.host import PluginInfo
 from peftbench.observers import ProgressBar
-from peftbench.runner import run_one
 from peftbench.runs import expand
+from peftbench.sweep import run_one
 from peftbench.testing import tiny_config
 
 

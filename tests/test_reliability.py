@@ -35,7 +35,7 @@ from peftbench.host import Host, PluginInfo
 from peftbench.runner import run_sweep
 from peftbench.runs import expand
 from peftbench.store import Store
-from peftbench.sweep import failure_reason, is_out_of_memory
+from peftbench.sweep import check_data, failure_reason, is_out_of_memory
 from peftbench.testing import tiny_config, tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,8 +340,9 @@ class Payload:
 def test_unusable_or_unsafe_checkpoint_is_ignored(tmp_path, content, expected):
     marker = tmp_path / "pwned"
     config = tiny_config(tmp_path, train=FAST_TRAIN)
-    (spec,) = expand(config, runner.solve_budgets(config, _host()))
-    path = Path(config.output.dir) / spec.run_id / "checkpoint.pt"
+    host = _host()
+    (spec,) = expand(config, runner.solve_budgets(config, host), check_data(config, host, config.tasks))
+    path = Path(config.output.dir) / spec.run_id / "checkpoint.pt"  # the id the sweep gives the run
     path.parent.mkdir(parents=True)
     if content == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 100)
