@@ -3,13 +3,11 @@
 No timing assertions: timings on a shared CPU are noise at this size.
 """
 
-import copy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from peftbench.plugins.lora.layer import LoRALinear, MergedLoRAFunction
 
 from peftbench import modeling
 from peftbench.config import ModelConfig
@@ -124,51 +122,7 @@ def test_memory_probe_accounts_weights_gradients_adam_and_activations():
     assert stats["lora"]["peak_mem_bytes"] == lora["total"]
 
 
-# --- the fast LoRA path the benchmarks drove -----------------------------------------------------------
-
-
-def test_merged_lora_function_gradients():
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    lora_a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    lora_b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: MergedLoRAFunction.apply(*t, 0.7), (x, weight, bias, lora_a, lora_b))
-
-
-@pytest.mark.parametrize("x_requires_grad", [True, False])
-def test_merged_and_unmerged_lora_agree(x_requires_grad):
-    torch.manual_seed(0)
-    merged = LoRALinear(torch.nn.Linear(24, 40), r=4, alpha=8)
-    torch.nn.init.normal_(merged.lora_B, std=0.1)
-    merged.base.requires_grad_(False)
-    unmerged = copy.deepcopy(merged)
-    unmerged.merge_in_fp32 = False
-    x = torch.randn(3, 7, 24)
-    results = []
-    for layer in (merged, unmerged):
-        inp = x.clone().requires_grad_(x_requires_grad)
-        out = layer(inp)
-        (out * torch.linspace(-1, 1, 40)).sum().backward()
-        results.append((out, inp.grad, layer.lora_A.grad, layer.lora_B.grad))
-    assert merged.can_merge(x) and not unmerged.can_merge(x)
-    for a, b in zip(*results):
-        if a is None:
-            assert b is None
-            continue
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_unmerged_path_where_merging_would_lose_precision():
-    layer = LoRALinear(torch.nn.Linear(8, 8), r=2, alpha=4, dropout=0.1)
-    x = torch.randn(2, 8)
-    assert not layer.train().can_merge(x)  # dropout acts on the adapter's input only
-    assert layer.eval().can_merge(x)
-    assert not layer.can_merge(x.bfloat16())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer.can_merge(x)
-        assert layer(x).dtype == torch.bfloat16
+# --- the pair probe (benchmarks/pair_probe.py) -----------------------------------------------------------
 
 
 def test_pair_probe_pools_tokens_without_padding_and_builds_every_feature():

@@ -68,12 +68,17 @@ def test_a_lock_released_during_the_wait_costs_nothing(tmp_path, monkeypatch):
     assert time.monotonic() - started < 20 and store.get("abc123")["status"] == "done"
 
 
-def test_readers_never_change_a_foreign_sqlite_file(tmp_path):
-    foreign = tmp_path / "other.sqlite"
-    db = sqlite3.connect(foreign)
+def _foreign_sqlite(path):
+    """Another program's SQLite file (no peftbench runs table)."""
+    db = sqlite3.connect(path)
     db.execute("CREATE TABLE notes (x TEXT)")
     db.commit()
     db.close()
+    return path
+
+
+def test_readers_never_change_a_foreign_sqlite_file(tmp_path):
+    foreign = _foreign_sqlite(tmp_path / "other.sqlite")
     before = _digest(foreign)
     with pytest.raises(ConfigError, match="not a peftbench results store"):
         Store(foreign, readonly=True)
@@ -209,11 +214,7 @@ def test_bad_paths_are_exit_2_before_training(tmp_path, capsys, problem):
 
 
 def test_readers_and_export_are_exit_2_without_touching_files(tmp_path, capsys):
-    foreign = tmp_path / "other.sqlite"
-    db = sqlite3.connect(foreign)
-    db.execute("CREATE TABLE notes (x TEXT)")
-    db.commit()
-    db.close()
+    foreign = _foreign_sqlite(tmp_path / "other.sqlite")
     before = _digest(foreign)
     assert main(["table", str(foreign)]) == 2 and main(["plot", str(foreign), "--out-dir", str(tmp_path)]) == 2
     assert main(["export", "abc", str(tmp_path / "out"), "--db", str(foreign)]) == 2
