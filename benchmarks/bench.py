@@ -312,7 +312,7 @@ WHAT_CHANGED = """\
 Profiled with `torch.profiler`, per-layer micro-benchmarks and CPU-time runs through the trainer (MiniLM,
 CPU, fp32, one thread); root causes, not symptoms:
 
-* **The LoRA layer** (`plugins/lora/layer.py`). peftbench's LoRA and HF PEFT's ran the same textbook form
+* **The LoRA layer** (`peftbench/lora/layer.py`). peftbench's LoRA and HF PEFT's ran the same textbook form
   `base(x) + B(A(x)) · s`, so with the same trainer and batches they cost the same; HF PEFT's injection
   was ruled out as a cause (it leaves exactly the same parameters trainable: the counts match). Both cost
   far more over the floor than LoRA's extra FLOPs (2·r·(d_in + d_out) per token against d_in·d_out): per

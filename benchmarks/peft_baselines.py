@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from peftbench.hookspecs import ParamCounts, hookimpl
+from peftbench.lora import rank_cost
 from peftbench.method import Method
 
 PEFTBENCH_API_VERSION = 1
@@ -31,7 +32,7 @@ class HFPeftLoRA(Method):
 
     @hookimpl
     def peftbench_count_trainable(self, targets):
-        n = sum(self.params.r * (t.in_features + t.out_features) for t in targets)
+        n = self.params.r * rank_cost(targets)
         return ParamCounts(n, n, n)
 
     @hookimpl
@@ -68,7 +69,7 @@ class HFPeftAdaLoRA(Method):
 
     @hookimpl
     def peftbench_count_trainable(self, targets):
-        per_rank = sum(t.in_features + t.out_features + 1 for t in targets)
+        per_rank = rank_cost(targets) + len(targets)  # a triplet adds its singular value
         return ParamCounts(round(self.params.target_r * per_rank), self.params.init_r * per_rank,
                            self.params.init_r * per_rank - (self.params.init_r - self.params.target_r) * len(targets))
 

@@ -119,7 +119,7 @@ class Checkpoint:
         scaler = getattr(state.accelerator, "scaler", None)
         if saved["scaler"] is not None and scaler is not None:
             scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"])
+        _set_rng_state(saved["rng"], self.log)
         self.log(f"resumed from {self.path} at epoch {state.epoch}, step {state.step}")
         return True
 
@@ -213,10 +213,15 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(rng: dict[str, Any]) -> None:
+def _set_rng_state(rng: dict[str, Any], log: Callable[[str], Any] = print) -> None:
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved_gpus = len(rng["cuda"])
+    visible = torch.cuda.device_count() if saved_gpus and torch.cuda.is_available() else 0
+    for device in range(min(saved_gpus, visible)):  # a resume may see fewer GPUs than the run that saved
+        torch.cuda.set_rng_state(rng["cuda"][device], device)
+    if saved_gpus > visible:
+        log(f"the checkpoint holds the random state of {saved_gpus} GPU(s), {visible} visible now: restored "
+            f"{visible}; the rest start fresh (GPU-side randomness, e.g. dropout, then differs from an unbroken run)")
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])

@@ -67,6 +67,7 @@ from .checkpoint import Checkpoint
 from .errors import PeftbenchError
 from .hookspecs import API_VERSION, ParamCounts, TrainState, hookimpl
 from .host import Host, PluginInfo
+from .lora import rank_cost
 from .method import Method
 from .observers import observing
 from .schema import from_dict, suggest, to_dict
@@ -289,7 +290,7 @@ class Conformance:
         if not cls.matches_budget:
             return
         model, targets, head = self._model(meta=True)
-        per_rank = sum(t.in_features + t.out_features for t in targets)
+        per_rank = rank_cost(targets)
         for rank in self.budget_ranks:
             target = rank * per_rank
             with self.host.activate(cls(self.params)):
@@ -383,7 +384,7 @@ class Conformance:
         problems += _result_problems("peftbench_count_trainable", self._count(), cls)
         if cls.matches_budget and "peftbench_solve_budget" in cls.implemented_hooks():
             model, targets, head = self._model(meta=True)
-            target = self.budget_ranks[0] * sum(t.in_features + t.out_features for t in targets)
+            target = self.budget_ranks[0] * rank_cost(targets)
             with self.host.activate(cls(self.params)):
                 solved = self.host.hook.peftbench_solve_budget(model=model, targets=targets, head=head,
                                                                target=target, tolerance=self.tolerance)

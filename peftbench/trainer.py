@@ -7,6 +7,7 @@ plugin implements is skipped without a call, so plain LoRA pays nothing for AdaL
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -159,7 +160,9 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
                         accelerator.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
                 run.optimizer.step()
                 run.scheduler.step()
-                if accelerator.sync_gradients and "peftbench_after_optimizer_step" in has:
+                # not after a step the fp16 grad scaler skipped (inf/nan gradients): statistics would turn nan
+                if (accelerator.sync_gradients and "peftbench_after_optimizer_step" in has
+                        and not accelerator.optimizer_step_was_skipped):
                     hook.peftbench_after_optimizer_step(model=raw_model, state=state)
                 run.optimizer.zero_grad(set_to_none=True)
             state.new_tokens += batch["attention_mask"].sum()  # stays on the device: no sync per micro-batch
@@ -311,12 +314,22 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    _fresh_accelerator_state()
     # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
     # an optimizer step, and a run gives the same result on any number of processes
     accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
                               gradient_accumulation_steps=cfg.grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     return accelerator, use_cpu
+
+
+def _fresh_accelerator_state() -> None:
+    """accelerate keeps one global state per process and refuses a second ``Accelerator`` with other settings
+    ("AcceleratorState has already been initialized"), but a sweep changes precision (and device) between
+    runs: start each run from a fresh state, keeping the process group of an ``accelerate launch``."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=int(os.environ.get("WORLD_SIZE", "1")) == 1)
 
 
 def _model(spec: RunSpec, task, host: Host):

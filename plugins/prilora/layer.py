@@ -42,11 +42,13 @@ class InputNorms:
 
 @torch.no_grad()
 def feature_norms(x: torch.Tensor) -> torch.Tensor:
-    """fp32 L2 norm of every feature (last dim) of ``x`` over all its tokens."""
+    """fp32 L2 norm of every feature (last dim) of ``x`` over all its tokens. Autocast is switched off here: it
+    would run the sum as a bf16/fp16 matmul, and a method statistic stays fp32 under mixed precision."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if flat.dtype != torch.float32:
         flat = flat.float()
-    return (flat.new_ones(1, flat.shape[0]) @ (flat * flat)).squeeze(0).sqrt_()
+    with torch.autocast(flat.device.type, enabled=False):
+        return (flat.new_ones(1, flat.shape[0]) @ (flat * flat)).squeeze(0).sqrt_()
 
 
 class PRILoRALinear(LoRALinear):
