@@ -64,7 +64,14 @@ class TrainConfig:
     pad_to_max_length: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  #: auto: bf16 autocast on GPUs that have it
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False  #: ``torch.compile`` the model (GPU speed work)
+    #: ``torch.compile`` the model in place (parameter names, counts and exports stay those of an uncompiled run)
+    compile: bool = False
+    #: TF32 matmuls on CUDA (no effect on the CPU): faster fp32 GEMMs, but fp32 LoRA then runs unmerged (the
+    #: exact merged path of :mod:`peftbench.lora.layer` needs full-precision matmuls) and results round differently
+    tf32: bool = False
+    #: recompute activations in backward (HF gradient checkpointing): less memory, same results up to rounding,
+    #: about one more forward pass per step
+    gradient_checkpointing: bool = False
     classifier_dropout: float | None = None
     log_every: int = 10
     deterministic: bool = True  #: deterministic algorithms (bit-for-bit reruns on CPU)

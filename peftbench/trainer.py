@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -105,7 +106,7 @@ class Run:
     spec: RunSpec
     task: Any
     accelerator: Accelerator
-    model: torch.nn.Module  #: as prepared by accelerate (DDP-wrapped, compiled), for forward passes
+    model: torch.nn.Module  #: as prepared by accelerate (DDP-wrapped; compiled in place), for forward passes
     raw_model: torch.nn.Module  #: the unwrapped model, what hooks see
     optimizer: Any
     scheduler: Any
@@ -127,8 +128,22 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     ``checkpoint``: resume from it if it holds a usable checkpoint, and save to it at every epoch end.
     """
     bar = ProgressBar(f"{spec.label}/{spec.task}/s{spec.seed}", host.task(spec.task).main_metric)
-    with observing(host, *([bar] if progress else [])):
+    tf32 = spec.train.tf32 and spec.train.device != "cpu" and torch.cuda.is_available()
+    with observing(host, *([bar] if progress else [])), tf32_matmuls(tf32):
         return loop(setup(spec, host), host, checkpoint)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for fp32 matmuls while the block runs if ``enabled`` (``train.tf32``), the previous setting after.
+    The fp32 LoRA layers then take their unmerged path (:func:`~peftbench.lora.merge_is_exact`)."""
+    previous = torch.get_float32_matmul_precision()
+    if enabled:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
@@ -281,7 +296,10 @@ def setup(spec: RunSpec, host: Host) -> Run:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
     if cfg.compile:
-        model = torch.compile(model)
+        # in place, not torch.compile's wrapper: parameter names, counts, method reports and exports stay those
+        # of an uncompiled run; a fresh dynamo cache per run (graphs of an earlier run's model would be reused)
+        torch._dynamo.reset()
+        model.compile()
     device = accelerator.device
     state = LoopState(step=0, total_steps=total_steps, epoch=0, optimizer=optimizer.optimizer,
                       lr_scheduler=scheduler, accelerator=accelerator, seed=spec.seed,
@@ -342,7 +360,20 @@ def _model(spec: RunSpec, task, host: Host):
     modeling.freeze(model)
     host.hook.peftbench_inject(model=model, targets=targets)
     head_count = modeling.unfreeze_head(model, head)
+    if spec.train.gradient_checkpointing:
+        _enable_checkpointing(model)
     return model, modeling.head_parameter_names(model, head), head_count, tokenizer
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing of every layer, non-reentrant: works with a frozen base (reentrant checkpointing
+    needs an input that requires a gradient). Forward statistics skip the recomputation
+    (:func:`peftbench.lora.recomputing`)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _loaders(spec: RunSpec, task, tokenizer, processes: int):

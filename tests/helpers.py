@@ -28,3 +28,19 @@ def train_one(config: Config):
     run_sweep(config, host, store, progress=False, log=lambda *a: None)
     (run,) = store.runs()
     return host, run
+
+
+def compile_without_codegen(monkeypatch) -> list:
+    """Make ``train.compile`` use AOTAutograd without code generation (inductor needs minutes per run on two CPU
+    cores and a C compiler): the same dynamo tracing and forward/backward graphs. Returns the list of modules
+    compiled from then on (a test can check that compile ran)."""
+    from torch import nn
+
+    compiled, original = [], nn.Module.compile
+
+    def compile_(self, *args, **kwargs):
+        compiled.append(self)
+        original(self, backend="aot_eager")
+
+    monkeypatch.setattr(nn.Module, "compile", compile_)
+    return compiled

@@ -4,6 +4,8 @@
   fp32 path :class:`MergedLoRAFunction` (``merge_is_exact`` says when it applies, ``merged_linear`` folds an
   update into a plain ``nn.Linear``). Subclass it to add state or change the forward pass (PRILoRA, DoRA).
 * :func:`inject_lora` wraps a method's target modules in such layers; :func:`lora_layers` finds them again.
+* :func:`recomputing`: whether a forward pass is gradient checkpointing's recomputation (forward statistics
+  skip it).
 * :func:`rank_cost`: the parameters one rank costs on a set of modules (``in + out`` each), for budgets.
 * :func:`keep_rank` / :func:`resize_rank`: shrink or grow a parameter along its rank dimension in place,
   gradient and optimizer state included. A :class:`LoRALinear` loads a state dict of another rank by itself
@@ -24,11 +26,12 @@ from torch import nn
 from ..hookspecs import TargetModule
 from ..modeling import replace_module
 from .export import PREFIX, lora_peft_export, peft_alpha
-from .layer import LoRALinear, MergedLoRAFunction, merge_is_exact, merged_linear
+from .layer import LoRALinear, MergedLoRAFunction, merge_is_exact, merged_linear, recomputing
 from .resize import keep_rank, resize_rank
 
 __all__ = ["PREFIX", "LoRALinear", "MergedLoRAFunction", "inject_lora", "keep_rank", "lora_layers",
-           "lora_peft_export", "merge_is_exact", "merged_linear", "peft_alpha", "rank_cost", "resize_rank"]
+           "lora_peft_export", "merge_is_exact", "merged_linear", "peft_alpha", "rank_cost", "recomputing",
+           "resize_rank"]
 
 
 class _Shaped(Protocol):

@@ -13,7 +13,8 @@ update into the weight for the two big GEMMs (:class:`MergedLoRAFunction`): ``y 
 to fp32 rounding, no extra pass over any ``tokens × d`` tensor, and less memory saved for backward than
 PEFT's form (``x`` only, not ``A x``). Under autocast (bf16/fp16), TF32 matmuls or active dropout the delta
 must stay unmerged (low-precision rounding of ``W + ΔW`` would swallow the small ``ΔW``); that path puts the
-scale on the ``r`` channels and adds the update inside the GEMM (``addmm``).
+scale on the ``r`` channels and adds the update inside the GEMM (``addmm``). So ``train.tf32`` trades this
+layer's merged path for TF32's faster big GEMMs: on a GPU with TF32 the unmerged form is the one that runs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def merged_linear(base: nn.Linear, delta_weight: torch.Tensor) -> nn.Linear:
     return merged
 
 
+@torch.compiler.assume_constant_result
+def full_precision_fp32_matmuls() -> bool:
+    """Whether fp32 matmuls run at full precision (not TF32, ``train.tf32``). Under ``torch.compile`` this is read
+    once while a graph is traced and kept in it as a constant: a call the compiler cannot trace (it returns a
+    string) would break the graph at every adapter. Changing the precision recompiles (dynamo guards it)."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def recomputing() -> bool:
+    """Whether this forward pass is activation checkpointing's recomputation during backward
+    (``train.gradient_checkpointing``): statistics a layer collects in its forward must skip it, or every batch
+    counts twice. (A forward inside the autograd engine is one; under ``torch.compile`` the recomputation runs
+    uncompiled, so a traced forward never is.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def merge_is_exact(x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor, dropout: nn.Module,
                    training: bool) -> bool:
     """Whether a low-rank update may be folded into the weight for one forward pass: everything fp32 at full
@@ -44,7 +61,7 @@ def merge_is_exact(x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor,
     (the merged product would apply it to the base path too)."""
     return (x.dtype == weight.dtype == adapter.dtype == torch.float32
             and not torch.is_autocast_enabled(x.device.type)
-            and torch.get_float32_matmul_precision() == "highest"
+            and full_precision_fp32_matmuls()
             and not (training and isinstance(dropout, nn.Dropout)))
 
 

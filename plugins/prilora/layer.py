@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.lora import LoRALinear
+from peftbench.lora import LoRALinear, recomputing
 
 Statistic = Literal["input", "rank", "none"]
 
@@ -78,7 +78,7 @@ class PRILoRALinear(LoRALinear):
             self.ema_started = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.r:
+        if self.training and self.r and not recomputing():  # a batch counts once (checkpointing)
             if self.statistic == "input":
                 self.observe(self.input_norms(x))  # the module's input x, before LoRA dropout
             elif self.statistic == "rank":

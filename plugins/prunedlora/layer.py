@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.lora import LoRALinear, keep_rank
+from peftbench.lora import LoRALinear, keep_rank, recomputing
 
 
 class PrunedLoRALinear(LoRALinear):
@@ -35,7 +35,8 @@ class PrunedLoRALinear(LoRALinear):
         if self.input_energy is None or not self.training:
             return super().forward(x)
         z = F.linear(self.dropout(x), self.lora_A)
-        self.input_energy += z.detach().float().square().flatten(0, -2).sum(0)
+        if not recomputing():  # a batch counts once (gradient checkpointing recomputes the forward)
+            self.input_energy += z.detach().float().square().flatten(0, -2).sum(0)
         return self.base(x) + F.linear(z, self.lora_B) * self.scaling
 
     @torch.no_grad()
