@@ -7,7 +7,8 @@ machine drift hits all of them alike, and each ratio compares medians measured i
 
 Memory: on a GPU the trainer's ``torch.cuda.max_memory_allocated`` of each run. On a CPU the process's
 peak RSS is shared by every run of the process and says nothing per method, so :class:`TrainMemoryProbe`
-adds up what training holds instead (see its docstring); it runs in the first round only.
+(:mod:`peftbench.memory`, beside the prediction of ``peftbench budget --memory``) adds up what training
+holds instead (see its docstring); it runs in the first round only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from peftbench.budget import solve_all
 from peftbench.config import parse_config
 from peftbench.hookspecs import hookimpl
 from peftbench.host import PluginInfo
+from peftbench.memory import TrainMemoryProbe
 from peftbench.runner import make_host
 from peftbench.runs import RunSpec, expand
 from peftbench.sweep import run_one
@@ -62,67 +64,6 @@ def bench_config(methods: list[dict[str, Any]], task: str = "rte", steps: int = 
         "output": {"save_adapters": False},
     }
     return parse_config(data, "<benchmark>")
-
-
-class TrainMemoryProbe:
-    """Peak training memory of a CPU run, added up from what training holds (a run-hook observer).
-
-    ``params`` (every weight, frozen or not) + ``grads`` (one per trainable parameter) + ``optimizer``
-    (AdamW's moments, read from the optimizer at the end) + ``activations``: the largest total, over the
-    training steps, of the distinct tensor storages autograd saved for backward during one step (recorded
-    with ``torch.autograd.graph.saved_tensors_hooks``; parameters are counted once, under ``params``).
-    It leaves out allocator slack and short-lived temporaries, which the methods share. The pack hook is a
-    few Python operations per saved tensor: well under 1 % of a CPU step.
-    """
-
-    def __init__(self):
-        self.result: dict[str, int] | None = None
-        self._hooks = None
-        self._handle = None
-
-    @hookimpl
-    def peftbench_train_start(self, model, state):
-        self.model, self.optimizer = model, state.optimizer
-        self._peak, self._saved, self._params = 0, {}, set()
-        self._handle = model.register_forward_pre_hook(self._next_forward)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        self._hooks.__enter__()
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._params:
-            self._saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def _next_forward(self, module, args) -> None:
-        self._peak = max(self._peak, sum(self._saved.values()))
-        self._saved = {}
-        # parameters can be replaced mid-run (PrunedLoRA shrinks A and B): refresh every step
-        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-
-    @hookimpl
-    def peftbench_train_end(self, model):
-        self._next_forward(model, ())
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                        for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        self.result = {
-            "params": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "grads": sum(p.numel() * p.element_size() for p in trainable),
-            "optimizer": optimizer,
-            "activations": self._peak,
-        }
-        self.result["total"] = sum(self.result.values())
-        self.close()
-
-    def close(self) -> None:
-        """Undo the hooks (also after a run that failed before ``train_end``)."""
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
 
 class StepClock:

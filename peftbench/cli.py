@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per Ray task (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-run", type=float, metavar="N", help="CPUs per Ray task (default: 1)")
 
-    sub.add_parser("budget", parents=[config, plugin],
-                   help="solve and audit every method's trainable-parameter budget (no training)")
+    p = sub.add_parser("budget", parents=[config, plugin],
+                       help="solve and audit every method's trainable-parameter budget (no training)")
+    p.add_argument("--memory", type=_gpu_gb, metavar="GPU_GB",
+                   help="also predict every run's peak training memory and whether it fits a GPU of this many "
+                        "GiB (e.g. 24), with a hint for each run that does not")
 
     p = sub.add_parser("table", parents=[plugin], help="comparison table from a results store")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
@@ -106,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftbench: interrupted; finished runs are stored, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _gpu_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a GPU memory size in GiB (a positive number), got {text!r}")
+    return value
 
 
 def _load(args):
@@ -254,7 +267,26 @@ def cmd_budget(args) -> int:
           f"tolerance {config.budget.tolerance:.1%}")
     solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
+    if args.memory is not None:
+        _memory_plan(config, host, shapes, solved, args.memory)
     return 0
+
+
+def _memory_plan(config, host, shapes, solved, gpu_gb: float) -> None:
+    from tabulate import tabulate
+
+    from .memory import MEMORY_HEADERS, longest_batches, plan
+
+    longest, notes = longest_batches(config, host, config.tasks)
+    rows = plan(config, solved, shapes, longest, gpu_gb)
+    print(f"\npredicted peak training memory on a {gpu_gb:g} GiB GPU (weights, gradients, AdamW state and "
+          "activations at the longest batch; precision auto taken as bf16; see peftbench/memory.py)")
+    for note in notes:
+        print(f"note: {note}")
+    print(tabulate(rows, headers=MEMORY_HEADERS, tablefmt="simple", disable_numparse=True))
+    misses = sum(row[6] == "NO" for row in rows)
+    if misses:
+        print(f"peftbench: warning: {misses} of {len(rows)} runs will not fit {gpu_gb:g} GiB", file=sys.stderr)
 
 
 def cmd_table(args) -> int:

@@ -146,3 +146,16 @@ def test_pair_probe_pools_tokens_without_padding_and_builds_every_feature():
     # the pairs are the same two sentences swapped: the cosine of u and v is the same for both
     assert abs(feats["bi cosine"][0, 0] - feats["bi cosine"][1, 0]) < 1e-5
     assert feats["cross [CLS]"].shape == feats["cross mean"].shape == (2, 32)
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores
+def test_gpu_setup_runs_on_the_cpu(tmp_path, capsys):
+    """``--gpu --device cpu --quick``: the GPU code path (DeBERTa shape, bf16 autocast) to the end, with the
+    methods that broke under bf16 (PRILoRA's statistics, DoRA's fp32 magnitude in DeBERTa's attention)."""
+    out = tmp_path / "gpu.md"
+    rc = bench.main(["--gpu", "--device", "cpu", "--quick", "--threads", "1", "--task", "toy_pair",
+                     "--methods", "lora,prilora,dora", "--seq-lengths", "16", "--ranks", "4", "--out", str(out)])
+    assert rc == 0
+    report = out.read_text()
+    assert "DeBERTa-v3-base shape" in report and "bf16" in report
+    assert "## How cost grows" in report

@@ -57,7 +57,10 @@ class DoRALinear(LoRALinear):
         else:
             # dropout active: the rescaled W x sees the dropped input too, as in HF PEFT
             wx = F.linear(lora_x, self.base.weight)
-        return base_out + (scale - 1) * wx + scale * lora_out
+        out = base_out + (scale - 1) * wx + scale * lora_out
+        # the fp32 magnitude promotes the sum: give back the base layer's dtype, as a Linear does under
+        # autocast (DeBERTa fills bf16 attention scores with the query's dtype minimum: fp32's overflows)
+        return out.to(base_out.dtype)
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ``m ⊙ (W + s·BA) / ‖W + s·BA‖`` as its weight (export, inference)."""

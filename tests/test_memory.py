@@ -1,0 +1,73 @@
+"""The memory prediction of ``peftbench budget --memory`` against the measured peak, and the command itself."""
+
+from pathlib import Path
+
+import pytest
+
+from peftbench.budget import model_shapes, solve_all
+from peftbench.cli import main
+from peftbench.memory import TrainMemoryProbe, predict
+from peftbench.runner import make_host
+from peftbench.runs import expand
+from peftbench.sweep import run_one
+from peftbench.testing import tiny_config
+
+GLUE_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "glue_matched_budget.yaml")
+#: the margin the module docstring states for a CPU fp32 step, prediction over measurement
+MARGIN = 0.30
+
+
+def measured_and_predicted(tmp_path, model):
+    """Per method: the probe's measured peak of one fp32 training step (batch 8, every batch padded to 64) and
+    the prediction for it."""
+    config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "full"}],
+                         tasks=["toy_pair"], model=model,
+                         train={"max_steps": 1, "batch_size": 8, "max_length": 64, "pad_to_max_length": True,
+                                "precision": "fp32", "device": "cpu"})
+    host, shapes = make_host(config), model_shapes(config)
+    solved = solve_all(config, host, shapes)
+    head = sum(p.numel() for n, p in shapes.model.named_parameters() if any(n.startswith(h + ".") for h in shapes.head))
+    out = {}
+    for spec in expand(config, solved):
+        probe = TrainMemoryProbe()
+        host.pm.register(probe)
+        try:
+            run_one(spec, host, progress=False)
+        finally:
+            host.pm.unregister(probe)
+            probe.close()
+        counts = solved[(spec.label, spec.task)].counts
+        out[spec.label] = (probe.result, predict(shapes.model, counts.peak + head, 8, 64, "fp32", device="cpu"))
+    return out
+
+
+@pytest.mark.parametrize("model", [None, {"name_or_path": "minilm", "random_init": False, "config_overrides": {}}],
+                         ids=["tiny", "minilm"])
+def test_prediction_within_the_stated_margin_of_the_measured_peak(tmp_path, model):
+    results = measured_and_predicted(tmp_path, model or {})
+    for label, (measured, predicted) in results.items():
+        assert predicted.grads == measured["grads"] and predicted.optimizer == measured["optimizer"], label
+        assert abs(predicted.total / measured["total"] - 1) <= MARGIN, (label, measured, predicted)
+    # full fine-tuning holds a gradient and two moments per weight: the prediction sees the difference
+    assert results["full"][1].total > 2.5 * results["lora"][1].params
+
+
+def test_budget_memory_lists_which_glue_runs_fit_24_gb(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFTBENCH_GLUE_DIR", str(tmp_path))  # no data here: lengths from train.max_length
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["budget", GLUE_CONFIG, "--memory", "24"]) == 0
+    out = capsys.readouterr()
+    rows = {tuple(line.split()[:2]): line.split() for line in out.out.split("hint\n", 1)[1].splitlines()[1:]}
+    assert len(rows) == 5 * 8  # every method on every task
+    assert "taken as long as train.max_length" in out.out
+    assert rows[("lora", "rte")][2:7] == ["32", "×", "320", "fp32", "14.5"] and "yes" in rows[("lora", "rte")]
+    assert "NO" in rows[("full", "qnli")] and "train.gradient_checkpointing:" in rows[("full", "qnli")]
+    assert "will not fit 24 GiB" in out.err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "inf"])
+def test_bad_memory_values_exit_2(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["budget", GLUE_CONFIG, "--memory", value])
+    assert exc.value.code == 2
+    assert "GPU memory size" in capsys.readouterr().err
