@@ -79,17 +79,20 @@ class Estimate:
         return self.params + self.grads + self.optimizer + self.activations
 
 
-def activation_bytes(dims: Dims, batch: int, seq: int, element: int) -> int:
+def activation_bytes(dims: Dims, batch: int, seq: int, element: int, checkpointing: bool = False) -> int:
     """Bytes autograd keeps for the backward of one micro-batch of ``batch × seq`` tokens (see the module
-    docstring)."""
+    docstring). With gradient checkpointing a layer keeps only its input; one layer at a time is recomputed
+    with everything it saves."""
     h, e = dims.hidden, element
     per_token = (8 * e + 2 * dims.dropout) * h + 2 * e * dims.intermediate
     per_token += dims.score_tensors * (2 * e + dims.attention_dropout) * dims.heads * seq
     embeddings = (e + dims.dropout) * h
-    return batch * seq * (dims.layers * per_token + embeddings)
+    layers = dims.layers * e * h + per_token if checkpointing else dims.layers * per_token
+    return batch * seq * (layers + embeddings)
 
 
-def predict(model: Any, trainable: int, batch: int, seq: int, precision: str, device: str = "cuda") -> Estimate:
+def predict(model: Any, trainable: int, batch: int, seq: int, precision: str, device: str = "cuda",
+            checkpointing: bool = False) -> Estimate:
     """Peak training memory of a run of ``model`` (a meta model: shapes only) training ``trainable``
     parameters at ``batch × seq`` tokens per micro-batch; ``precision``: fp32, bf16 or fp16."""
     half = precision in ("bf16", "fp16")
@@ -97,7 +100,8 @@ def predict(model: Any, trainable: int, batch: int, seq: int, precision: str, de
     embedded = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     params = 4 * total + (2 * (total - embedded) if half else 0)
     return Estimate(params=params, grads=4 * trainable, optimizer=8 * trainable,
-                    activations=activation_bytes(Dims.of(model, device), batch, seq, 2 if half else 4))
+                    activations=activation_bytes(Dims.of(model, device), batch, seq, 2 if half else 4,
+                                                 checkpointing))
 
 
 def longest_batches(config: Any, host: Any, tasks: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -140,7 +144,8 @@ def plan(config: Any, solved: dict, shapes: Any, longest: dict[str, int | None],
             seq = train.max_length if train.pad_to_max_length or not longest.get(task) else \
                 min(longest[task], train.max_length)
             trainable = solved[(method.label, task)].counts.peak + head
-            est = predict(shapes.model, trainable, train.batch_size, seq, precision)
+            est = predict(shapes.model, trainable, train.batch_size, seq, precision,
+                          checkpointing=train.gradient_checkpointing)
             fits = est.total <= capacity
             rows.append([method.label, task, f"{train.batch_size} × {seq}", precision, f"{est.total / GIB:.1f}",
                          f"{est.activations / GIB:.1f}", "yes" if fits else "NO",
@@ -156,8 +161,9 @@ def hint(est: Estimate, train: Any, capacity: float) -> str:
     factor = 2
     while factor < train.batch_size and fixed + est.activations / factor > capacity:
         factor *= 2
-    tips = [f"batch_size {max(1, train.batch_size // factor)} with grad_accum {train.grad_accum * factor}",
-            "train.gradient_checkpointing: true"]
+    tips = [f"batch_size {max(1, train.batch_size // factor)} with grad_accum {train.grad_accum * factor}"]
+    if not train.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing: true")
     if train.precision == "fp32":
         tips.append("precision: bf16")
     return "; or ".join(tips)

@@ -71,3 +71,15 @@ def test_bad_memory_values_exit_2(value, capsys):
         main(["budget", GLUE_CONFIG, "--memory", value])
     assert exc.value.code == 2
     assert "GPU memory size" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_shrinks_the_predicted_activations():
+    from peftbench import memory
+    from peftbench.budget import model_shapes
+    from peftbench.config import load_config
+
+    shapes = model_shapes(load_config("glue_matched_budget"))
+    plain = memory.predict(shapes.model, 1_000_000, 32, 320, "fp32")
+    checkpointed = memory.predict(shapes.model, 1_000_000, 32, 320, "fp32", checkpointing=True)
+    assert checkpointed.activations < plain.activations / 4  # 12 layers: inputs only, plus one layer recomputed
+    assert checkpointed.total - checkpointed.activations == plain.total - plain.activations
