@@ -183,3 +183,29 @@ def test_forward_statistics_count_a_batch_once_under_gradient_checkpointing(make
         plain(x).sum().backward()
         checkpoint(checkpointed, x, use_reentrant=False).sum().backward()
         torch.testing.assert_close(statistic(checkpointed), statistic(plain), rtol=0, atol=0)
+
+
+class InfGradient:
+    """Puts an inf into one AdaLoRA gradient at every step (what an fp16 overflow does)."""
+
+    @hookimpl
+    def peftbench_after_backward(self, model):
+        grad = next(p.grad for n, p in model.named_parameters() if n.endswith(".E") and p.grad is not None)
+        grad.view(-1)[0] = float("inf")
+
+
+def test_adalora_fails_on_inf_gradients_and_stays_finite_when_the_scaler_skips_them(tmp_path, monkeypatch):
+    methods = [{"name": "adalora"}]
+    summary, runs = _sweep(tmp_path, methods, InfGradient())
+    assert not summary.ok and "non-finite" in runs["adalora"]["error"]  # a failure, not a switched-off adapter
+    step = accelerate.optimizer.AcceleratedOptimizer.step
+
+    def scaler_like_step(self, closure=None):  # fp16's GradScaler: skip the step on inf/nan gradients
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._is_overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+        if not self._is_overflow:
+            step(self, closure)
+
+    monkeypatch.setattr(accelerate.optimizer.AcceleratedOptimizer, "step", scaler_like_step)
+    summary, runs = _sweep(tmp_path / "skipped", methods, InfGradient())
+    assert summary.ok and runs["adalora"]["status"] == "done", runs["adalora"].get("error")

@@ -127,6 +127,11 @@ class RankAllocator:
     def update_importance(self) -> None:
         for stack in self.stacks:
             stack.update(self.beta1, self.beta2)
+        # one inf/nan gradient would poison the EMAs for good and mask every triplet while the run "succeeds";
+        # fail the run instead (fp16 steps the grad scaler skipped never get here)
+        if not all(bool(torch.isfinite(stack.ipt).all()) and bool(torch.isfinite(stack.unc).all())
+                   for stack in self.stacks):
+            raise FloatingPointError("AdaLoRA's importance scores became non-finite (inf/nan gradients)")
 
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
