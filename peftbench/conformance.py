@@ -48,18 +48,15 @@ A failed check raises :class:`ConformanceError` (an ``AssertionError``) saying w
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import json
 import math
-import re
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pluggy
 import torch
 
 from . import hookspecs, modeling, toys
@@ -70,7 +67,7 @@ from .host import Host, PluginInfo
 from .lora import rank_cost
 from .method import Method
 from .observers import observing
-from .schema import from_dict, suggest, to_dict
+from .schema import from_dict, to_dict
 
 CHECKS = ("hooks", "frozen_base", "counts", "budget", "state", "determinism", "return_types")
 
@@ -223,7 +220,7 @@ class Conformance:
                 raise _Fail(f"{cls!r} is not a peftbench.method.Method subclass")
             problems = _registration_problems(cls)
             if problems:
-                raise _Fail("; ".join(problems))
+                raise _Fail(problems[0])
         cls = self.cls
         hooks = set(cls.implemented_hooks())
         problems = _registration_problems(cls) if isinstance(self.method, str) else []
@@ -581,26 +578,13 @@ class _Reseed:
 
 
 def _registration_problems(cls: type[Method]) -> list[str]:
-    """Why pluggy refuses ``cls``'s hook implementations (as the host registers a run's method instance), and
-    ``peftbench_*`` functions without ``@hookimpl`` (which pluggy ignores: they would never be called)."""
-    problems = [f"{name} is not decorated with @hookimpl (from peftbench.hookspecs), so it would never be called"
-                for name in dir(cls) if name.startswith("peftbench_") and callable(getattr(cls, name, None))
-                and not hasattr(getattr(cls, name), "peftbench_impl")]
-    pm = pluggy.PluginManager("peftbench")
-    pm.add_hookspecs(hookspecs)
+    """Why the host would refuse method class ``cls`` (pluggy's check of its hook implementations, as for a
+    run's method instance, and ``peftbench_*`` functions without ``@hookimpl``): the host's own check."""
     try:
-        pm.register(cls)
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        message = str(exc).replace("\n", "; ")
-        hook = re.search(r"(?:unknown hook|for hook) '(\w+)'", message)
-        spec = getattr(hookspecs, hook.group(1), None) if hook else None
-        if hook and spec is None:
-            message += suggest(hook.group(1), [h for h in dir(hookspecs) if h.startswith("peftbench_")])
-        elif hook:
-            message += f"; the hook passes {hook.group(1)}({', '.join(inspect.signature(spec).parameters)}) by name"
-        problems.append(f"pluggy refuses the hook implementations: {message}")
-    return problems
+        Host(entry_points=False).check_method_class(cls)
+    except TypeError as exc:
+        return [str(exc)]
+    return []
 
 
 def _expect_counts(counts: Any, where: str) -> None:

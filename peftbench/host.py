@@ -14,7 +14,9 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -262,7 +264,17 @@ class Host:
 
 
 def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+    """Pluggy's validation message on one line, with what the author needs next: the nearest hook name for an
+    unknown hook, the hook's arguments for an argument it does not pass."""
+    message = " ".join(str(exc).split())
+    hook = re.search(r"(?:unknown hook|for hook) '(\w+)'", message)
+    if hook:
+        spec = getattr(hookspecs, hook.group(1), None)
+        if spec is None:
+            message += suggest(hook.group(1), [h for h in dir(hookspecs) if h.startswith("peftbench_")])
+        else:
+            message += f"; the hook passes {hook.group(1)}({', '.join(inspect.signature(spec).parameters)}) by name"
+    return message
 
 
 def api_version_problem(version: Any, info: PluginInfo) -> str | None:
