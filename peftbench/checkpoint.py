@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 FORMAT = 2  #: 2: the trainer's whole loop state under "loop"
 
 #: run hooks called during the loop, where a method could keep state that a checkpoint must carry
@@ -82,13 +84,8 @@ class Checkpoint:
             "loop": _cpu(loop),
             "method": _cpu(method_state),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(self.path) as f:  # a reader sees the old or the new checkpoint, never half of one
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic: a reader sees the old or the new checkpoint, never half of one
 
     # -- restoring ---------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .task import Split, Task
 
 #: bump when the cached format changes
@@ -98,14 +99,9 @@ def _read_cache(path: Path) -> Encoded | None:
 
 
 def _write_cache(path: Path, encoded: Encoded) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     type_ids = encoded.type_ids if encoded.type_ids is not None else np.zeros(0, np.int8)
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:  # concurrent runs never read a half-written cache
         np.savez(f, ids=encoded.ids, type_ids=type_ids, offsets=encoded.offsets, labels=encoded.labels)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a named, half-written cache
-    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
 
 
 def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> Encoded:

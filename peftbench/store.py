@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import ConfigError, PeftbenchError
 
 SCHEMA = """
@@ -101,7 +102,7 @@ def _wait_budget() -> float:
 
 class Store:
     def __init__(self, path: str | os.PathLike, readonly: bool = False, log: Callable[[str], object] = print):
-        self.path, self.readonly, self.log = Path(path), readonly, log
+        self.path, self.log = Path(path), log
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.proc_start = process_start(self.pid)
         if readonly:
@@ -242,14 +243,9 @@ class Store:
         return self.path.with_name(self.path.name + ".pending")
 
     def _save_pending(self, run_id: str, values: dict[str, Any]) -> Path:
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
         path = self.pending_dir / f"{run_id}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(values, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return path
 
     def import_pending(self) -> int:

@@ -9,7 +9,9 @@ plugins register them, so a task plugin decides its columns' order).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -26,9 +28,6 @@ def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
     the training settings and the method's params. Runs of one label are seeds of one setting only when
     these are equal."""
-    import hashlib
-    import json
-
     spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
@@ -51,8 +50,6 @@ def separate_settings(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 def runs_json(runs: list[dict[str, Any]]) -> str:
     """One JSON object per run: config (spec, with the data fingerprint), counts, metrics, costs."""
-    import json
-
     return json.dumps([{k: v for k, v in run.items() if k not in JSON_SKIP} for run in runs], indent=1, default=str)
 
 
