@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="only these tasks (repeatable)")
     p.add_argument("--model", action="append", help="only runs of these models (repeatable)")
     p.add_argument("--sweep", action="append", help="only these sweeps (repeatable)")
-    p.add_argument("--final", action="store_true", help="use the final instead of the best dev metrics")
+    select = p.add_mutually_exclusive_group()
+    select.add_argument("--final", action="store_true",
+                        help="the final dev metrics instead of the best in-budget evaluation")
+    select.add_argument("--any-eval", action="store_true",
+                        help="the best of all evaluations, also those at which a method was over its budget "
+                             "(the old selection, for comparison; not budget-matched)")
     p.add_argument("--baseline", default="lora", help="method label for the paired significance test (default: lora)")
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
 
@@ -267,9 +272,35 @@ def cmd_budget(args) -> int:
           f"tolerance {config.budget.tolerance:.1%}")
     solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
+    _in_budget_plan(config, host, solved)
     if args.memory is not None:
         _memory_plan(config, host, shapes, solved, args.memory)
     return 0
+
+
+def _in_budget_plan(config, host, solved) -> None:
+    """Which dev evaluations count toward each method's reported metric (those at which it is within budget)."""
+    from tabulate import tabulate
+
+    from .config import data_dir_for
+    from .sweep import in_budget_plans
+
+    sizes, missing = {}, []
+    for task in config.tasks:
+        try:
+            sizes[task] = len(host.task(task).load("train", data_dir_for(config)).labels)
+        except Exception:  # no data here: the number of steps is unknown
+            missing.append(task)
+    plans = in_budget_plans(config, host, solved, sizes)
+    print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
+          f"reported metric (the final one always does; fewer than budget.min_evaluations = "
+          f"{config.budget.min_evaluations} is a config error)")
+    if missing:
+        print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
+    rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}"]
+            for (label, task), p in plans.items()]
+    print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted"],
+                   tablefmt="simple", disable_numparse=True))
 
 
 def _memory_plan(config, host, shapes, solved, gpu_gb: float) -> None:
@@ -295,7 +326,8 @@ def cmd_table(args) -> int:
 
     rows = _stored_runs(args)
     main_metric = main_metrics(rows, Host(plugins=args.plugins))
-    print(build(rows, main_metric, args.format, metric="final" if args.final else "best", baseline=args.baseline,
+    metric = "final" if args.final else "best_any" if args.any_eval else "best"
+    print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
                 ablation=args.ablation))
     return 0
 

@@ -130,6 +130,9 @@ class BudgetConfig:
     #: ... or an explicit number of adapter parameters (takes precedence)
     params: int | None = None
     tolerance: float = 0.01  #: accepted relative miss of a method's final trainable count
+    #: dev evaluations of every run at which its method must be within budget (only those count toward the
+    #: reported metric; a schedule that leaves fewer is a config error)
+    min_evaluations: int = 3
 
     def __post_init__(self):
         for name in ("lora_rank", "params"):
@@ -137,6 +140,8 @@ class BudgetConfig:
                 raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.min_evaluations < 1:
+            raise ValueError(f"min_evaluations must be >= 1, got {self.min_evaluations}")
 
 
 @dataclass

@@ -709,7 +709,11 @@ _CHECKERS: dict[str, Callable[[Any, Any], str | None]] = {
     "peftbench_after_backward": _none,
     "peftbench_after_optimizer_step": _none,
     "peftbench_on_log": _none,
+    "peftbench_before_evaluate": lambda value, cls: None if value is None or callable(value) else (
+        "expected a function that undoes the change, or None"),
     "peftbench_on_evaluate": _none,
+    "peftbench_in_budget_from": lambda value, cls: None if value is None or (
+        isinstance(value, int) and value >= 0) else "expected a step count (int >= 0) or None",
     "peftbench_train_end": _none,
     "peftbench_report": _report_result,
     "peftbench_export_peft": _export_result,

@@ -26,6 +26,7 @@ Call order for one run (the trainer, :mod:`peftbench.trainer`, reads top to bott
 
     peftbench_count_trainable / peftbench_solve_budget   (budget check, before any training)
     peftbench_inject                                     (once, on the frozen base model)
+    peftbench_in_budget_from                             (once: from which step evaluations count)
     peftbench_train_start                                (once, optimizer built)
     peftbench_load_state_dict                            (only when the run resumes from a checkpoint)
     for every optimizer step:
@@ -33,14 +34,19 @@ Call order for one run (the trainer, :mod:`peftbench.trainer`, reads top to bott
         peftbench_after_backward                         (gradients of the full step, before clipping)
         peftbench_after_optimizer_step                   (after optimizer/scheduler step, before zero_grad)
         peftbench_on_log                                 (every ``train.log_every`` steps and the last)
-        peftbench_on_evaluate                            (every ``train.eval_every`` steps, if set)
+        peftbench_before_evaluate, peftbench_on_evaluate (every ``train.eval_every`` steps, if set)
     at every epoch end but the last:
-        peftbench_on_evaluate
+        peftbench_before_evaluate, peftbench_on_evaluate
         peftbench_state_dict                             (with ``output.checkpoint: true``)
     peftbench_train_end                                  (once, before the final evaluation)
-    peftbench_on_evaluate                                (the final evaluation)
+    peftbench_before_evaluate, peftbench_on_evaluate     (the final evaluation)
     peftbench_report                                     (once, merged into the stored run record)
     peftbench_export_peft                                (``peftbench export``: the adapter in PEFT format)
+
+In-budget selection (the fairness rule). A method that prunes or reallocates starts over its budget. An
+evaluation counts toward the reported ("best") dev metric only if the adapter is in its final, budget-matched
+form then: from the step :func:`peftbench_in_budget_from` names on, and always at the final evaluation. The
+best of every evaluation is kept too (``best_any``), for information only.
 
 A run hook that no registered plugin implements is never called: the trainer checks once, before the
 loop, so a method that needs none of them costs nothing per step.
@@ -57,6 +63,7 @@ kit's ``state`` check restores every method through the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -197,6 +204,18 @@ def peftbench_inject(model: nn.Module, targets: list[TargetModule]) -> bool:
     """
 
 
+@hookspec(firstresult=True)
+def peftbench_in_budget_from(total_steps: int) -> int:
+    """The number of completed optimizer steps from which this method's adapter is in its final,
+    budget-matched form, in a run of ``total_steps`` steps (a pure function of the params and
+    ``total_steps``: ``peftbench budget`` calls it before training to show which evaluations will count).
+
+    Dev evaluations before that step are kept in the history but never become the reported metric; the final
+    evaluation (after :func:`peftbench_train_end`) always counts. Not implemented: 0 (LoRA, whose size never
+    changes). AdaLoRA: the step that freezes its final mask; PrunedLoRA: the step after its last pruning event.
+    """
+
+
 @hookspec
 def peftbench_train_start(model: nn.Module, state: TrainState) -> None:
     """Called once after the optimizer and scheduler exist, before the first batch.
@@ -242,6 +261,17 @@ def peftbench_on_log(model: nn.Module, state: TrainState, record: dict[str, Any]
 
     For observers (loggers, trackers, the progress bar); ``record`` is a copy, changing it changes nothing.
     The loss is read from the device here anyway, so an observer adds no host-device sync.
+    """
+
+
+@hookspec
+def peftbench_before_evaluate(model: nn.Module, state: TrainState) -> Callable[[], None] | None:
+    """Called before every dev evaluation: put the adapter in the form it is evaluated in, and return a
+    function that undoes it (called right after the evaluation), or ``None``.
+
+    For methods whose training-time adapter is larger than the one they report: PRILoRA applies its current
+    pruning mask, so its dev metrics are those of the pruned adapter, then restores the entries it zeroed,
+    so that training continues exactly as without the evaluation.
     """
 
 

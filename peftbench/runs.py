@@ -10,6 +10,9 @@ from typing import Any
 from .config import Config, ModelConfig, TrainConfig, data_dir_for
 from .schema import to_dict
 
+#: the model-selection rule of ``best``: the best dev evaluation at which the method was within its budget
+SELECTION = "in_budget"
+
 
 @dataclass
 class RunSpec:
@@ -32,6 +35,9 @@ class RunSpec:
         identity = {
             "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
             "model": to_dict(self.model), "train": to_dict(self.train), "label": self.label,
+            # how `best` is selected: a result stored under the earlier rule (best of any evaluation, over-budget
+            # ones included) is another run, retrained rather than reported as in budget
+            "selection": SELECTION,
         }
         if self.data:
             identity["data"] = dict(self.data)

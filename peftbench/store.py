@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS runs (
     budget TEXT,                     -- JSON: target and solved counts
     trainable TEXT,                  -- JSON: measured counts
     best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
+    best_any TEXT, best_any_step INTEGER,  -- best of every evaluation, over-budget ones included (information)
+    in_budget_from INTEGER, evaluations INTEGER, in_budget_evals INTEGER,
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
     host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
@@ -55,9 +57,10 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 """
 
 #: columns added after the first release, with their type: older stores get them on open
-ADDED_COLUMNS = {"proc_start": "INTEGER"}
+ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
+                 "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER"}
 
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report")
+JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any")
 
 
 def process_start(pid: int) -> int | None:

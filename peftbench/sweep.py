@@ -23,9 +23,10 @@ import numpy as np
 from .budget import Solved
 from .config import Config, data_dir_for
 from .data import content_fingerprint
-from .errors import DataError, PeftbenchError
+from .errors import ConfigError, DataError, PeftbenchError
 from .host import Host
 from .runs import RunSpec, expand
+from .schedule import InBudgetPlan, in_budget_plan
 from .store import Store
 
 
@@ -69,7 +70,10 @@ class Sweep:
         self.summary, self.log = summary, log
         # every split is read and checked before any training; its content fingerprint is part of each run's
         # identity, so a run on changed data is a new run, never "finished earlier"
-        self.runs = expand(config, solved, check_data(config, host, config.tasks))
+        sizes: dict[str, int] = {}
+        self.runs = expand(config, solved, check_data(config, host, config.tasks, sizes))
+        # a reported metric must come from evaluations in budget: enough of them, or the config is wrong
+        check_in_budget(config, in_budget_plans(config, host, solved, sizes))
 
     def check(self) -> None:
         """Announce the sweep (its data was checked when the run list was made)."""
@@ -123,7 +127,8 @@ class Sweep:
             checkpoint.remove()
         self.summary.done += 1
         main = self.host.task(spec.task).main_metric
-        self.log(f"{tag}: best {main} {fields['best'].get(main, float('nan')):.4f} at step {fields['best_step']}, "
+        self.log(f"{tag}: best in-budget {main} {fields['best'].get(main, float('nan')):.4f} at step "
+                 f"{fields['best_step']} ({fields['in_budget_evals']}/{fields['evaluations']} evaluations in budget), "
                  f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, "
                  f"adapter {fields['trainable']['adapter']:,}")
         return True
@@ -141,9 +146,11 @@ class Sweep:
 # -- the data check --------------------------------------------------------------------------------------
 
 
-def check_data(config: Config, host: Host, tasks: list[str]) -> dict[str, dict[str, str]]:
+def check_data(config: Config, host: Host, tasks: list[str],
+               sizes: dict[str, int] | None = None) -> dict[str, dict[str, str]]:
     """Load every split of ``tasks`` once and check it against its task, so that a malformed file stops
-    the sweep before any training instead of hours into it. Returns each split's content fingerprint."""
+    the sweep before any training instead of hours into it. Returns each split's content fingerprint (and
+    puts each task's number of training examples in ``sizes``, if given)."""
     data_dir = data_dir_for(config)
     fingerprints: dict[str, dict[str, str]] = {}
     for name in tasks:
@@ -158,7 +165,51 @@ def check_data(config: Config, host: Host, tasks: list[str]) -> dict[str, dict[s
                                 f"{exc} (raised at {raised_at(exc)})") from exc
             _check_split(task, split, data)
             fingerprints.setdefault(name, {})[split] = content_fingerprint(data)
+            if split == "train" and sizes is not None:
+                sizes[name] = len(data.labels)
     return fingerprints
+
+
+def in_budget_plans(config: Config, host: Host, solved: dict[tuple[str, str], Solved],
+                    sizes: dict[str, int]) -> dict[tuple[str, str], InBudgetPlan]:
+    """Per (method label, task) of the tasks in ``sizes`` (training examples): which dev evaluations of its
+    runs will count toward the reported metric (:func:`peftbench.schedule.in_budget_plan`)."""
+    plans = {}
+    for i, method in enumerate(config.methods):
+        for task in (t for t in config.tasks if t in sizes):
+            train = config.train_for(method, task)
+            examples = min(sizes[task], train.max_train_samples or sizes[task])
+            instance = host.method(method.name)(solved[(method.label, task)].params)
+            try:
+                with host.activate(instance):
+                    plans[(method.label, task)] = in_budget_plan(
+                        train, examples, lambda total: host.hook.peftbench_in_budget_from(total_steps=total))
+            except ConfigError as exc:  # a schedule that cannot fit this run's steps: name the method and task
+                raise ConfigError(f"{config.where(f'methods[{i}]')}methods[{i}] ({method.label}, {task}): {exc}"
+                                  ) from None
+    return plans
+
+
+def check_in_budget(config: Config, plans: dict[tuple[str, str], InBudgetPlan]) -> None:
+    """A method whose schedule leaves fewer than ``budget.min_evaluations`` evaluations in budget (or fewer than
+    the run has) would report one noisy reading, not a best: a config error naming it."""
+    needed = config.budget.min_evaluations
+    for i, method in enumerate(config.methods):
+        for task in config.tasks:
+            plan = plans.get((method.label, task))
+            if plan is None or plan.counted >= min(needed, len(plan.evaluations)):
+                continue
+            raise ConfigError(
+                f"{config.where(f'methods[{i}]')}methods[{i}] ({method.label}, {task}): only {plan.counted} of the "
+                f"run's {len(plan.evaluations)} dev evaluations (steps {_steps(plan.evaluations)}) are in budget: "
+                f"the adapter reaches its budget at step {plan.from_step} of {plan.total_steps}, and only "
+                "evaluations from then on count toward the reported metric. Evaluate more often (train.eval_every) "
+                f"or end the method's schedule earlier (budget.min_evaluations: {needed}); `peftbench budget` shows "
+                "every method's plan")
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{', '.join(map(str, steps[:6]))}, ..., {steps[-1]}"
 
 
 def _check_split(task, split: str, data) -> None:
@@ -266,6 +317,8 @@ def _spec_fields(spec: RunSpec, budget: Solved) -> dict[str, Any]:
 def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
     return {
         "trainable": result.trainable, "best": result.best, "final": result.final, "best_step": result.best_step,
+        "best_any": result.best_any, "best_any_step": result.best_any_step, "in_budget_from": result.in_budget_from,
+        "evaluations": result.evaluations, "in_budget_evals": result.in_budget_evals,
         "history": result.history, "method_report": result.method_report, "wall_s": result.wall_s,
         "train_s": result.train_s, "tokens_per_s": result.tokens_per_s, "peak_mem_bytes": result.peak_mem_bytes,
         "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
@@ -291,5 +344,5 @@ def write_artifacts(config: Config, spec: RunSpec, weights) -> str | None:
     return str(out)
 
 
-__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "train_outcome", "run_one", "failure_reason",
+__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "in_budget_plans", "check_in_budget", "train_outcome", "run_one", "failure_reason",
            "is_out_of_memory", "release_memory", "write_artifacts", "raised_at"]

@@ -20,6 +20,13 @@ from tabulate import tabulate
 
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
 
+#: what each stored metric is, for the footer: ``best`` (the default) only counts in-budget evaluations
+SELECTIONS = {
+    "best": "the best dev evaluation at which the method was within its budget (in-budget selection)",
+    "final": "the dev metrics after the last step",
+    "best_any": "the best of all dev evaluations, over-budget ones included (NOT budget-matched: the old rule)",
+}
+
 #: run fields that ``--format json`` leaves out (long, or the store's bookkeeping)
 JSON_SKIP = ("history", "traceback", "host", "pid", "proc_start")
 
@@ -183,7 +190,8 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     table = tabulate(rows, headers=header, tablefmt={"markdown": "github", "latex": "latex_raw", "plain": "simple"}[fmt],
                      disable_numparse=True)
     seeds = sorted({len(v) for v in values.values()})
-    note = f"mean{'±std' if max(seeds) > 1 else ''} of {metric} dev {', '.join(map(str, seeds))} seed(s), ×100"
+    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
+            f"{', '.join(map(str, seeds))} seed(s), ×100")
     if p_values:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
     note = "; ".join([note, *notes])

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_linear_schedule_with_warmup
 
-from . import modeling
+from . import modeling, schedule
 from .checkpoint import Checkpoint
 from .data import load_task_data, make_loader
 from .hookspecs import TrainState
@@ -35,9 +35,14 @@ class Diverged(RuntimeError):
 
 @dataclass
 class RunResult:
-    best: dict[str, float]  #: dev metrics at the best evaluation (by the task's main metric)
+    best: dict[str, float]  #: dev metrics at the best in-budget evaluation (by the task's main metric): reported
     final: dict[str, float]  #: dev metrics after the last step
     best_step: int
+    best_any: dict[str, float]  #: dev metrics at the best of all evaluations, over budget ones included (info)
+    best_any_step: int
+    in_budget_from: int  #: completed steps from which evaluations count (:func:`peftbench_in_budget_from`)
+    evaluations: int  #: dev evaluations in the run
+    in_budget_evals: int  #: those that counted toward ``best``
     history: list[dict[str, Any]]  #: one entry per evaluation / log point
     trainable: dict[str, int]  #: measured counts: adapter (dense), nonzero, head, total model
     wall_s: float
@@ -60,10 +65,16 @@ class LoopState(TrainState):
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)  #: one entry per evaluation / log point
-    best_score: float = -math.inf  #: the task's main dev metric at the best evaluation so far
+    in_budget_from: int = 0  #: evaluations from this completed step on count toward ``best_*`` (and the final)
+    best_score: float = -math.inf  #: the task's main dev metric at the best in-budget evaluation so far
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
-    best_weights: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
+    best_weights: dict[str, torch.Tensor] | None = None  #: trainable weights at the best in-budget evaluation (CPU)
+    best_any_score: float = -math.inf  #: the same over every evaluation, over-budget ones included (information)
+    best_any_metrics: dict[str, float] = field(default_factory=dict)
+    best_any_step: int = 0
+    evaluations: int = 0
+    in_budget_evals: int = 0
     step_times: list[float] = field(default_factory=list)  #: seconds per optimizer step (evaluation excluded)
     running_loss: torch.Tensor | None = None  #: loss summed since the last log point (on the device)
     micro_batches: int = 0  #: micro-batches summed into ``running_loss``
@@ -202,7 +213,7 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
 
     if "peftbench_train_end" in has:
         hook.peftbench_train_end(model=raw_model, state=state)
-    final = evaluate(run, host)
+    final = evaluate(run, host, final=True)  # train_end left every method in its final form: always counts
     report: dict[str, Any] = {}
     if "peftbench_report" in has:
         for part in hook.peftbench_report(model=raw_model, state=state):
@@ -226,21 +237,36 @@ def log(run: Run, host: Host) -> None:
         host.hook.peftbench_on_log(model=run.raw_model, state=state, record=dict(record))
 
 
-def evaluate(run: Run, host: Host) -> dict[str, float]:
-    """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best so far."""
+def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
+    """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best in-budget
+    evaluation so far (the reported one) and the best of all (information only)."""
     state, task = run.state, run.task
-    metrics = {}
-    for i, (split, loader) in enumerate(run.dev_loaders.items()):
-        split_metrics = predict_and_score(run.model, loader, task, run.accelerator)
-        prefix = "" if i == 0 else f"{split}_"
-        metrics.update({prefix + k: v for k, v in split_metrics.items()})
-    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, **state.logs})
+    undo = []
+    if "peftbench_before_evaluate" in run.hooks:  # the adapter as the method reports it (PRILoRA: pruned)
+        undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=state) if u]
+    try:
+        metrics = {}
+        for i, (split, loader) in enumerate(run.dev_loaders.items()):
+            split_metrics = predict_and_score(run.model, loader, task, run.accelerator)
+            prefix = "" if i == 0 else f"{split}_"
+            metrics.update({prefix + k: v for k, v in split_metrics.items()})
+    finally:
+        for restore in reversed(undo):
+            restore()
+    in_budget = final or state.step >= state.in_budget_from
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
+                          **state.logs})
     if "peftbench_on_evaluate" in run.hooks:
         host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics)
     score = metrics[task.main_metric]
-    if score > state.best_score:
-        state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
-        state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
+    state.evaluations += 1
+    if score > state.best_any_score:
+        state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
+    if in_budget:
+        state.in_budget_evals += 1
+        if score > state.best_score:
+            state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
+            state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
     run.model.train()
     return metrics
 
@@ -263,7 +289,9 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
 
         peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_process_max_rss"
     return RunResult(
-        best=state.best_metrics, final=final, best_step=state.best_step, history=state.history,
+        best=state.best_metrics, final=final, best_step=state.best_step, best_any=state.best_any_metrics,
+        best_any_step=state.best_any_step, in_budget_from=state.in_budget_from, evaluations=state.evaluations,
+        in_budget_evals=state.in_budget_evals, history=state.history,
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
@@ -286,10 +314,7 @@ def setup(spec: RunSpec, host: Host) -> Run:
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
                                   fused=not use_cpu and torch.cuda.is_available())
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = schedule.total_steps(cfg, len(train_loader))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -306,6 +331,8 @@ def setup(spec: RunSpec, host: Host) -> Run:
                       running_loss=torch.zeros((), device=device),
                       new_tokens=torch.zeros((), dtype=torch.long, device=device))
     hooks = {name for name in RUN_HOOKS if host.implemented(name)}
+    if host.implemented("peftbench_in_budget_from"):  # else always in budget (LoRA): no hook call at all
+        state.in_budget_from = host.hook.peftbench_in_budget_from(total_steps=total_steps) or 0
     if torch.cuda.is_available() and not use_cpu:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
@@ -314,8 +341,8 @@ def setup(spec: RunSpec, host: Host) -> Run:
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)
 RUN_HOOKS = ("peftbench_train_start", "peftbench_extra_loss", "peftbench_after_backward",
-             "peftbench_after_optimizer_step", "peftbench_on_log", "peftbench_on_evaluate", "peftbench_train_end",
-             "peftbench_report")
+             "peftbench_after_optimizer_step", "peftbench_on_log", "peftbench_before_evaluate",
+             "peftbench_on_evaluate", "peftbench_train_end", "peftbench_report")
 
 
 def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:

@@ -180,6 +180,11 @@ class AdaLoRA(Method):
         return True
 
     @hookimpl
+    def peftbench_in_budget_from(self, total_steps):
+        """In budget once the final mask is frozen: after the optimizer step ``T - tfinal`` (0-based)."""
+        return max(0, total_steps - resolve_steps(self.params.tfinal, total_steps) + 1)
+
+    @hookimpl
     def peftbench_train_start(self, model, state):
         p = self.params
         tinit, tfinal = resolve_steps(p.tinit, state.total_steps), resolve_steps(p.tfinal, state.total_steps)

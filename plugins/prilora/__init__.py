@@ -29,7 +29,8 @@ Intentional details: the input statistic includes padding tokens (a linear layer
 mask; the score compares features within one module, so a common factor cancels); ``⌊ratio · n⌋`` entries are
 pruned per group; explicit rank lists are used as given (budget matching cannot rescale them: the host
 reports their miss); modules outside the transformer blocks, if targeted, get rank ``round(r)``.
-Intermediate dev evaluations see A between events (regrown entries included); the final one sees A pruned.
+Every dev evaluation sees the pruned adapter: the entries an event would prune at that moment are zeroed for
+the evaluation and given back after it (training is unchanged), so PRILoRA is always evaluated at its budget.
 In a multi-process run the EMAs are averaged over the processes before every pruning event (each process sees
 a shard of the batch), so every replica prunes the same entries. Runs are resumable (``output.checkpoint``):
 the event count, the EMA flags, the ``random`` generator and the permanent masks are checkpointed; the EMAs
@@ -215,6 +216,38 @@ class PRILoRA(Method):
         if self.params.criterion != "none" and not self.keep:
             self.prune(state.optimizer)  # the final event: the reported sparsity
 
+    @hookimpl
+    def peftbench_before_evaluate(self):
+        """Every evaluation sees the pruned adapter (the reported size): zero what an event would prune now,
+        and give it back after the evaluation, so that training goes on exactly as without one. After the
+        final event the same entries are already zero, so the final evaluation is unchanged."""
+        if self.params.criterion == "none" or self.keep:  # nothing pruned, or a permanent mask already applied
+            return None
+        generator = self.generator.get_state() if self.generator is not None else None
+        zeroed = self._zero_prunable()
+        if generator is not None:
+            self.generator.set_state(generator)  # the `random` criterion: training draws what it would have
+
+        @torch.no_grad()
+        def restore():
+            for weight, drop, values in zeroed:
+                weight[drop] = values
+        return restore
+
+    @torch.no_grad()
+    def _zero_prunable(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Zero, in every module, the entries a pruning event would zero now; returns them to restore."""
+        p, zeroed = self.params, []
+        if p.criterion in ("input_norm", "prune_b"):
+            sync_statistics(self.layers.values())
+        for layer in self.layers.values():
+            weight = self.pruned_weight(layer)
+            drop = prune_mask(importance(p.criterion, weight, layer.norm_ema, self.generator), p.prune_ratio,
+                              p.grouping)
+            zeroed.append((weight, drop, weight[drop]))
+            weight.masked_fill_(drop, 0.0)
+        return zeroed
+
     def pruned_weight(self, layer: PRILoRALinear) -> nn.Parameter:
         return layer.lora_B if self.params.criterion == "prune_b" else layer.lora_A
 
@@ -222,13 +255,7 @@ class PRILoRA(Method):
     def prune(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """One pruning event over every module (one top-k per module)."""
         p = self.params
-        if p.criterion in ("input_norm", "prune_b"):
-            sync_statistics(self.layers.values())
-        for name, layer in self.layers.items():
-            weight = self.pruned_weight(layer)
-            drop = prune_mask(importance(p.criterion, weight, layer.norm_ema, self.generator), p.prune_ratio,
-                              p.grouping)
-            weight.masked_fill_(drop, 0.0)
+        for name, (weight, drop, _) in zip(self.layers, self._zero_prunable()):
             if p.permanent:
                 self.keep[name] = (~drop).to(weight.dtype)
         self.events += 1

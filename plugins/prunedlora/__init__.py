@@ -202,6 +202,12 @@ class PrunedLoRA(Method):
         return True
 
     @hookimpl
+    def peftbench_in_budget_from(self, total_steps):
+        """In budget after the step of the last pruning event (every module at its target rank then)."""
+        schedule = plan_schedule(self.params, total_steps)
+        return schedule.last + 1 if schedule.events else 0
+
+    @hookimpl
     def peftbench_train_start(self, model, state):
         self.layers = lora_layers(model, PrunedLoRALinear)
         if getattr(state.accelerator, "num_processes", 1) > 1:

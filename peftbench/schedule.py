@@ -1,0 +1,60 @@
+"""When a run steps and evaluates, computed before training from the training-set size alone.
+
+The trainer and the pre-training checks (``peftbench budget``, the sweep's check that enough evaluations are
+in budget) use these same functions, so what is announced is what happens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+
+def steps_per_epoch(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` micro-batches (a last partial accumulation is a step too)."""
+    return math.ceil(batches / grad_accum)
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    steps = steps_per_epoch(batches_per_epoch, cfg.grad_accum) * cfg.epochs
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def batches(examples: int, batch_size: int) -> int:
+    return math.ceil(examples / batch_size)
+
+
+def evaluation_steps(cfg: TrainConfig, batches_per_epoch: int) -> list[int]:
+    """The completed-step counts of every dev evaluation, in order: every ``eval_every`` steps, every epoch
+    end but the last (both, when they coincide), and the final one at the last step."""
+    per_epoch, total = steps_per_epoch(batches_per_epoch, cfg.grad_accum), total_steps(cfg, batches_per_epoch)
+    steps = []
+    for step in range(1, total):
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            steps.append(step)
+        if step % per_epoch == 0:
+            steps.append(step)
+    return [*steps, total]
+
+
+@dataclass(frozen=True)
+class InBudgetPlan:
+    """Which evaluations of a run count toward its reported metric."""
+
+    total_steps: int
+    from_step: int  #: evaluations at or after this completed-step count are in budget (and the final one)
+    evaluations: list[int]
+
+    @property
+    def counted(self) -> int:
+        return sum(step >= self.from_step for step in self.evaluations[:-1]) + 1  # the final one always counts
+
+
+def in_budget_plan(cfg: TrainConfig, examples: int, in_budget_from) -> InBudgetPlan:
+    """The plan of a run on ``examples`` training examples; ``in_budget_from(total_steps)`` is the method's
+    :func:`~peftbench.hookspecs.peftbench_in_budget_from` (``None``: always in budget)."""
+    per_epoch = batches(examples, cfg.batch_size)
+    total = total_steps(cfg, per_epoch)
+    return InBudgetPlan(total, in_budget_from(total) or 0, evaluation_steps(cfg, per_epoch))
