@@ -4,7 +4,8 @@ Phase 1 trains every method × task × grid point × tuning seed on the training
 (``tune.holdout`` of it, split with ``tune.seed``, stratified by label for classification) and evaluates on
 that part only: a tuning run never reads the task's dev splits, and its identity holds only the training
 set's fingerprint. The training set is subsampled first (``train.max_train_samples``), then split, so the
-final runs train on exactly the tuning runs' train part plus held-out part.
+final runs train on exactly the tuning runs' train part plus held-out part; ``train.max_eval_samples`` does
+not cap the held-out part. A grid value overrides the key's value from ``train:`` and every override.
 
 Phase 2 chooses, per (method label, task), the grid point with the best mean held-out main metric over the
 tuning seeds that finished (the stored ``best``; ties: the earlier point), then trains the sweep's seeds at
@@ -60,7 +61,9 @@ def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | 
     for spec in expand(config, solved, train_only, seeds=tune.seeds):
         for index, point in enumerate(grid_points(grids[spec.label])):
             train, params = apply_point(spec.train, spec.params, point)
-            runs.append(dataclasses.replace(spec, train=train, params=params, tuning={
+            # no adapter files: only the held-out metric of a tuning run is used (a grid of full fine-tuning
+            # runs would otherwise write a whole model per point)
+            runs.append(dataclasses.replace(spec, train=train, params=params, save_adapters=False, tuning={
                 "holdout": tune.holdout, "split_seed": tune.seed, "point": point, "index": index}))
     return runs
 
