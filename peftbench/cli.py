@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the old selection, for comparison; not budget-matched)")
     p.add_argument("--baseline", default="lora", help="method label for the paired significance test (default: lora)")
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
+    p.add_argument("--tuning", action="store_true",
+                   help="the tuning runs instead: one row per method × grid point, held-out metrics, chosen marked")
 
     p = sub.add_parser("plot", parents=[plugin],
                        help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves")
@@ -177,12 +179,23 @@ def cmd_run(args) -> int:
         from tabulate import tabulate
 
         from .runs import expand
-        from .sweep import check_data
+        from .sweep import check_data, check_in_budget, in_budget_plans
 
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
-        for spec in expand(config, solved, check_data(config, host, config.tasks)):  # the ids a run will use
-            print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
+        sizes: dict[str, int] = {}
+        data = check_data(config, host, config.tasks, sizes)
+        check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+        if config.tune is not None:  # the tuning runs' ids; the final runs' ids depend on the choice
+            from .tuning import point_text, tuning_runs
+
+            print(f"phase 1, tuning on {100 * config.tune.holdout:g}% of the training set held out:")
+            for spec in tuning_runs(config, solved, data):
+                print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed} {point_text(spec.tuning['point'])}")
+            print("phase 2, at each method's chosen point per task, on the full training set:")
+        for spec in expand(config, solved, data):  # the ids a run will use
+            run_id = "(after tuning)  " if config.tune is not None else spec.run_id
+            print(f"{run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
         return 0
     from .modeling import check_max_length, preflight
 
@@ -328,7 +341,7 @@ def cmd_table(args) -> int:
     main_metric = main_metrics(rows, Host(plugins=args.plugins))
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
-                ablation=args.ablation))
+                ablation=args.ablation, tuning=args.tuning))
     return 0
 
 
@@ -362,8 +375,9 @@ def _stored_runs(args):
 def cmd_plot(args) -> int:
     from .host import Host
     from .plots import plot_all
+    from .tuning import is_tuning_run
 
-    rows = _stored_runs(args)
+    rows = [row for row in _stored_runs(args) if not is_tuning_run(row)]
     written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
     print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))
     return 0

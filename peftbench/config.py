@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -118,6 +119,9 @@ class MethodConfig:
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
     #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations)
     match_budget: bool = True
+    #: this method's own tuning grid (e.g. the ranges of its paper), replacing ``tune.grid``: the same keys as
+    #: ``tune.grid`` and the same number of points as every other method's grid
+    tune: dict[str, list[Any]] | None = None
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -142,6 +146,27 @@ class BudgetConfig:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.min_evaluations < 1:
             raise ValueError(f"min_evaluations must be >= 1, got {self.min_evaluations}")
+
+
+@dataclass
+class TuneConfig:
+    """Per-method hyperparameter tuning on a held-out part of the training set (:mod:`peftbench.tuning`)."""
+
+    #: ``train.<key>`` or ``params.<key>`` (the method's params) → values; the points are their cartesian product
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    #: fraction of the training set (after ``max_train_samples``) held out to choose on; stratified by label
+    holdout: float = 0.1
+    seeds: list[int] = field(default_factory=lambda: [0])  #: training seeds of the tuning runs
+    seed: int = 0  #: seed of the held-out split
+
+    def __post_init__(self):
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.seeds:
+            raise ValueError("seeds: at least one tuning seed is required")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds: repeated seed(s) {repeated}")
 
 
 @dataclass
@@ -170,6 +195,7 @@ class Config:
     #: current directory. Falls back to $PEFTBENCH_GLUE_DIR, then to the HF hub.
     data_dir: str | None = None
     plugins: list[str] = field(default_factory=list)  #: extra plugin modules (``module`` or ``module:attr``)
+    tune: TuneConfig | None = None  #: tune each method's hyperparameters on held-out training data first
     source: str = field(default="<config>", compare=False)
 
     def __post_init__(self):
@@ -234,6 +260,54 @@ class Config:
                     raise ConfigError(f"{locate(self._data, (*steps, named), f'{self.source}: ')}"
                                       f"{key_path('', steps)}: {exc}") from None
 
+    def grid_for(self, method: MethodConfig) -> dict[str, list[Any]]:
+        """The tuning grid of ``method``: its own ``tune``, else ``tune.grid`` (empty without ``tune:``)."""
+        if method.tune is not None:
+            return method.tune
+        return self.tune.grid if self.tune else {}
+
+    def grid_steps(self, i: int) -> tuple:
+        """The key steps of method ``i``'s grid, for error messages."""
+        return ("methods", i, "tune") if self.methods[i].tune is not None else ("tune", "grid")
+
+    def check_tune(self) -> None:
+        """Grid keys must be ``train.<key>`` of :class:`TrainConfig` (values checked like ``train:``) or
+        ``params.<key>`` (checked with the plugins, :meth:`check_params`), and every method's grid must have
+        the same number of points: each method gets an equally large search."""
+        sizes = []
+        for i, method in enumerate(self.methods):
+            if method.tune is not None and self.tune is None:
+                raise ConfigError(f"{self.locate(('methods', i, 'tune'))}methods[{i}].tune: a method's grid needs "
+                                  "the `tune:` section (holdout, seeds)")
+            grid, steps = self.grid_for(method), self.grid_steps(i)
+            for key, values in grid.items():
+                self._check_grid_key(key, values, (*steps, key))
+            sizes.append(math.prod(len(values) for values in grid.values()))
+        for i, size in enumerate(sizes):
+            if size != sizes[0]:
+                steps = self.grid_steps(i) if self.methods[i].tune is not None else self.grid_steps(0)
+                raise ConfigError(f"{self.locate(steps)}{key_path('', steps)}: a grid of {size} point(s) for "
+                                  f"{self.methods[i].label}, but {sizes[0]} for {self.methods[0].label}; every "
+                                  "method needs a grid of the same size (an equal search)")
+
+    def _check_grid_key(self, key: str, values: list[Any], steps: tuple) -> None:
+        where_ = f"{self.locate(steps)}{key_path('', steps[:-1])}.{key}"
+        section, _, name = str(key).partition(".")
+        if section not in ("train", "params") or not name:
+            raise ConfigError(f"{where_}: a grid key is train.<key> or params.<key> (the method's params)")
+        if not values:
+            raise ConfigError(f"{where_}: no values")
+        if section == "params":
+            return
+        if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ConfigError(f"{where_}: unknown training key {name!r}"
+                              f"{suggest(name, [f.name for f in dataclasses.fields(TrainConfig)])}")
+        for value in values:
+            try:
+                from_dict(TrainConfig, {**to_dict(self.train), name: value}, f"train.{name}")
+            except ConfigError as exc:
+                raise ConfigError(f"{where_}: {value!r}: {str(exc).split(': ', 1)[-1]}") from None
+
     def params_for(self, method: MethodConfig, task: str) -> dict[str, Any]:
         """The params of (method, task) as written: ``params`` updated by ``per_task.<task>.params``."""
         params = dict(method.params)
@@ -255,7 +329,24 @@ class Config:
                 override = method.per_task.get(task)
                 checked[(method.label, task)] = base if not (override and override.params) else self._checked(
                     cls, self.params_for(method, task), ("methods", i, "per_task", task, "params"))
+            self._check_grid_params(i, cls)
         self._params = checked
+
+    def _check_grid_params(self, i: int, cls: type) -> None:
+        """Each ``params.<key>`` of method ``i``'s grid is a field of its ``Params``, each value a valid one."""
+        method, fields = self.methods[i], [f.name for f in dataclasses.fields(cls)]
+        for key, values in self.grid_for(method).items():
+            if not key.startswith("params."):
+                continue
+            steps, name = (*self.grid_steps(i), key), key.partition(".")[2]
+            where_ = f"{self.locate(steps)}{key_path('', steps[:-1])}.{key}"
+            if name not in fields:
+                raise ConfigError(f"{where_}: {method.name} has no param {name!r}{suggest(name, fields)}")
+            for value in values:
+                try:
+                    from_dict(cls, {**method.params, name: value}, f"params.{name}")
+                except ConfigError as exc:
+                    raise ConfigError(f"{where_}: {value!r}: {str(exc).split(': ', 1)[-1]}") from None
 
     def _checked(self, cls: type, values: dict[str, Any], steps: tuple) -> Any:
         node, located = self._data, Located(values)
@@ -416,6 +507,7 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
     config.source, config._data = source, data
     config.tasks = [t.lower() for t in config.tasks]
     config.check_train()
+    config.check_tune()
     return config
 
 

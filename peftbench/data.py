@@ -132,6 +132,23 @@ def subsample(encoded: Encoded, n: int | None, seed: int = 0) -> Encoded:
     return encoded.subset(indices)
 
 
+def holdout_split(encoded: Encoded, fraction: float, seed: int, stratify: bool) -> tuple[Encoded, Encoded]:
+    """``encoded`` split into (train part, held-out part) with ``fraction`` of the examples held out, seeded,
+    stratified by label for classification (each class keeps its share in both parts)."""
+    from sklearn.model_selection import train_test_split
+
+    from .errors import DataError
+
+    indices = np.arange(len(encoded))
+    try:
+        train, held_out = train_test_split(indices, test_size=fraction, random_state=seed, shuffle=True,
+                                           stratify=encoded.labels if stratify else None)
+    except ValueError as exc:  # too few examples, or a class too rare to be in both parts
+        raise DataError(f"tune.holdout: cannot hold out {fraction:g} of {len(encoded)} training examples"
+                        f"{' stratified by label' if stratify else ''}: {exc}") from None
+    return encoded.subset(np.sort(train)), encoded.subset(np.sort(held_out))
+
+
 class EncodedDataset(torch.utils.data.Dataset):
     def __init__(self, encoded: Encoded):
         self.encoded = encoded

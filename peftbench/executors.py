@@ -132,6 +132,11 @@ class DistributedExecutor:
                 break
 
 
+    def on_main(self, config, decide):
+        """``decide()`` on the main process (it holds the store), its result on every process."""
+        return _on_main(distributed_state(config), decide)
+
+
 def distributed_state(config):
     """accelerate's process state (initialises the process group once; the trainer's ``Accelerator`` reuses
     it), on CPU (gloo) when the config trains on the CPU or there is no GPU."""

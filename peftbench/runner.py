@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .budget import Shapes, Solved, solve_all
+from .budget import Shapes, Solved, model_shapes, solve_all
 from .config import Config
 from .errors import PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
 from .schema import key_path
 from .store import Store
-from .sweep import Sweep, SweepSummary, raised_at
+from .sweep import Sweep, SweepSummary, check_data, check_in_budget, in_budget_plans, raised_at
+from .tuning import check_grid_counts, choose_from_store, final_runs, tuning_runs
 
 
 def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -> Host:
@@ -62,7 +63,11 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
     """:func:`peftbench.budget.solve_all`, with a plugin that raises in a budget hook reported as bad input
     (nothing can run without budgets) naming the plugin code that raised."""
     try:
-        return solve_all(config, host, shapes)
+        shapes = shapes or model_shapes(config)
+        solved = solve_all(config, host, shapes)
+        if config.tune is not None:  # a grid's params must not change a method's size
+            check_grid_counts(config, host, solved, shapes)
+        return solved
     except PeftbenchError:
         raise
     except Exception as exc:
@@ -78,9 +83,41 @@ def run_sweep(config: Config, host: Host, store: Store | None, fail_fast: bool =
     (:mod:`peftbench.executors`; default: one after another in this process). ``store`` is ``None`` only on
     the non-main processes of a distributed run."""
     summary = summary if summary is not None else SweepSummary()
-    sweep = Sweep(config, host, store, solved or solve_budgets(config, host), summary, log)
-    (executor or LocalExecutor(progress=progress)).run(sweep, fail_fast=fail_fast)
+    solved = solved or solve_budgets(config, host)
+    executor = executor or LocalExecutor(progress=progress)
+    if config.tune is not None:
+        run_tuned(config, host, store, solved, summary, log, executor, fail_fast)
+        return summary
+    executor.run(Sweep(config, host, store, solved, summary, log), fail_fast=fail_fast)
     return summary
+
+
+def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tuple[str, str], Solved],
+              summary: SweepSummary, log, executor, fail_fast: bool) -> None:
+    """A sweep with ``tune:`` (:mod:`peftbench.tuning`): the tuning runs on held-out training data, the choice
+    per (method label, task), then the sweep's runs at the chosen points."""
+    sizes: dict[str, int] = {}
+    data = check_data(config, host, config.tasks, sizes)  # every split, before any training
+    check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+    phase = tuning_runs(config, solved, data)
+    points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
+    executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(
+        f"tuning: {len(config.methods)} methods × {len(config.tasks)} tasks × {points} grid points × "
+        f"{len(config.tune.seeds)} tuning seeds, on {100 * config.tune.holdout:g}% of the training set held out")),
+        fail_fast=fail_fast)
+    if fail_fast and summary.failed:
+        return
+    main_metric = {task: host.task(task).main_metric for task in config.tasks}
+    # the main process reads the store; under `accelerate launch` the others follow its choice
+    decide = getattr(executor, "on_main", lambda config, decide: decide())
+    choices = decide(config, lambda: choose_from_store(phase, store, main_metric))
+    for choice in choices.values():
+        log(f"peftbench: {choice.line()}")
+        if choice.point is None:
+            summary.not_started.append(choice.line())
+    executor.run(Sweep(config, host, store, solved, summary, log, runs=final_runs(config, solved, data, choices),
+                       what=f"at the tuned settings: {len(config.methods)} methods × {len(config.tasks)} tasks × "
+                            f"{len(config.seeds)} seeds"), fail_fast=fail_fast)
 
 
 def print_summary(summary: SweepSummary, started: float, out=None) -> None:
@@ -92,10 +129,12 @@ def print_summary(summary: SweepSummary, started: float, out=None) -> None:
         print(f"  unfinished: {len(summary.abandoned)} run(s) skipped as running elsewhere were left unfinished by a "
               f"process that stopped ({', '.join(summary.abandoned[:5])}); rerun the same command to train them",
               file=out)
+    for line in summary.not_started:
+        print(f"  not started: {line}", file=out)
     for spec, reason in summary.failed:
         print(f"  failed: {spec.label} {spec.task} seed={spec.seed} ({spec.run_id}): {reason}", file=out)
     if summary.failed:
         print("  (tracebacks are stored with each run; rerun the same command to redo failed runs)", file=out)
 
 
-__all__ = ["make_host", "solve_budgets", "run_sweep", "print_summary"]
+__all__ = ["make_host", "solve_budgets", "run_sweep", "run_tuned", "print_summary"]

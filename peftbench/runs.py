@@ -28,6 +28,11 @@ class RunSpec:
     save_adapters: bool = True
     #: content fingerprint of each split the run reads (``{"train": ..., "dev": ...}``): changed data is a new run
     data: dict[str, str] = field(default_factory=dict)
+    #: a tuning run (:mod:`peftbench.tuning`): ``{"holdout", "split_seed", "point", "index"}``; it trains on the
+    #: training set minus the held-out part and evaluates on that part only
+    tuning: dict[str, Any] | None = None
+    #: a run at a tuned setting: ``{"values", "grid", "holdout", "split_seed", "seeds"}`` (how it was chosen)
+    tuned: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the result (and nothing that does not, like the sweep name or the data's
@@ -41,6 +46,9 @@ class RunSpec:
         }
         if self.data:
             identity["data"] = dict(self.data)
+        for role in ("tuning", "tuned"):  # absent from untuned runs: their ids stay as they were
+            if getattr(self, role) is not None:
+                identity[role] = getattr(self, role)
         return identity
 
     @property
@@ -50,13 +58,14 @@ class RunSpec:
 
 
 def expand(config: Config, solved: dict[tuple[str, str], Any],
-           data: dict[str, dict[str, str]] | None = None) -> list[RunSpec]:
+           data: dict[str, dict[str, str]] | None = None, seeds: list[int] | None = None) -> list[RunSpec]:
     """All runs of ``config``; ``solved[(label, task)]`` holds each method's budget-solved params, ``data[task]``
-    the content fingerprints of the task's splits (:func:`peftbench.sweep.check_data`)."""
+    the content fingerprints of the task's splits (:func:`peftbench.sweep.check_data`); ``seeds``: other seeds
+    than the sweep's (the tuning seeds)."""
     runs = []
     for method in config.methods:
         for task in config.tasks:
-            for seed in config.seeds:
+            for seed in config.seeds if seeds is None else seeds:
                 runs.append(RunSpec(
                     sweep=config.name, label=method.label, method=method.name,
                     params=solved[(method.label, task)].params, task=task, seed=seed, model=config.model,

@@ -28,6 +28,7 @@ from .host import Host
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan
 from .store import Store
+from .tuning import point_text
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SweepSummary:
     busy_ids: list[str] = field(default_factory=list)
     #: runs skipped as running elsewhere whose process has since stopped without finishing them
     abandoned: list[str] = field(default_factory=list)
+    #: (label, task)s whose final runs were not started: none of their tuning runs finished (why, one line each)
+    not_started: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -65,26 +68,30 @@ class Sweep:
     each run's outcome and artifacts, the log lines and the summary."""
 
     def __init__(self, config: Config, host: Host, store: Store | None, solved: dict[tuple[str, str], Solved],
-                 summary: SweepSummary, log=print):
+                 summary: SweepSummary, log=print, runs: list[RunSpec] | None = None, what: str | None = None):
         self.config, self.host, self.store, self.solved = config, host, store, solved
-        self.summary, self.log = summary, log
+        self.summary, self.log, self.what = summary, log, what
         # every split is read and checked before any training; its content fingerprint is part of each run's
-        # identity, so a run on changed data is a new run, never "finished earlier"
-        sizes: dict[str, int] = {}
-        self.runs = expand(config, solved, check_data(config, host, config.tasks, sizes))
-        # a reported metric must come from evaluations in budget: enough of them, or the config is wrong
-        check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+        # identity, so a run on changed data is a new run, never "finished earlier" (``runs``: made from
+        # checked data already, e.g. the phases of tuning, :mod:`peftbench.tuning`)
+        if runs is None:
+            sizes: dict[str, int] = {}
+            runs = expand(config, solved, check_data(config, host, config.tasks, sizes))
+            # a reported metric must come from evaluations in budget: enough of them, or the config is wrong
+            check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+        self.runs = runs
 
     def check(self) -> None:
         """Announce the sweep (its data was checked when the run list was made)."""
         config, runs = self.config, self.runs
-        self.log(f"peftbench: sweep {config.name!r}: {len(runs)} runs ({len(config.methods)} methods × "
-                 f"{len(config.tasks)} tasks × {len(config.seeds)} seeds) → {self.store.path}")
+        what = self.what or f"{len(config.methods)} methods × {len(config.tasks)} tasks × {len(config.seeds)} seeds"
+        self.log(f"peftbench: sweep {config.name!r}: {len(runs)} runs ({what}) → {self.store.path}")
 
     def claim(self, i: int, spec: RunSpec) -> str | None:
         """Claim run ``i`` (1-based) in the store: its log tag, or ``None`` to skip it (finished earlier, or
         running in another live process)."""
-        tag = f"[{i}/{len(self.runs)}] {spec.label} {spec.task} seed={spec.seed} ({spec.run_id})"
+        tuning = f" tuning {point_text(spec.tuning['point'])}" if spec.tuning else ""
+        tag = f"[{i}/{len(self.runs)}] {spec.label} {spec.task} seed={spec.seed}{tuning} ({spec.run_id})"
         claim = self.store.claim(spec.run_id, _spec_fields(spec, self.solved[(spec.label, spec.task)]))
         if claim == "claimed":
             return tag

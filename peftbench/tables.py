@@ -18,6 +18,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .tuning import choose, chosen_lines, is_tuning_run, point_text, tuning_note
+
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
 
 #: what each stored metric is, for the footer: ``best`` (the default) only counts in-budget evaluations
@@ -138,11 +140,18 @@ def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
-          digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False) -> str:
+          digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
+          tuning: bool = False) -> str:
     """The comparison table. Cells: mean±std ×100 over seeds; best mean per column marked; ``†`` where a paired
-    t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params."""
+    t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params.
+    Tuning runs (:mod:`peftbench.tuning`) are left out; ``tuning``: the table of those alone
+    (:func:`tuning_table`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if tuning:
+        runs = [run for run in runs if is_tuning_run(run)]
+        return runs_json(runs) if fmt == "json" else tuning_table(runs, main_metric, fmt, digits)
+    runs = [run for run in runs if not is_tuning_run(run)]
     if fmt == "json":
         return runs_json(runs)
     runs, notes = separate_settings(runs)
@@ -181,6 +190,17 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
         rows.append(row)
+    seeds = sorted({len(v) for v in values.values()})
+    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
+            f"{', '.join(map(str, seeds))} seed(s), ×100")
+    if p_values:
+        note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
+    note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
+    return _render(rows, header, fmt, [note, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
+
+
+def _render(rows: list[list[str]], header: list[str], fmt: str, notes: list[str]) -> str:
+    """``rows`` under ``header`` in ``fmt``, the notes below (a LaTeX comment each; none in CSV)."""
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -189,12 +209,38 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         return buffer.getvalue()
     table = tabulate(rows, headers=header, tablefmt={"markdown": "github", "latex": "latex_raw", "plain": "simple"}[fmt],
                      disable_numparse=True)
-    seeds = sorted({len(v) for v in values.values()})
-    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
-            f"{', '.join(map(str, seeds))} seed(s), ×100")
-    if p_values:
-        note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
-    note = "; ".join([note, *notes])
     if fmt == "latex":
-        return table + f"\n% {note}; best per column in bold"
-    return table + f"\n\n{note}; best per column " + ("in bold" if fmt == "markdown" else "marked *")
+        return table + "".join(f"\n% {note}" for note in notes)
+    return table + "\n\n" + "\n".join(notes)
+
+
+def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown",
+                 digits: int = 2) -> str:
+    """The tuning runs: one row per method label × grid point, each task's held-out main metric ×100 (mean over
+    the tuning seeds that finished), the point chosen per method and task marked."""
+    scored = [(r["label"], r["task"], r["spec"]["tuning"]["index"], r["spec"]["tuning"]["point"],
+               float((r.get("best") or {})[main_metric[r["task"]]])) for r in runs
+              if r["task"] in main_metric and main_metric[r["task"]] in (r.get("best") or {})]
+    if not scored:
+        return "(no finished tuning runs match)"
+    choices = choose(scored)
+    tasks = [t for t in main_metric if any(s[1] == t for s in scored)]
+    cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[tuple[str, int], dict[str, Any]] = {}
+    for label, task, index, point, score in scored:
+        cells[(label, index)][task].append(100 * score)
+        points[(label, index)] = point
+    rows = []
+    for label, index in sorted(cells, key=lambda k: ([s[0] for s in scored].index(k[0]), k[1])):
+        row = [label, point_text(points[(label, index)])]
+        for task in tasks:
+            values = cells[(label, index)].get(task)
+            chosen = choices[(label, task)].point == points[(label, index)] if values else False
+            text = f"{statistics.fmean(values):.{digits}f}" if values else "—"
+            row.append({"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
+                       if chosen else text)
+        rows.append(row)
+    header = ["method", "point", *[f"{t} (held-out {main_metric[t]})" for t in tasks]]
+    note = ("tuning runs: held-out main metric ×100, mean over tuning seeds; the point chosen per method and task "
+            + ("marked *" if fmt in ("plain", "csv") else "in bold"))
+    return _render(rows, header, fmt, [note])

@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import modeling, schedule
 from .checkpoint import Checkpoint
-from .data import load_task_data, make_loader
+from .data import holdout_split, load_task_data, make_loader
 from .hookspecs import TrainState
 from .host import Host
 from .method import Method
@@ -404,11 +404,17 @@ def _enable_checkpointing(model) -> None:
 
 
 def _loaders(spec: RunSpec, task, tokenizer, processes: int):
-    """The shuffled train loader and one dev loader per dev split."""
+    """The shuffled train loader and one dev loader per dev split (a tuning run: one loader of the held-out
+    part of the training set instead, and the dev splits are never read)."""
     cfg = spec.train
     train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
-    dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length, cfg.max_eval_samples)
-                for split in task.dev_splits}
+    if spec.tuning:
+        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"],
+                                             stratify=not task.is_regression)
+        dev_data = {"holdout": held_out}
+    else:
+        dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length,
+                                          cfg.max_eval_samples) for split in task.dev_splits}
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
                                task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)

@@ -1,0 +1,193 @@
+"""Per-method hyperparameter tuning without dev leakage (the config's ``tune:`` section).
+
+Phase 1 trains every method × task × grid point × tuning seed on the training set minus a held-out part
+(``tune.holdout`` of it, split with ``tune.seed``, stratified by label for classification) and evaluates on
+that part only: a tuning run never reads the task's dev splits, and its identity holds only the training
+set's fingerprint. The training set is subsampled first (``train.max_train_samples``), then split, so the
+final runs train on exactly the tuning runs' train part plus held-out part; ``train.max_eval_samples`` does
+not cap the held-out part. A grid value overrides the key's value from ``train:`` and every override.
+
+Phase 2 chooses, per (method label, task), the grid point with the best mean held-out main metric over the
+tuning seeds that finished (the stored ``best``; ties: the earlier point), then trains the sweep's seeds at
+that point on the full training set, evaluated on dev as without tuning. Both phases are ordinary sweeps
+(:class:`peftbench.sweep.Sweep`): resumable, each run trained once. Tuning runs carry ``tuning`` in their
+identity, final runs ``tuned`` (the chosen values and the grid), so neither collides with untuned runs and
+tables tell them apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, TrainConfig
+from .errors import ConfigError
+from .runs import RunSpec, expand
+from .schema import key_path
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid's value lists, in order (the first key varies slowest)."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_text(point: dict[str, Any]) -> str:
+    """``lr=0.0003, alpha=16`` (keys without their section)."""
+    return ", ".join(f"{key.partition('.')[2]}={value}" for key, value in point.items()) or "(defaults)"
+
+
+def apply_point(train: TrainConfig, params: Any, point: dict[str, Any]) -> tuple[TrainConfig, Any]:
+    """``train`` and ``params`` with the point's ``train.<key>`` and ``params.<key>`` values."""
+    values = {"train": {}, "params": {}}
+    for key, value in point.items():
+        section, _, name = key.partition(".")
+        values[section][name] = value
+    train = dataclasses.replace(train, **values["train"]) if values["train"] else train
+    return train, dataclasses.replace(params, **values["params"]) if values["params"] else params
+
+
+def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None) -> list[RunSpec]:
+    """Phase 1: every method × task × tuning seed × grid point, on the training set only (its fingerprint
+    alone in the identity: the dev splits play no part in a tuning run)."""
+    tune, grids = config.tune, {m.label: config.grid_for(m) for m in config.methods}
+    train_only = {task: {"train": splits["train"]} for task, splits in (data or {}).items() if "train" in splits}
+    runs = []
+    for spec in expand(config, solved, train_only, seeds=tune.seeds):
+        for index, point in enumerate(grid_points(grids[spec.label])):
+            train, params = apply_point(spec.train, spec.params, point)
+            # no adapter files: only the held-out metric of a tuning run is used (a grid of full fine-tuning
+            # runs would otherwise write a whole model per point)
+            runs.append(dataclasses.replace(spec, train=train, params=params, save_adapters=False, tuning={
+                "holdout": tune.holdout, "split_seed": tune.seed, "point": point, "index": index}))
+    return runs
+
+
+@dataclass
+class Choice:
+    """The grid point chosen for one (method label, task), and from how many tuning runs."""
+
+    label: str
+    task: str
+    point: dict[str, Any] | None  #: ``None``: no tuning run finished, nothing to choose from
+    score: float | None  #: its mean held-out main metric
+    finished: int
+    total: int
+
+    def line(self) -> str:
+        if self.point is None:
+            return (f"tuned {self.label} {self.task}: none of its {self.total} tuning run(s) finished; its final "
+                    "runs are not started (rerun the same command to retry the failed tuning runs)")
+        partial = f", from {self.finished} of {self.total} tuning runs (the others failed)" \
+            if self.finished < self.total else ""
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{partial})"
+
+
+def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | None]]) -> dict[tuple[str, str], Choice]:
+    """Per (label, task), from ``(label, task, point index, point, held-out score or None)`` of every tuning
+    run (``None``: not finished): the point with the best mean score, the earlier point on ties."""
+    by_point: dict[tuple[str, str], dict[int, tuple[dict, list[float]]]] = {}
+    totals: dict[tuple[str, str], int] = {}
+    for label, task, index, point, score in scored:
+        key = (label, task)
+        totals[key] = totals.get(key, 0) + 1
+        scores = by_point.setdefault(key, {}).setdefault(index, (point, []))[1]
+        if score is not None and math.isfinite(score):
+            scores.append(score)
+    choices = {}
+    for key, points in by_point.items():
+        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s}
+        best = max(sorted(means), key=lambda i: means[i][0], default=None)  # max keeps the first of ties
+        choices[key] = Choice(*key, means[best][1] if best is not None else None,
+                              means[best][0] if best is not None else None,
+                              sum(len(s) for _, s in points.values()), totals[key])
+    return choices
+
+
+def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str]) -> dict[tuple[str, str], Choice]:
+    """:func:`choose` over the tuning ``runs`` as stored (their ``best`` held-out metrics)."""
+    scored = []
+    for spec in runs:
+        row = store.get(spec.run_id) or {}
+        score = (row.get("best") or {}).get(main_metric[spec.task]) if row.get("status") == "done" else None
+        scored.append((spec.label, spec.task, spec.tuning["index"], spec.tuning["point"],
+                       None if score is None else float(score)))
+    return choose(scored)
+
+
+def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None,
+               choices: dict[tuple[str, str], Choice]) -> list[RunSpec]:
+    """Phase 2: the sweep's runs at each (label, task)'s chosen point, with how it was chosen; none for a
+    (label, task) without a choice."""
+    tune, runs = config.tune, []
+    grids = {m.label: config.grid_for(m) for m in config.methods}
+    for spec in expand(config, solved, data):
+        choice = choices.get((spec.label, spec.task))
+        if choice is None or choice.point is None:
+            continue
+        train, params = apply_point(spec.train, spec.params, choice.point)
+        runs.append(dataclasses.replace(spec, train=train, params=params, tuned={
+            "values": choice.point, "grid": grids[spec.label], "holdout": tune.holdout, "split_seed": tune.seed,
+            "seeds": list(tune.seeds)}))
+    return runs
+
+
+def check_grid_counts(config: Config, host, solved: dict, shapes) -> None:
+    """Params in a grid must leave a method's trainable count as solved (``alpha`` may vary, ``r`` may not):
+    else the search would compare methods of other sizes. Counted on the meta model, like the budgets."""
+    from .budget import solve_method
+
+    for i, method in enumerate(config.methods):
+        cls = host.method(method.name)
+        for point in grid_points(config.grid_for(method)):
+            changed = {k: v for k, v in point.items() if k.startswith("params.")}
+            for task in config.tasks if changed else ():
+                before = solved[(method.label, task)]
+                _, params = apply_point(config.train, before.params, changed)
+                _, counts = solve_method(host, cls, params, shapes, 0, 0.0, solve=False)
+                if (counts.final, counts.peak) != (before.counts.final, before.counts.peak):
+                    steps = (*config.grid_steps(i), next(iter(changed)))
+                    raise ConfigError(
+                        f"{config.locate(steps)}{key_path('', steps[:-1])}: {point_text(changed)} changes "
+                        f"{method.label}'s trainable count ({before.counts.final:,} → {counts.final:,} on {task}); "
+                        "tune only params that keep the count (e.g. alpha, dropout), not size hyperparameters")
+
+
+def tuning_note(runs: list[dict[str, Any]]) -> str:
+    """The tables' footer line on tuning, from the stored final runs' ``tuned`` specs."""
+    tuned = [(r.get("spec") or {}).get("tuned") for r in runs]
+    tuned = [t for t in tuned if t]
+    if not tuned:
+        return "hyperparameters not tuned per method"
+    holdouts = sorted({f"{100 * t['holdout']:g}%" for t in tuned})
+    sizes = sorted({len(grid_points(t["grid"])) for t in tuned})
+    seeds = sorted({s for t in tuned for s in t["seeds"]})
+    return (f"hyperparameters tuned per method on a held-out {'/'.join(holdouts)} of the training set (grid of "
+            f"{'/'.join(map(str, sizes))} points, seeds {', '.join(map(str, seeds))})")
+
+
+def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per tuned label: its chosen values and the tasks they were chosen for."""
+    chosen: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        tuned = (run.get("spec") or {}).get("tuned")
+        if tuned:
+            tasks = chosen.setdefault(run["label"], {}).setdefault(point_text(tuned["values"]), [])
+            if run["task"] not in tasks:
+                tasks.append(run["task"])
+    return [f"{label}: " + "; ".join(f"{values} ({', '.join(tasks)})" for values, tasks in by_values.items())
+            for label, by_values in chosen.items()]
+
+
+def is_tuning_run(run: dict[str, Any]) -> bool:
+    """A stored run of phase 1 (trained and evaluated on parts of the training set)."""
+    return bool((run.get("spec") or {}).get("tuning"))
+
+
+__all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "Choice", "choose", "choose_from_store",
+           "final_runs", "check_grid_counts", "tuning_note", "chosen_lines", "is_tuning_run"]
