@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
+    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
+    adapter_bytes INTEGER            -- size of the exported adapter file (peftbench export)
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 """
 
 #: columns added after the first release, with their type: older stores get them on open
-ADDED_COLUMNS = {"proc_start": "INTEGER"}
+ADDED_COLUMNS = {"proc_start": "INTEGER", "adapter_bytes": "INTEGER"}
 
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report")
 
