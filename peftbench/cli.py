@@ -82,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
     p.add_argument("--tuning", action="store_true",
                    help="the tuning runs instead: one row per method × grid point, held-out metrics, chosen marked")
+    p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=None,
+                   help="add cost columns per method: median step time, tokens/s, peak memory, training time, "
+                        "adapter file size (default: in csv only; json always has every run's costs)")
 
     p = sub.add_parser("plot", parents=[plugin],
-                       help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves")
+                       help="figures (PNG and SVG): rank allocation, rank over steps, metric vs params, curves, "
+                            "Pareto fronts (metric vs params, peak memory, step time)")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
     p.add_argument("--out-dir", default="results/plots", help="output folder (default: results/plots)")
     for flag in ("method", "task", "model", "sweep"):
@@ -341,7 +345,7 @@ def cmd_table(args) -> int:
     main_metric = main_metrics(rows, Host(plugins=args.plugins))
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
-                ablation=args.ablation, tuning=args.tuning))
+                ablation=args.ablation, tuning=args.tuning, cost=args.cost))
     return 0
 
 

@@ -70,17 +70,43 @@ def load_trainable(model: nn.Module, path: Path) -> None:
         raise ConfigError(f"{path}: the saved weights do not fit the rebuilt model: {exc}") from None
 
 
-def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
-    model, targets, head, method = rebuild(run, host)
-    with host.activate(method):
-        exported = host.hook.peftbench_export_peft(model=model, targets=targets)
+def peft_adapter(model: nn.Module, targets, head: list[str], host: Host
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """``(adapter_config, state_dict)`` of ``adapter_model.safetensors`` as ``peftbench export`` writes it: the
+    active method's ``peftbench_export_peft`` plus the head's ``modules_to_save``; ``None`` if the method
+    cannot be exported."""
+    exported = host.hook.peftbench_export_peft(model=model, targets=targets)
     if exported is None:
-        raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
-                          "in HF PEFT format")
+        return None
     config, state = exported
     for module_name in head:
         for name, p in model.get_submodule(module_name).named_parameters():
             state[f"{PREFIX}{module_name}.{name}"] = p.detach().to("cpu", torch.float32).contiguous()
+    return config, state
+
+
+def adapter_file_bytes(model: nn.Module, targets, head: list[str], host: Host) -> int | None:
+    """Bytes of the file a trained method ships, measured by serialising it (safetensors): the exported
+    ``adapter_model.safetensors``; for a method without a PEFT export that trains every weight (full
+    fine-tuning), all its weights (its ``trainable.safetensors``); else ``None``."""
+    from safetensors.torch import save
+
+    exported = peft_adapter(model, targets, head, host)
+    if exported is not None:
+        return len(save(exported[1]))
+    if all(p.requires_grad for p in model.parameters()):
+        return len(save({n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}))
+    return None
+
+
+def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
+    model, targets, head, method = rebuild(run, host)
+    with host.activate(method):
+        exported = peft_adapter(model, targets, head, host)
+    if exported is None:
+        raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
+                          "in HF PEFT format")
+    config, state = exported
     spec_model = run["spec"]["model"]
     config = {**config, "modules_to_save": head,
               "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}

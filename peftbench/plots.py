@@ -4,6 +4,8 @@
 * ``rank_over_steps``: total and per-layer rank during training (methods that report ``rank_history``)
 * ``metric_vs_params``: dev metric against trainable adapter parameters, one panel per task
 * ``curves_<task>``: training loss and dev metric over steps, one line per method
+* ``pareto_<task>``: dev metric (mean ± std over seeds) against trainable adapter parameters, peak memory and
+  median step time, one labelled point per method (each point's SVG id: ``pareto-<panel>-<label>``)
 """
 
 from __future__ import annotations
@@ -154,6 +156,48 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
     return written
 
 
+#: the Pareto panels: (panel id, x axis label, the x value of a run, log scale)
+PARETO_PANELS = (
+    ("params", "trainable adapter parameters", lambda r: (r.get("trainable") or {}).get("adapter"), True),
+    ("memory", "peak memory (MiB)", lambda r: r["peak_mem_bytes"] / 2 ** 20 if r.get("peak_mem_bytes") else None,
+     False),
+    ("step", "median step time (ms)", lambda r: r["median_step_s"] * 1e3 if r.get("median_step_s") else None, False),
+)
+
+
+def pareto_points(runs: list[dict[str, Any]], task: str, metric: str, x_of) -> dict[str, tuple[float, float, float]]:
+    """``{label: (mean x, mean metric ×100, std of the metric over seeds)}`` of ``task``'s runs with an x."""
+    by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in runs:
+        x = x_of(run) if run["task"] == task and metric in (run.get("best") or {}) else None
+        if x is not None:
+            by_label[run["label"]].append((x, 100 * run["best"][metric]))
+    return {label: (statistics.fmean(x for x, _ in v), statistics.fmean(y for _, y in v),
+                    statistics.stdev(y for _, y in v) if len(v) > 1 else 0.0) for label, v in by_label.items()}
+
+
+def pareto(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+    """Accuracy against cost, one figure per task: is a method's score worth what it costs?"""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({r["task"] for r in runs if r["task"] in main_metric}):
+        metric = main_metric[task]
+        fig, axes = plt.subplots(1, len(PARETO_PANELS), figsize=(4.0 * len(PARETO_PANELS), 3.6), squeeze=False)
+        for ax, (panel, xlabel, x_of, log) in zip(axes[0], PARETO_PANELS):
+            for label, (x, y, std) in pareto_points(runs, task, metric, x_of).items():
+                bars = ax.errorbar([x], [y], yerr=[std], fmt="o", capsize=3, label=label)
+                bars.lines[0].set_gid(f"pareto-{panel}-{_safe(label)}")  # findable in the SVG (tests)
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"dev {metric} ×100")
+        fig.suptitle(f"{task}: {metric} against cost (mean ± std over seeds)", fontsize=9)
+        written += _save(fig, out, f"pareto_{_safe(task)}")
+    return written
+
+
 def plot_all(runs: list[dict[str, Any]], main_metric: dict[str, str], out_dir: str | Path) -> list[Path]:
     import matplotlib
 
@@ -161,7 +205,7 @@ def plot_all(runs: list[dict[str, Any]], main_metric: dict[str, str], out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return (rank_heatmaps(runs, out) + rank_over_steps(runs, out) + metric_vs_params(runs, main_metric, out)
-            + training_curves(runs, main_metric, out))
+            + training_curves(runs, main_metric, out) + pareto(runs, main_metric, out))
 
 
 def _safe(name: str) -> str:

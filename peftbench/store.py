@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     in_budget_from INTEGER, evaluations INTEGER, in_budget_evals INTEGER,
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
+    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
+    adapter_bytes INTEGER            -- size of the exported adapter file (peftbench export)
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
@@ -58,7 +59,8 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 
 #: columns added after the first release, with their type: older stores get them on open
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
-                 "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER"}
+                 "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
+                 "adapter_bytes": "INTEGER"}
 
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any")
 

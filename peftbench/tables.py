@@ -18,6 +18,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .costs import MEM_KINDS
 from .tuning import choose, chosen_lines, is_tuning_run, point_text, tuning_note
 
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
@@ -69,6 +70,50 @@ def human_count(n: float | None) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+#: the cost columns: (run field, CSV header, its scale for CSV, human header, human format)
+COSTS = (
+    ("median_step_s", "median_step_ms", 1e3, "step ms", lambda v: f"{v * 1e3:,.1f}"),
+    ("tokens_per_s", "tokens_per_s", 1, "tok/s", lambda v: f"{v:,.0f}"),
+    ("peak_mem_bytes", "peak_mem_mib", 2 ** -20, "peak mem", human_bytes),
+    ("train_s", "train_s", 1, "train s", lambda v: f"{v:,.1f}"),
+    ("adapter_bytes", "adapter_kib", 2 ** -10, "adapter", human_bytes),
+)
+
+
+def cost_columns(runs: list[dict[str, Any]], labels: list[str], fmt: str
+                 ) -> tuple[list[str], dict[str, list[str]], str]:
+    """Each label's costs, the mean over its runs (every task and seed): headers, cells per label and a note.
+    CSV gets plain numbers in the units its headers name; the other formats human units."""
+    csv_format = fmt == "csv"
+    cells: dict[str, list[str]] = {}
+    for label in labels:
+        mine = [run for run in runs if run["label"] == label]
+        row = []
+        for key, _, scale, _, human in COSTS:
+            values = [run[key] for run in mine if run.get(key) is not None]
+            mean = statistics.fmean(values) if values else None
+            if mean is None:
+                row.append("" if csv_format else "—")
+            else:
+                row.append(f"{mean * scale:.6g}" if csv_format else human(mean))
+        cells[label] = row
+    kinds = sorted({run["mem_kind"] for run in runs if run.get("mem_kind") and run.get("label") in cells})
+    note = ("costs: mean over each method's runs (all its tasks and seeds): median optimizer-step time, training "
+            "tokens/s, peak memory (" + (", ".join(MEM_KINDS.get(k, k) for k in kinds) or "not measured")
+            + "), training time, exported adapter file size (peftbench export; full fine-tuning: all weights)")
+    headers = [c[1] if csv_format else c[3] for c in COSTS]
+    return headers, cells, note
 
 
 def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str = "best"
@@ -141,11 +186,12 @@ def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
 
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
           digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
-          tuning: bool = False) -> str:
+          tuning: bool = False, cost: bool | None = None) -> str:
     """The comparison table. Cells: mean±std ×100 over seeds; best mean per column marked; ``†`` where a paired
     t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params.
     Tuning runs (:mod:`peftbench.tuning`) are left out; ``tuning``: the table of those alone
-    (:func:`tuning_table`)."""
+    (:func:`tuning_table`). ``cost`` adds :func:`cost_columns` (default: in CSV only; JSON always holds every
+    run's costs)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
     if tuning:
@@ -190,13 +236,20 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
         rows.append(row)
+    cost_notes = []
+    if cost or (cost is None and fmt == "csv"):
+        cost_header, cost_cells, cost_note = cost_columns(runs, labels, fmt)
+        header += cost_header
+        rows = [row + cost_cells[label] for row, label in zip(rows, labels)]
+        cost_notes.append(cost_note)
     seeds = sorted({len(v) for v in values.values()})
     note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
             f"{', '.join(map(str, seeds))} seed(s), ×100")
     if p_values:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
     note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
-    return _render(rows, header, fmt, [note, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
+    return _render(rows, header, fmt, [note, *cost_notes, tuning_note(runs),
+                                       *(f"chosen: {x}" for x in chosen_lines(runs))])
 
 
 def _render(rows: list[list[str]], header: list[str], fmt: str, notes: list[str]) -> str:

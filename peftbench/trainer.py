@@ -21,7 +21,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import modeling, schedule
 from .checkpoint import Checkpoint
+from .costs import PeakMemory
 from .data import holdout_split, load_task_data, make_loader
+from .export import adapter_file_bytes
 from .hookspecs import TrainState
 from .host import Host
 from .method import Method
@@ -54,6 +56,7 @@ class RunResult:
     step_times: list[float] = field(default_factory=list)  #: seconds per optimizer step (evaluation excluded)
     method_report: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
+    adapter_bytes: int | None = None  #: size of the exported adapter file (:func:`exported_bytes`)
 
 
 @dataclass
@@ -129,6 +132,9 @@ class Run:
     state: LoopState
     use_cpu: bool
     started: float  #: ``time.perf_counter()`` at the start of setup
+    targets: list = field(default_factory=list)  #: the adapted modules (:func:`peftbench.modeling.find_targets`)
+    head: list[str] = field(default_factory=list)  #: the head's module names (exported as ``modules_to_save``)
+    memory: PeakMemory | None = None  #: measures the run's peak memory (set by :func:`train`)
 
 
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
@@ -140,8 +146,9 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     """
     bar = ProgressBar(f"{spec.label}/{spec.task}/s{spec.seed}", host.task(spec.task).main_metric)
     tf32 = spec.train.tf32 and spec.train.device != "cpu" and torch.cuda.is_available()
-    with observing(host, *([bar] if progress else [])), tf32_matmuls(tf32):
-        return loop(setup(spec, host), host, checkpoint)
+    with (observing(host, *([bar] if progress else [])), tf32_matmuls(tf32),
+          PeakMemory(cpu=_uses_cpu(spec.train)) as memory):
+        return loop(setup(spec, host, memory), host, checkpoint)
 
 
 @contextmanager
@@ -218,7 +225,7 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
     if "peftbench_report" in has:
         for part in hook.peftbench_report(model=raw_model, state=state):
             report.update(part or {})
-    return result(run, final, report, train_s)
+    return result(run, final, report, train_s, host)
 
 
 def log(run: Run, host: Host) -> None:
@@ -271,8 +278,8 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     return metrics
 
 
-def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float) -> RunResult:
-    """The run's :class:`RunResult`: measured counts, throughput and peak memory."""
+def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float, host: Host) -> RunResult:
+    """The run's :class:`RunResult`: measured counts, throughput, peak memory and the exported adapter's size."""
     state, raw_model = run.state, run.raw_model
     tokens = state.count_tokens()
     adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in run.head_names]
@@ -282,12 +289,8 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         "head": run.head_count,
         "model_total": sum(p.numel() for p in raw_model.parameters()),
     }
-    if torch.cuda.is_available() and not run.use_cpu:
-        peak, mem_kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-    else:
-        import resource
-
-        peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_process_max_rss"
+    # read before sizing the adapter, which is no part of training
+    peak, mem_kind = (run.memory or PeakMemory(cpu=run.use_cpu)).peak()
     return RunResult(
         best=state.best_metrics, final=final, best_step=state.best_step, best_any=state.best_any_metrics,
         best_any_step=state.best_any_step, in_budget_from=state.in_budget_from, evaluations=state.evaluations,
@@ -295,7 +298,31 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
+        adapter_bytes=exported_bytes(run, host),
     )
+
+
+def exported_bytes(run: Run, host: Host) -> int | None:
+    """Bytes of the adapter ``peftbench export`` writes for this run (:func:`peftbench.export.adapter_file_bytes`):
+    of the best evaluation's weights, swapped in for the measurement and back (only the run's own
+    ``trainable.safetensors`` holds them; the final weights stay for observers), or of the final weights
+    without ``output.save_adapters``. ``None`` if the method cannot be exported, or its export fails: a
+    measurement never fails a trained run."""
+    model, best = run.raw_model, run.state.best_weights
+    final = trainable_state(model) if best is not None else None
+    try:
+        if best is not None:
+            model.load_state_dict(best, strict=False)  # a pruned layer takes the saved rank (peftbench_resizable)
+        return adapter_file_bytes(model, run.targets, run.head, host)
+    except Exception as exc:  # e.g. every rank pruned to 0: `peftbench export` fails too
+        import warnings
+
+        warnings.warn(f"the exported adapter's size of run {run.spec.run_id} is unknown: {type(exc).__name__}: {exc}",
+                      stacklevel=2)
+        return None
+    finally:
+        if final is not None:
+            model.load_state_dict(final, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,12 +330,13 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
 # ---------------------------------------------------------------------------------------------------------
 
 
-def setup(spec: RunSpec, host: Host) -> Run:
-    """Seed, device, model with the method's adapters, data, optimizer and scheduler, and the loop state."""
+def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
+    """Seed, device, model with the method's adapters, data, optimizer and scheduler, and the loop state
+    (``memory``: what measures the run's peak memory)."""
     started = time.perf_counter()
     cfg, task = spec.train, host.task(spec.task)
     accelerator, use_cpu = _accelerator(spec)
-    model, head_names, head_count, tokenizer = _model(spec, task, host)
+    model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
     train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
@@ -336,7 +364,7 @@ def setup(spec: RunSpec, host: Host) -> Run:
     if torch.cuda.is_available() and not use_cpu:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
-               dev_loaders, head_names, head_count, hooks, state, use_cpu, started)
+               dev_loaders, head_names, head_count, hooks, state, use_cpu, started, targets, head, memory)
 
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)
@@ -353,7 +381,7 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    use_cpu = _uses_cpu(cfg)
     if cfg.device == "cuda" and use_cpu:
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
     precision = cfg.precision
@@ -368,6 +396,10 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     return accelerator, use_cpu
 
 
+def _uses_cpu(cfg) -> bool:
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
 def _fresh_accelerator_state() -> None:
     """accelerate keeps one global state per process and refuses a second ``Accelerator`` with other settings
     ("AcceleratorState has already been initialized"), but a sweep changes precision (and device) between
@@ -379,7 +411,7 @@ def _fresh_accelerator_state() -> None:
 
 def _model(spec: RunSpec, task, host: Host):
     """Frozen base + the method's adapters + the shared head; returns it with the head's parameter names and
-    count, and the tokenizer."""
+    count, the tokenizer, the adapted modules and the head's module names."""
     tokenizer = modeling.load_tokenizer(spec.model)
     model = modeling.load_model(spec.model, task.num_labels, spec.seed, spec.train.classifier_dropout)
     head = modeling.head_modules(spec.model, model)
@@ -389,7 +421,7 @@ def _model(spec: RunSpec, task, host: Host):
     head_count = modeling.unfreeze_head(model, head)
     if spec.train.gradient_checkpointing:
         _enable_checkpointing(model)
-    return model, modeling.head_parameter_names(model, head), head_count, tokenizer
+    return model, modeling.head_parameter_names(model, head), head_count, tokenizer, targets, head
 
 
 def _enable_checkpointing(model) -> None:

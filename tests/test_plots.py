@@ -34,4 +34,20 @@ def test_all_figures_written(tmp_path):
 
 def test_no_rank_reports_means_no_rank_figures(tmp_path):
     written = plot_all([_run("lora", "rte", 0)], {"rte": "accuracy"}, tmp_path)
-    assert {p.stem for p in written} == {"metric_vs_params", "curves_rte"}
+    assert {p.stem for p in written} == {"metric_vs_params", "curves_rte", "pareto_rte"}
+
+
+def test_pareto_figure_has_one_point_per_method_and_panel(tmp_path):
+    runs = [{**_run(label, "rte", seed, value=value + seed / 100, adapter=adapter), "median_step_s": step,
+             "peak_mem_bytes": mem} for seed in (0, 1)
+            for label, value, adapter, step, mem in [("lora", 0.70, 1000, 0.01, 2 ** 30),
+                                                    ("adalora", 0.72, 1200, 0.15, 3 * 2 ** 30)]]
+    runs.append({**_run("old", "rte", 0), "median_step_s": None})  # a run without costs: only in the params panel
+    written = plot_all(runs, {"rte": "accuracy"}, tmp_path)
+    assert {"pareto_rte.png", "pareto_rte.svg"} <= {p.name for p in written}
+    svg = (tmp_path / "pareto_rte.svg").read_text()
+    import re
+
+    assert sorted(re.findall(r'id="pareto-params-([^"]+)"', svg)) == ["adalora", "lora", "old"]
+    assert sorted(re.findall(r'id="pareto-memory-([^"]+)"', svg)) == ["adalora", "lora"]
+    assert sorted(re.findall(r'id="pareto-step-([^"]+)"', svg)) == ["adalora", "lora"]

@@ -40,7 +40,7 @@ def test_latex_csv_plain():
 
 
 def test_final_metrics_missing_tasks_and_single_seed():
-    table = build(RUNS + [run("full", "rte", 0, 0.6, 10**8)], MAIN, "csv", metric="final")
+    table = build(RUNS + [run("full", "rte", 0, 0.6, 10**8)], MAIN, "csv", metric="final", cost=False)
     full = next(line for line in table.splitlines() if line.startswith("full"))
     assert full == "full,100.00M,59.00,—,—"  # one seed: no ±; missing task: no average
     assert build([], MAIN) == "(no finished runs match)"
@@ -83,7 +83,7 @@ def test_ablation_mode_names_the_varying_params():
 
 def test_task_columns_follow_the_order_of_main_metric():
     """The CLI passes tasks in the order their plugins register them: the task plugin orders the columns."""
-    header = build(RUNS, {"stsb": "corr", "rte": "accuracy"}, "csv").splitlines()[0]
+    header = build(RUNS, {"stsb": "corr", "rte": "accuracy"}, "csv", cost=False).splitlines()[0]
     assert header == "method,params,stsb (corr),rte (accuracy),avg"
 
 
@@ -92,3 +92,34 @@ def test_the_cli_lists_tasks_in_registration_order(host):
 
     rows = [{"task": task, "best": {}} for task in ("stsb", "rte", "mnli", "sst2", "toy")]
     assert list(main_metrics(rows, host)) == ["mnli", "sst2", "rte", "stsb", "toy"]
+
+
+def _costly(label, seed, step_s, mem, adapter):
+    return {**run(label, "rte", seed, 0.7), "median_step_s": step_s, "tokens_per_s": 1000 / step_s, "train_s": 60.0,
+            "peak_mem_bytes": mem, "mem_kind": "cuda_max_allocated", "adapter_bytes": adapter}
+
+
+COSTLY = [_costly("lora", 0, 0.010, 2 * 2 ** 30, 600_000), _costly("lora", 1, 0.012, 2 * 2 ** 30, 600_000),
+          _costly("slow", 0, 0.150, 6 * 2 ** 30, 600_000)]
+
+
+def test_cost_columns_mean_over_a_methods_runs():
+    """Same count, same score: only the cost columns tell a 15× slower, 3× hungrier method apart."""
+    header, lora, slow = build(COSTLY, MAIN, "csv").splitlines()
+    assert header.endswith(",median_step_ms,tokens_per_s,peak_mem_mib,train_s,adapter_kib")
+    assert lora.split(",")[-5:] == ["11", "91666.7", "2048", "60", "585.938"]
+    assert slow.split(",")[-5:] == ["150", "6666.67", "6144", "60", "585.938"]
+    markdown = build(COSTLY, MAIN, "markdown", cost=True)
+    row = next(line for line in markdown.splitlines() if line.startswith("| slow"))
+    assert "150.0" in row and "6.0 GiB" in row and "585.9 KiB" in row
+    assert "peak memory (GPU: torch.cuda.max_memory_allocated over the run)" in markdown
+    assert "mean over each method's runs" in markdown
+    assert "step ms" not in build(COSTLY, MAIN, "markdown")  # narrow by default
+    assert "step ms" not in build(COSTLY, MAIN, "csv", cost=False)
+
+
+def test_cost_columns_of_runs_without_costs_are_empty():
+    """Older stores have no adapter size: an empty CSV cell, a dash in markdown, never a made-up zero."""
+    header, *rows = build(RUNS, MAIN, "csv").splitlines()
+    assert rows[0].endswith(",,,,,")
+    assert "| —" in build(RUNS, MAIN, "markdown", cost=True)
