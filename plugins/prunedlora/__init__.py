@@ -72,7 +72,7 @@ import torch
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
-from peftbench.method import Method
+from peftbench.method import Description, Method, departures
 
 from .layer import PrunedLoRALinear
 from .pruning import activation_scores, keep_indices, prune_components, rank_curvature, taylor_scores
@@ -156,6 +156,11 @@ def plan_schedule(params: PrunedLoRAParams, total_steps: int) -> Schedule:
     return schedule
 
 
+#: the authors' code and the notes' derived rule (full update applied to both factors, no warm-up, K1 = 10,
+#: K2 = 2, alpha = init_r); ``describe`` lists every departure, the measured defaults included
+REFERENCE = {"criterion": "gradient", "recovery": True, "recovery_update": "full", "recovery_factors": "both",
+             "curvature": "step", "prune_every": 10, "prune_k": 2, "warmup_ratio": 0.0, "alpha": None}
+
 #: weights of the B-side and A-side recovery updates
 FACTOR_WEIGHTS = {"split": (0.5, 0.5), "both": (1.0, 1.0), "B": (1.0, 0.0), "A": (0.0, 1.0)}
 
@@ -190,6 +195,16 @@ class PrunedLoRA(Method):
                               f"remove init_r (init_ratio · r is used) or raise it")
         init_r = self.params.init_r if self.params.init_r is not None else self.params.init_ratio * r
         return self.with_params(r=r, init_r=init_r)
+
+    def describe(self, targets) -> Description:
+        """Scale ``alpha / init_r`` (fixed for the run) with ``alpha / r`` at the final rank beside it, and
+        every switch departing from the code/notes: the recovery defaults, the warm-up and relative damping
+        included (the code damps by 1e-6·I)."""
+        p = self.params
+        alpha = p.alpha if p.alpha is not None else float(p.initial_rank)
+        reference = REFERENCE if p.recovery else {k: v for k, v in REFERENCE.items() if not k.startswith("recovery_")}
+        return Description(f"{alpha / p.initial_rank:.2f} (α/r_final {alpha / p.r:.2f})",
+                           departures(p, reference) + [f"damping={p.damping:g}·mean(diag H)"])
 
     # --- injection and training --------------------------------------------------------------------------
 
