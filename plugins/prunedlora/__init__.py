@@ -46,9 +46,14 @@ held-out batches): no recovery +0.050 (+0.135).
 * ``curvature: step | ema``: the step's ``GᵀG`` as in the code, or a running average (``curvature_beta``),
   the "running Fisher" of the issue. No separate squared-gradient diagonal: the rank space is small enough
   for the full ``r' × r'`` matrix. Damping is relative (``damping · mean diag H``), not the code's ``1e-6``.
-* Ablations: ``recovery: false`` drops the components without updating the survivors;
-  ``criterion: activation`` ranks by ``‖X a_jᵀ‖ · ‖b_j‖`` (Wanda-like, from the layer input since the last
-  event), ``criterion: taylor`` by ``Σ |g · w|``; both still use the recovery update.
+* Ablations: ``recovery: false`` drops the components without updating the survivors (they keep their
+  values exactly); ``criterion: activation`` ranks by ``‖X a_jᵀ‖ · ‖b_j‖`` (Wanda-like, from the layer input
+  since the last event), ``criterion: taylor`` by ``Σ |g · w|``. Each criterion runs in both readings:
+  with the gradient criterion's recovery update (``recovery: true``, the default, with the same
+  ``recovery_update``/``recovery_factors``), or without one (``recovery: false``), which is how the authors'
+  Wanda-style baselines zero a component; "gradient beats activation" needs both readings to tell the criterion
+  from the recovery (``configs/prunedlora_ablation.yaml`` has the labelled rows). ``peftbench budget`` lists
+  every departure from the code/notes in its ``deviations`` column (:meth:`PrunedLoRA.describe`).
 * A warm-up before the first event (the issue; the code starts at step 0, where ``B = 0`` makes every
   ``b_j`` and ``∂L/∂A`` vanish and the score degenerate) and a final phase at fixed ranks.
 * Pruned components are removed physically (the issue) instead of masked (the code): exactly equivalent
@@ -157,7 +162,8 @@ def plan_schedule(params: PrunedLoRAParams, total_steps: int) -> Schedule:
 
 
 #: the authors' code and the notes' derived rule (full update applied to both factors, no warm-up, K1 = 10,
-#: K2 = 2, alpha = init_r); ``describe`` lists every departure, the measured defaults included
+#: K2 = 2, alpha = init_r); ``describe`` lists every departure, the measured defaults included. The authors'
+#: activation and Taylor baselines have no recovery: for them ``recovery: true`` is the departure
 REFERENCE = {"criterion": "gradient", "recovery": True, "recovery_update": "full", "recovery_factors": "both",
              "curvature": "step", "prune_every": 10, "prune_k": 2, "warmup_ratio": 0.0, "alpha": None}
 
@@ -202,9 +208,13 @@ class PrunedLoRA(Method):
         included (the code damps by 1e-6·I)."""
         p = self.params
         alpha = p.alpha if p.alpha is not None else float(p.initial_rank)
-        reference = REFERENCE if p.recovery else {k: v for k, v in REFERENCE.items() if not k.startswith("recovery_")}
+        reference = {**REFERENCE, "recovery": p.criterion == "gradient"}
+        if not p.recovery:
+            reference = {k: v for k, v in reference.items() if not k.startswith("recovery_")}
+        curvature = p.criterion == "gradient" or p.recovery  # the damped H is used at all
+        damping = [f"damping={p.damping:g}·mean(diag H)"] if curvature else []
         return Description(f"{alpha / p.initial_rank:.2f} (α/r_final {alpha / p.r:.2f})",
-                           departures(p, reference) + [f"damping={p.damping:g}·mean(diag H)"])
+                           departures(p, reference) + damping)
 
     # --- injection and training --------------------------------------------------------------------------
 
