@@ -34,8 +34,8 @@ held-out batches): no recovery +0.050 (+0.135).
 
 * ``recovery_update: compensation | full``. ``full`` is the derived minimiser above; its Newton part
   ``−G H⁻¹`` scales like 1/‖G‖ (``H = GᵀG`` of one mini-batch is far smaller than the loss curvature) and
-  raised the loss by +2.2 (+2.0) even with ``damping: 1`` (a per-example Fisher did not rescue it in our
-  trials). So the default applies only the compensation part, the optimal-brain-surgeon update that moves
+  raised the loss by +0.37 (+0.38) at the default damping and by +2.2 (+2.0) with ``damping: 1`` (a
+  per-example Fisher did not rescue it in our trials; the full table is in docs/protocol.md). So the default applies only the compensation part, the optimal-brain-surgeon update that moves
   the removed component onto the survivors (scale-free in H). The released code's update has a shape bug
   and cannot be reproduced as written.
 * ``recovery_factors: split | both | B | A``. Each factor's compensation alone (B with A fixed, or A with B
