@@ -2,9 +2,14 @@
 
 Trains PrunedLoRA's over-parameterized adapter a few steps without pruning, then runs one pruning event
 (through the plugin's hooks, on a copy of the model) that removes ``k`` components from every module, with
-the gradient of one fixed batch, and reports the loss change on that batch and on held-out batches::
+the gradient of one fixed batch, and prints a table of the loss change on that batch and on held-out batches
+for every recovery variant: none, the compensation-only readings (the default among them) and the notes' full
+derived update (Newton part included) at the default and a heavy damping; then every criterion ablation in
+both readings (the gradient criterion's recovery, and none: the authors' baselines)::
 
     python -m benchmarks.prunedlora_study --task sst2 --data-dir ../shared/glue --k 8 16
+
+The output of that command is in docs/protocol.md ("PrunedLoRA's recovery update").
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import copy
 
 import torch
 from peftbench.plugins.prunedlora import PrunedLoRA, PrunedLoRAParams
+from tabulate import tabulate
 
 from peftbench import modeling
 from peftbench.config import ModelConfig
@@ -27,11 +33,14 @@ VARIANTS = {
     "compensation, both in full": {"recovery_factors": "both"},
     "compensation, B only": {"recovery_factors": "B"},
     "compensation, A only": {"recovery_factors": "A"},
+    "full derived update (notes), both, damping 0.01": {"recovery_update": "full", "recovery_factors": "both"},
+    "full update, both, damping 1": {"recovery_update": "full", "recovery_factors": "both", "damping": 1.0},
+    "full update, split, damping 0.01": {"recovery_update": "full"},
     "full update, split, damping 1": {"recovery_update": "full", "damping": 1.0},
-    "taylor criterion, no recovery": {"criterion": "taylor", "recovery": False},
-    "taylor criterion": {"criterion": "taylor"},
-    "activation criterion, no recovery": {"criterion": "activation", "recovery": False},
-    "activation criterion": {"criterion": "activation"},
+    "taylor criterion, no recovery (authors' baseline)": {"criterion": "taylor", "recovery": False},
+    "taylor criterion + default recovery": {"criterion": "taylor"},
+    "activation criterion, no recovery (authors' baseline)": {"criterion": "activation", "recovery": False},
+    "activation criterion + default recovery": {"criterion": "activation"},
 }
 
 
@@ -93,14 +102,18 @@ def main(argv: list[str] | None = None) -> None:
             return m(**scored).loss.item(), sum(m(**b).loss.item() for b in held) / len(held)
 
     base = losses(model)
-    print(f"{args.model} on {args.task}, {args.train_steps} steps trained at rank {args.init_r}: loss "
-          f"{base[0]:.4f} (scored batch), {base[1]:.4f} (held-out)")
+    print(f"model {mc.name_or_path} ({sum(p.numel() for p in model.parameters()):,} parameters) on {args.task}, "
+          f"{args.train_steps} steps trained at rank {args.init_r} (batch {args.batch_size}, seed {args.seed}): "
+          f"loss {base[0]:.4f} (scored batch), {base[1]:.4f} (mean of {args.held_out} held-out batches)")
+    print(f"Δloss after one event removing k of {args.init_r} components from each of {len(targets)} modules\n")
+    rows = {name: [] for name in VARIANTS}
     for k in args.k:
-        print(f"one event removing {k} of {args.init_r} components from each of {len(targets)} modules:")
         for name, params in VARIANTS.items():
             after = losses(prune_once(model, scored, args.init_r, k, **params))
-            print(f"  {name:36s} Δloss scored batch {after[0] - base[0]:+.5f}   held-out {after[1] - base[1]:+.5f}",
-                  flush=True)
+            rows[name] += [f"{after[0] - base[0]:+.4f}", f"{after[1] - base[1]:+.4f}"]
+    headers = ["variant"] + [f"k={k} {where}" for k in args.k for where in ("scored", "held-out")]
+    print(tabulate([[name, *cells] for name, cells in rows.items()], headers=headers, tablefmt="pipe",
+                   disable_numparse=True))
 
 
 if __name__ == "__main__":

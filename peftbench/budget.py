@@ -6,7 +6,7 @@ The target is declared once per sweep (``budget.lora_rank`` on the sweep's targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import modeling
@@ -15,6 +15,7 @@ from .errors import BudgetError, ConfigError
 from .hookspecs import ParamCounts, TargetModule
 from .host import Host
 from .lora import rank_cost
+from .method import Description
 from .schema import to_dict
 
 
@@ -36,6 +37,8 @@ class Solved:
     counts: ParamCounts
     target: int | None  #: the adapter budget (None for methods outside budget matching)
     matched: bool  #: whether the method takes part in budget matching
+    #: the method's effective scale and deviation switches (:meth:`peftbench.method.Method.describe`)
+    description: Description = field(default_factory=Description)
 
     @property
     def miss(self) -> float:
@@ -85,6 +88,7 @@ def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[
     target = target_count(config, shapes.targets)
     solved: dict[tuple[str, str], Solved] = {}
     cache: dict[tuple, tuple[Any, ParamCounts]] = {}
+    described: dict[tuple, Description] = {}
     config.check_params(host.method)  # done already when the host came from make_host
     for i, method in enumerate(config.methods):
         cls = host.method(method.name)
@@ -98,9 +102,11 @@ def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[
                 except (ConfigError, BudgetError) as exc:  # a budget hook refusing the params: name the method
                     raise type(exc)(f"{config.where(f'methods[{i}]')}methods[{i}] ({task}): {exc}") from None
             params, counts = cache[key]
+            if key not in described:
+                described[key] = cls(params).describe(shapes.targets)
             matched = cls.matches_budget and method.match_budget
             solved[(method.label, task)] = Solved(method.label, method.name, task, params, counts,
-                                                  target if matched else None, matched)
+                                                  target if matched else None, matched, described[key])
     misses = [s for s in solved.values() if s.matched and abs(s.miss) > config.budget.tolerance]
     if misses:
         lines = [f"  {s.label} ({s.task}): nearest achievable {s.counts.final:,} trainable "
@@ -122,8 +128,13 @@ def budget_rows(solved: dict[tuple[str, str], Solved]) -> list[list[Any]]:
         tasks = ",".join(x.task for x in solved.values() if x.label == s.label and to_dict(x.params) == to_dict(s.params))
         params = ", ".join(f"{k}={v}" for k, v in to_dict(s.params).items() if v not in ({}, [], None))
         rows.append([s.label, tasks, params, f"{s.counts.final:,}", f"{s.counts.peak:,}", f"{s.counts.nonzero:,}",
-                     f"{s.target:,}" if s.target else "—", f"{s.miss:+.2%}" if s.target else "reference"])
+                     f"{s.target:,}" if s.target else "—", f"{s.miss:+.2%}" if s.target else "reference",
+                     s.description.scale or "—", ", ".join(s.description.deviations) or "—"])
     return rows
 
 
-BUDGET_HEADERS = ["method", "tasks", "solved params", "final", "peak", "nonzero", "target", "miss"]
+#: ``scale``: the adapter's effective scale (``alpha / r``; per layer ``first→last`` where it varies);
+#: ``deviations``: the switches where the run departs from the paper or the method notes (``[open]``: a choice
+#: the paper does not state). Both come from :meth:`peftbench.method.Method.describe`.
+BUDGET_HEADERS = ["method", "tasks", "solved params", "final", "peak", "nonzero", "target", "miss", "scale",
+                  "deviations"]

@@ -404,3 +404,77 @@ def test_modules_fed_the_same_tensor_share_one_norm_computation():
     x.mul_(2)  # changed in place: a new statistic
     k(x)
     assert shared.norm is not first and torch.allclose(shared.norm, 2 * first)
+
+
+# --- prune_b prunes as many entries as pruning A; describe() for `peftbench budget` -----------------------
+
+
+@pytest.mark.parametrize("r", [3, 5, 7])
+def test_prune_b_prunes_exactly_as_many_entries_as_pruning_a_on_odd_ranks(r):
+    """⌊ratio · r⌋ per row of B pruned fewer entries on odd ranks; now B loses A's count, rows as even as can be."""
+    by_a, _ = _injected(criterion="input_norm", r=r, spread=0.0)
+    by_b, _ = _injected(criterion="prune_b", r=r, spread=0.0)
+    by_a.prune()
+    by_b.prune()
+    for (name, a_layer), b_layer in zip(by_a.layers.items(), by_b.layers.values()):
+        pruned_a = int((a_layer.lora_A == 0).sum())
+        assert pruned_a == r * 8
+        assert int((b_layer.lora_B == 0).sum()) == pruned_a == by_b.counts[name]  # old code: 16 · ⌊r/2⌋
+        assert not (b_layer.lora_A == 0).any()
+        per_row = (b_layer.lora_B == 0).sum(dim=1)
+        assert set(per_row.tolist()) == {r // 2, r // 2 + 1}  # spread over the rows as evenly as possible
+
+
+def test_prune_mask_with_a_count_spreads_it_over_rows_by_score():
+    scores = torch.tensor([[0.1, 0.2, 0.9], [0.1, 0.8, 0.9], [0.1, 0.3, 0.9]])
+    drop = prune_mask(scores, 0.5, "row", count=5)  # one per row, and two more: the rows whose 2nd-lowest is low
+    assert drop.sum(dim=1).tolist() == [2, 1, 2]
+    assert drop[:, 0].all() and not drop[:, 2].any()
+    assert int(prune_mask(scores, 0.5, "matrix", count=4).sum()) == 4
+
+
+def test_expected_pruned_matches_a_count_per_layer_and_caps_at_b():
+    from peftbench.plugins.prilora.pruning import expected_pruned
+
+    # one transformer-like layer of rank 5: the output map's A (5 × 64) loses more than its B (16 × 5) holds
+    layer = [(0, 5, 16, 16), (0, 5, 16, 64), (0, 5, 64, 16)]
+    a = expected_pruned("input_norm", "row", 0.5, layer)
+    b = expected_pruned("prune_b", "row", 0.5, layer)
+    assert a == [40, 40, 160] and sum(b) == sum(a) == 240
+    assert b == [40, 160, 40]  # half of every B: in proportion to B's sizes 80, 320, 80
+    assert expected_pruned("prune_b", "row", 0.5, [(None, 4, 64, 4)]) == [16]  # capped at all of B (4 × 4)
+    assert expected_pruned("none", "row", 0.5, layer) == [0, 0, 0]
+
+
+def test_end_to_end_prune_b_on_odd_ranks_predicts_and_matches_input_norm(host, tmp_path):
+    """Tiny BERT (FFN maps 32 → 64 → 32), ranks 3 and 5: prune_b's nonzero count is input_norm's, exactly."""
+    methods = [{"name": "prilora", "label": c, "params": {"alpha": 8, "spread": 0.25, "criterion": c}}
+               for c in ("prune_b", "input_norm")]
+    config = tiny_config(tmp_path, methods=methods)
+    solved = solve_all(config, host)
+    assert solved[("prune_b", "toy")].counts.nonzero == solved[("input_norm", "toy")].counts.nonzero
+    (spec,) = [s for s in expand(config, solved) if s.label == "prune_b"]
+    report = run_one(spec, host, progress=False).method_report
+    assert report["layer_ranks"] == [3, 5]
+    assert report["counts"]["nonzero"] == solved[("prune_b", "toy")].counts.nonzero
+    assert report["sparsity_A"] == 0 and report["sparsity_B"] == 0.5  # every B exactly half
+
+
+def test_describe_shows_per_layer_scales_and_deviation_switches(host):
+    targets = _targets(3)
+    default = PRILoRA(PRILoRAParams(r=8, alpha=16)).describe(targets)
+    assert default.scale == "4.00→1.33"  # alpha / r_l over ranks 4, 8, 12
+    assert default.deviations == ["scaling=alpha_over_rank[open]"]  # not stated by the paper: always shown
+    ablation = PRILoRA(PRILoRAParams(r=8, alpha=16, scaling="constant", permanent=True, criterion="prune_b"))
+    described = ablation.describe(targets)
+    assert described.scale == "2.00"
+    assert described.deviations == ["criterion=prune_b", "permanent=True", "scaling=constant[open]"]
+    config = parse_config({"tasks": ["toy"], "model": tiny_model_config(), "plugins": ["peftbench.testing"],
+                           "methods": [{"name": "prilora", "params": {"alpha": 8}}, {"name": "lora"}],
+                           "budget": {"lora_rank": 4}}, "<test>")
+    from peftbench.budget import BUDGET_HEADERS, budget_rows
+
+    rows = {row[0]: dict(zip(BUDGET_HEADERS, row)) for row in budget_rows(solve_all(config, host))}
+    assert rows["prilora"]["scale"] == "4.00→1.33"  # alpha 8 over ranks 2 → 6 (r = 4 on two layers)
+    assert rows["prilora"]["deviations"] == "scaling=alpha_over_rank[open]"
+    assert rows["lora"]["scale"] == "4.00" and rows["lora"]["deviations"] == "—"

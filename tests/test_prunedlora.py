@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +18,12 @@ from torch import nn
 
 from peftbench import modeling
 from peftbench.budget import solve_all
-from peftbench.config import ModelConfig
+from peftbench.config import ModelConfig, load_config
 from peftbench.data import load_task_data, make_loader
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import TrainState, hookimpl
 from peftbench.host import PluginInfo
+from peftbench.lora import lora_layers
 from peftbench.runs import expand
 from peftbench.schema import from_dict
 from peftbench.sweep import run_one
@@ -442,3 +444,63 @@ def test_minilm_on_sst2_learns_well_above_chance(glue, tmp_path):
     result = run_one(spec, host, progress=False)
     assert set(result.method_report["ranks"].values()) == {4}
     assert result.best["accuracy"] > 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the criterion ablations in both readings; describe() for `peftbench budget`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _prune_with(model, batch, **params):
+    """One event like :func:`_prune_once`, after a training pass that feeds the activation criterion."""
+    model = copy.deepcopy(model)
+    method = PrunedLoRA(PrunedLoRAParams(r=4, init_r=16, prune_every=1, warmup_ratio=0, final_ratio=0, **params))
+    state = _state(model)
+    method.peftbench_train_start(model=model, state=state)
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    model.eval()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    method.peftbench_after_backward(state=state)
+    return method
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor", "gradient"])
+def test_no_recovery_leaves_the_survivors_untouched_and_the_default_recovery_moves_them(criterion):
+    model, _, batches = _tiny()
+    before = {name: (m.lora_B.detach().clone(), m.lora_A.detach().clone())
+              for name, m in lora_layers(model, PrunedLoRALinear).items()}
+    for recovery in (False, True):
+        method = _prune_with(model, batches[0], prune_k=3, criterion=criterion, recovery=recovery)
+        for name, layer in method.layers.items():
+            assert layer.r == 13
+            b, a = before[name]
+            ids = layer.component_ids
+            untouched = torch.equal(layer.lora_B, b[:, ids]) and torch.equal(layer.lora_A, a[ids])
+            assert untouched == (not recovery), (name, recovery)
+
+
+def test_describe_lists_the_recovery_reading_and_the_fixed_scale():
+    default = PrunedLoRA(PrunedLoRAParams(r=8, init_r=32)).describe([])
+    assert default.scale == "1.00 (α/r_final 4.00)"
+    assert default.deviations == ["recovery_update=compensation", "recovery_factors=split", "warmup_ratio=0.1",
+                                  "damping=0.01·mean(diag H)"]
+    baseline = PrunedLoRA(PrunedLoRAParams(r=8, init_r=32, criterion="activation", recovery=False)).describe([])
+    assert baseline.deviations == ["criterion=activation", "warmup_ratio=0.1"]  # the authors' baseline reading
+    ours = PrunedLoRA(PrunedLoRAParams(r=8, init_r=32, criterion="taylor")).describe([])
+    assert ours.deviations[:4] == ["criterion=taylor", "recovery=True", "recovery_update=compensation",
+                                   "recovery_factors=split"]
+    notes = PrunedLoRA(PrunedLoRAParams(r=8, init_r=32, alpha=16, recovery_update="full", recovery_factors="both",
+                                        warmup_ratio=0.0)).describe([])
+    assert notes.scale == "0.50 (α/r_final 2.00)" and notes.deviations == ["alpha=16", "damping=0.01·mean(diag H)"]
+
+
+def test_the_ablation_config_has_both_readings_of_every_criterion(host):
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "prunedlora_ablation.yaml"))
+    params = {m.label: m.params for m in config.methods if m.name == "prunedlora"}
+    for criterion, short in (("activation", "act"), ("taylor", "taylor")):
+        assert params[f"prunedlora-{short}+recovery"].get("recovery", True) is True
+        assert params[f"prunedlora-{short}-norecovery"]["recovery"] is False
+        assert params[f"prunedlora-{short}-norecovery"]["criterion"] == criterion

@@ -59,7 +59,7 @@ from torch import nn
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import lora_layers, lora_peft_export, rank_cost
-from peftbench.method import Method
+from peftbench.method import Description, Method, scale_range
 from peftbench.modeling import replace_module
 
 from .allocator import RankAllocator, budget_schedule, orthogonal_penalty
@@ -138,6 +138,10 @@ class AdaLoRA(Method):
     description = "AdaLoRA (Zhang et al.): SVD-form LoRA, importance-scored triplets under a cubic global budget"
 
     allocator: RankAllocator | None = None
+
+    def describe(self, targets) -> Description:
+        """Scale ``alpha / init_r``, fixed while triplets are masked (for ``peftbench budget``)."""
+        return Description(scale_range([self.params.alpha / self.params.rank]))
 
     # --- budget ----------------------------------------------------------------------------------------------
 

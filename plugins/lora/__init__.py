@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import peftbench.lora as toolkit
 from peftbench.hookspecs import ParamCounts, hookimpl
-from peftbench.method import Method
+from peftbench.method import Description, Method, scale_range
 
 PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
@@ -77,6 +77,10 @@ class LoRA(Method):
         bias = sum(t.out_features for t in targets) if self.params.bias == "lora_only" else 0
         r = max(1, round((target - bias) / per_rank))
         return self.with_params(r=r, rank_pattern={})
+
+    def describe(self, targets) -> Description:
+        """Scale ``alpha / r`` (per module with rank/alpha patterns); LoRA is the reference: no deviations."""
+        return Description(scale_range([self.params.alpha_of(t.name) / self._rank(t) for t in targets]))
 
     @hookimpl
     def peftbench_inject(self, model, targets):

@@ -14,16 +14,26 @@ Algorithm, on top of plain LoRA (``W x + (alpha / r_l) · B A x`` on every targe
 
 Ablations (config switches): ``schedule`` (``increasing`` | ``uniform`` | ``decreasing`` | a list of per-layer
 ranks) and ``criterion`` (``input_norm`` | ``magnitude`` | ``random`` | ``prune_b`` | ``none``); see
-:mod:`.pruning` for the scores (``prune_b``'s is defined here: ``|B_ik| · EMA‖(A x)_k‖``).
+:mod:`.pruning` for the scores (``prune_b``'s is defined here: ``|B_ik| · EMA‖(A x)_k‖``). Every criterion
+prunes the same number of entries: ``prune_b`` removes from B of every layer exactly the count ``input_norm``
+removes from A (spread over B's rows as evenly as possible; :mod:`.pruning` says how), not ``⌊ratio · r⌋`` per
+row of B, which on odd ranks would prune fewer entries and compare sparsities instead of criteria.
 
 Choices the paper leaves open ([open] in the method notes), each a param with its default:
 ``ema = 0.9``; ``grouping = "row"`` (each row of A loses the same number of entries; ``"matrix"``: one
 threshold per matrix); ``prune_every = 10`` optimizer steps from ``prune_start = 0`` (fraction of training);
 ``permanent = False`` (re-prune: zeroed weights keep their optimizer state and may regrow; ``True``: the first
 event fixes a mask that is re-applied after every optimizer step, the masked entries' optimizer state is zeroed
-too, and later events, which would pick the same entries, are skipped); ``scaling = "alpha_over_rank"``
-(``alpha / r_l`` per layer, what LoRA code and HF PEFT's ``rank_pattern`` do with one ``lora_alpha``;
-``"constant"``: ``alpha / r`` on every layer, the scale of uniform LoRA).
+too, and later events, which would pick the same entries, are skipped).
+
+**The per-layer scale rule is not stated by the paper** (and is not in the method notes), yet it moves the
+comparison: with ranks 4 → 12 it decides whether the bottom layer's update is scaled 3× more than the top's.
+It is the param ``scaling``: ``"alpha_over_rank"`` (default: ``alpha / r_l`` per layer, what LoRA code and HF
+PEFT's ``rank_pattern`` do with one ``lora_alpha``, e.g. ``4.00 → 1.33`` at ``alpha = 16``) or ``"constant"``
+(``alpha / r`` on every layer, the scale of uniform LoRA at the mean rank). ``peftbench budget`` shows the
+resulting per-layer scales (column ``scale``) and lists ``scaling`` among the run's deviation switches
+(column ``deviations``, marked ``[open]``) whatever its value, with every other switch that departs from the
+paper or the notes' defaults (:meth:`PRILoRA.describe`).
 
 Intentional details: the input statistic includes padding tokens (a linear layer does not see the attention
 mask; the score compares features within one module, so a common factor cancels); ``⌊ratio · n⌋`` entries are
@@ -49,7 +59,7 @@ from torch import nn
 from peftbench.errors import ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, TrainState, hookimpl
 from peftbench.lora import inject_lora, lora_peft_export, rank_cost
-from peftbench.method import Method
+from peftbench.method import Description, Method, departures, scale_range
 
 from .layer import InputNorms, PRILoRALinear
 from .pruning import Criterion, Grouping, expected_pruned, importance, prune_mask
@@ -68,7 +78,8 @@ class PRILoRAParams:
     #: ``increasing`` (paper) | ``uniform`` | ``decreasing`` | explicit per-layer ranks, first layer first
     schedule: Literal["increasing", "uniform", "decreasing"] | list[int] = "increasing"
     spread: float = 0.5  #: ramp from r·(1-spread) to r·(1+spread): 0.5 is the paper's 4 → 12 at r = 8
-    #: ``alpha_over_rank``: scaling alpha / r_l per layer; ``constant``: alpha / r on every layer
+    #: per-layer scale rule, NOT stated by the paper ([open]): ``alpha_over_rank``: alpha / r_l per layer;
+    #: ``constant``: alpha / r (the mean rank) on every layer. Always listed by ``peftbench budget``.
     scaling: Literal["alpha_over_rank", "constant"] = "alpha_over_rank"
     criterion: Criterion = "input_norm"
     prune_ratio: float = 0.5  #: fraction of each group zeroed at every event (paper's best: 0.5)
@@ -139,11 +150,23 @@ def sync_statistics(layers) -> None:
     torch._foreach_copy_(emas, list(flat.split([e.numel() for e in emas])))
 
 
+#: the paper's choices and the notes' defaults for its [open] ones; ``describe`` lists every departure
+REFERENCE = {"schedule": "increasing", "spread": 0.5, "criterion": "input_norm", "prune_ratio": 0.5,
+             "grouping": "row", "prune_every": 10, "prune_start": 0.0, "ema": 0.9, "permanent": False}
+
+
+def prune_counts(params: PRILoRAParams, targets: list[TargetModule]) -> dict[str, int]:
+    """Entries each module's pruned matrix loses at an event (``prune_b``: A's count, matched per layer)."""
+    ranks = params.module_ranks(targets)
+    modules = [(t.layer, ranks[t.name], t.in_features, t.out_features) for t in targets]
+    counts = expected_pruned(params.criterion, params.grouping, params.prune_ratio, modules)
+    return {t.name: n for t, n in zip(targets, counts)}
+
+
 def _counts(params: PRILoRAParams, targets: list[TargetModule]) -> ParamCounts:
     ranks = params.module_ranks(targets)
     dense = sum(ranks[t.name] * rank_cost(t) for t in targets)
-    pruned = sum(expected_pruned(params.criterion, params.grouping, params.prune_ratio, ranks[t.name],
-                                 t.in_features, t.out_features) for t in targets)
+    pruned = sum(prune_counts(params, targets).values())
     return ParamCounts(final=dense, peak=dense, nonzero=dense - pruned)
 
 
@@ -156,6 +179,7 @@ class PRILoRA(Method):
         super().__init__(params)
         self.layers: dict[str, PRILoRALinear] = {}
         self.layer_index: dict[str, int | None] = {}
+        self.counts: dict[str, int] = {}  #: entries pruned per module at an event (``prune_b`` uses them)
         self.events = 0  #: pruning events so far (the final one included)
         self.first_event_step = 0
         self.generator: torch.Generator | None = None  #: ``random`` criterion
@@ -181,6 +205,17 @@ class PRILoRA(Method):
                       for units in range(max(num_layers, guess - 2), max(num_layers, guess + 2) + 1)]
         return min(candidates, key=lambda p: abs(_counts(p, targets).final - target))
 
+    def describe(self, targets) -> Description:
+        """Per-layer scale ``alpha_l / r_l`` (first → last layer) and the switches departing from the paper
+        or the notes; ``scaling`` is always listed: the paper does not state a per-layer scale rule."""
+        p = self.params
+        ranks = p.module_ranks(targets)
+        mean_rank = sum(ranks.values()) / len(ranks)
+        by_layer = {t.layer: ranks[t.name] for t in targets if t.layer is not None}
+        layer_ranks = [by_layer[i] for i in sorted(by_layer)] or sorted(set(ranks.values()))
+        return Description(scale_range([p.alpha_for(r, mean_rank) / r for r in layer_ranks]),
+                           departures(p, REFERENCE, open_choices=["scaling"]))
+
     # --- training ---------------------------------------------------------------------------------------
 
     @hookimpl
@@ -190,6 +225,7 @@ class PRILoRA(Method):
         mean_rank = sum(ranks.values()) / len(ranks)
         statistic = {"input_norm": "input", "prune_b": "rank"}.get(p.criterion, "none")
         self.layer_index = {t.name: t.layer for t in targets}
+        self.counts = prune_counts(p, targets)
         self.layers = inject_lora(model, targets, lambda t: ranks[t.name],
                                   lambda t: p.alpha_for(ranks[t.name], mean_rank), p.dropout,
                                   layer_cls=PRILoRALinear, statistic=statistic, ema=p.ema,
@@ -240,10 +276,10 @@ class PRILoRA(Method):
         p, zeroed = self.params, []
         if p.criterion in ("input_norm", "prune_b"):
             sync_statistics(self.layers.values())
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             weight = self.pruned_weight(layer)
             drop = prune_mask(importance(p.criterion, weight, layer.norm_ema, self.generator), p.prune_ratio,
-                              p.grouping)
+                              p.grouping, self.counts[name] if p.criterion == "prune_b" else None)
             zeroed.append((weight, drop, weight[drop]))
             weight.masked_fill_(drop, 0.0)
         return zeroed

@@ -34,8 +34,8 @@ held-out batches): no recovery +0.050 (+0.135).
 
 * ``recovery_update: compensation | full``. ``full`` is the derived minimiser above; its Newton part
   ``−G H⁻¹`` scales like 1/‖G‖ (``H = GᵀG`` of one mini-batch is far smaller than the loss curvature) and
-  raised the loss by +2.2 (+2.0) even with ``damping: 1`` (a per-example Fisher did not rescue it in our
-  trials). So the default applies only the compensation part, the optimal-brain-surgeon update that moves
+  raised the loss by +0.37 (+0.38) at the default damping and by +2.2 (+2.0) with ``damping: 1`` (a
+  per-example Fisher did not rescue it in our trials; the full table is in docs/protocol.md). So the default applies only the compensation part, the optimal-brain-surgeon update that moves
   the removed component onto the survivors (scale-free in H). The released code's update has a shape bug
   and cannot be reproduced as written.
 * ``recovery_factors: split | both | B | A``. Each factor's compensation alone (B with A fixed, or A with B
@@ -46,9 +46,14 @@ held-out batches): no recovery +0.050 (+0.135).
 * ``curvature: step | ema``: the step's ``GᵀG`` as in the code, or a running average (``curvature_beta``),
   the "running Fisher" of the issue. No separate squared-gradient diagonal: the rank space is small enough
   for the full ``r' × r'`` matrix. Damping is relative (``damping · mean diag H``), not the code's ``1e-6``.
-* Ablations: ``recovery: false`` drops the components without updating the survivors;
-  ``criterion: activation`` ranks by ``‖X a_jᵀ‖ · ‖b_j‖`` (Wanda-like, from the layer input since the last
-  event), ``criterion: taylor`` by ``Σ |g · w|``; both still use the recovery update.
+* Ablations: ``recovery: false`` drops the components without updating the survivors (they keep their
+  values exactly); ``criterion: activation`` ranks by ``‖X a_jᵀ‖ · ‖b_j‖`` (Wanda-like, from the layer input
+  since the last event), ``criterion: taylor`` by ``Σ |g · w|``. Each criterion runs in both readings:
+  with the gradient criterion's recovery update (``recovery: true``, the default, with the same
+  ``recovery_update``/``recovery_factors``), or without one (``recovery: false``), which is how the authors'
+  Wanda-style baselines zero a component; "gradient beats activation" needs both readings to tell the criterion
+  from the recovery (``configs/prunedlora_ablation.yaml`` has the labelled rows). ``peftbench budget`` lists
+  every departure from the code/notes in its ``deviations`` column (:meth:`PrunedLoRA.describe`).
 * A warm-up before the first event (the issue; the code starts at step 0, where ``B = 0`` makes every
   ``b_j`` and ``∂L/∂A`` vanish and the score degenerate) and a final phase at fixed ranks.
 * Pruned components are removed physically (the issue) instead of masked (the code): exactly equivalent
@@ -72,7 +77,7 @@ import torch
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
-from peftbench.method import Method
+from peftbench.method import Description, Method, departures
 
 from .layer import PrunedLoRALinear
 from .pruning import activation_scores, keep_indices, prune_components, rank_curvature, taylor_scores
@@ -156,6 +161,12 @@ def plan_schedule(params: PrunedLoRAParams, total_steps: int) -> Schedule:
     return schedule
 
 
+#: the authors' code and the notes' derived rule (full update applied to both factors, no warm-up, K1 = 10,
+#: K2 = 2, alpha = init_r); ``describe`` lists every departure, the measured defaults included. The authors'
+#: activation and Taylor baselines have no recovery: for them ``recovery: true`` is the departure
+REFERENCE = {"criterion": "gradient", "recovery": True, "recovery_update": "full", "recovery_factors": "both",
+             "curvature": "step", "prune_every": 10, "prune_k": 2, "warmup_ratio": 0.0, "alpha": None}
+
 #: weights of the B-side and A-side recovery updates
 FACTOR_WEIGHTS = {"split": (0.5, 0.5), "both": (1.0, 1.0), "B": (1.0, 0.0), "A": (0.0, 1.0)}
 
@@ -190,6 +201,20 @@ class PrunedLoRA(Method):
                               f"remove init_r (init_ratio · r is used) or raise it")
         init_r = self.params.init_r if self.params.init_r is not None else self.params.init_ratio * r
         return self.with_params(r=r, init_r=init_r)
+
+    def describe(self, targets) -> Description:
+        """Scale ``alpha / init_r`` (fixed for the run) with ``alpha / r`` at the final rank beside it, and
+        every switch departing from the code/notes: the recovery defaults, the warm-up and relative damping
+        included (the code damps by 1e-6·I)."""
+        p = self.params
+        alpha = p.alpha if p.alpha is not None else float(p.initial_rank)
+        reference = {**REFERENCE, "recovery": p.criterion == "gradient"}
+        if not p.recovery:
+            reference = {k: v for k, v in reference.items() if not k.startswith("recovery_")}
+        curvature = p.criterion == "gradient" or p.recovery  # the damped H is used at all
+        damping = [f"damping={p.damping:g}·mean(diag H)"] if curvature else []
+        return Description(f"{alpha / p.initial_rank:.2f} (α/r_final {alpha / p.r:.2f})",
+                           departures(p, reference) + damping)
 
     # --- injection and training --------------------------------------------------------------------------
 
