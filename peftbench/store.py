@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT
+    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
+    audit TEXT                       -- JSON: measured final count vs the budget (peftbench.audit)
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
@@ -55,9 +56,9 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 """
 
 #: columns added after the first release, with their type: older stores get them on open
-ADDED_COLUMNS = {"proc_start": "INTEGER"}
+ADDED_COLUMNS = {"proc_start": "INTEGER", "audit": "TEXT"}
 
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report")
+JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "audit")
 
 
 def process_start(pid: int) -> int | None:
