@@ -127,8 +127,11 @@ def budget_rows(solved: dict[tuple[str, str], Solved]) -> list[list[Any]]:
         seen.add(key)
         tasks = ",".join(x.task for x in solved.values() if x.label == s.label and to_dict(x.params) == to_dict(s.params))
         params = ", ".join(f"{k}={v}" for k, v in to_dict(s.params).items() if v not in ({}, [], None))
-        rows.append([s.label, tasks, params, f"{s.counts.final:,}", f"{s.counts.peak:,}", f"{s.counts.nonzero:,}",
-                     f"{s.target:,}" if s.target else "—", f"{s.miss:+.2%}" if s.target else "reference",
+        # an estimate (e.g. AdaLoRA's triplet budget) depends on training: the run's audit measures it
+        final, miss = ("≈", " (estimate)") if s.counts.estimate else ("", "")
+        rows.append([s.label, tasks, params, f"{final}{s.counts.final:,}", f"{s.counts.peak:,}",
+                     f"{s.counts.nonzero:,}", f"{s.target:,}" if s.target else "—",
+                     f"{s.miss:+.2%}{miss}" if s.target else "reference",
                      s.description.scale or "—", ", ".join(s.description.deviations) or "—"])
     return rows
 

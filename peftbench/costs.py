@@ -28,6 +28,7 @@ Without ``/proc`` (not Linux) it falls back to the old ``cpu_process_max_rss``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -40,6 +41,15 @@ MEM_KINDS = {
 }
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _release_free_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``), so that what a run allocates shows as
+    RSS growth instead of reusing an earlier run's freed blocks; nothing where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_bytes() -> int | None:
@@ -74,6 +84,7 @@ class PeakMemory:
         if not self.cpu or rss_bytes() is None:
             return self
         gc.collect()  # an earlier run's garbage is not part of this run's baseline
+        _release_free_heap()  # and memory malloc keeps for reuse would hide this run's allocations from the RSS
         self.start = self.highest = rss_bytes()
         self.record = max_rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="peftbench-peak-rss", daemon=True)

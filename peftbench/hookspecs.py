@@ -110,12 +110,15 @@ class ParamCounts:
     (budget matching compares this with the target; a rank component masked out for good does not count);
     ``peak``: the largest trainable count at any point (differs from ``final`` for methods that start big
     and prune); ``nonzero``: expected number of non-zero adapter parameters at the end (differs for methods
-    that zero entries inside tensors they keep, like PRILoRA's pruning of A).
+    that zero entries inside tensors they keep, like PRILoRA's pruning of A). ``estimate``: ``final`` is a
+    prediction that training may miss (e.g. AdaLoRA's triplet budget, whose count depends on the allocation);
+    the measured counts are audited after every run either way.
     """
 
     final: int
     peak: int
     nonzero: int
+    estimate: bool = False
 
 
 @dataclass

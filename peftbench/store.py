@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS runs (
     wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
     error TEXT, traceback TEXT,
     host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
-    adapter_bytes INTEGER            -- size of the exported adapter file (peftbench export)
+    adapter_bytes INTEGER,           -- size of the exported adapter file (peftbench export)
+    audit TEXT                       -- JSON: measured final count vs the budget (peftbench.audit)
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
@@ -60,9 +61,9 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 #: columns added after the first release, with their type: older stores get them on open
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
                  "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER"}
+                 "adapter_bytes": "INTEGER", "audit": "TEXT"}
 
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any")
+JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit")
 
 
 def process_start(pid: int) -> int | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .audit import audit, miss_line
 from .budget import Solved
 from .config import Config, data_dir_for
 from .data import content_fingerprint
@@ -127,17 +128,21 @@ class Sweep:
             self._failed(spec, outcome.reason, outcome.traceback)
             self.log(f"{tag}: FAILED: {outcome.reason}")
             return False
-        fields = {**outcome.fields, "artifacts": artifacts}
+        solved = self.solved[(spec.label, spec.task)]
+        checked = audit(outcome.fields, solved.target if solved.matched else None, self.config.budget.tolerance)
+        fields = {**outcome.fields, "artifacts": artifacts, "audit": checked}
         if not self.store.finish(spec.run_id, "done", fields):
             self.log(f"{tag}: finished, but another process took the run over meanwhile; its result is kept")
         if checkpoint is not None:
             checkpoint.remove()
         self.summary.done += 1
         main = self.host.task(spec.task).main_metric
+        peak = f" (peak {checked['peak']:,})" if checked["peak"] != checked["final"] else ""
         self.log(f"{tag}: best in-budget {main} {fields['best'].get(main, float('nan')):.4f} at step "
-                 f"{fields['best_step']} ({fields['in_budget_evals']}/{fields['evaluations']} evaluations in budget), "
-                 f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, "
-                 f"adapter {fields['trainable']['adapter']:,}")
+                 f"{fields['best_step']} ({fields.get('in_budget_evals')}/{fields.get('evaluations')} evaluations in budget), "
+                 f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, adapter {checked['final']:,}{peak}")
+        if checked["ok"] is False:  # measured after training: e.g. AdaLoRA's allocation under a triplet budget
+            self.log(f"{tag}: {miss_line(checked)}")
         return True
 
     def stopped(self, spec: RunSpec, reason: str = "interrupted", tb: str | None = None) -> None:
@@ -317,7 +322,8 @@ def _spec_fields(spec: RunSpec, budget: Solved) -> dict[str, Any]:
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
         "model": spec.model.name_or_path, "spec": spec.identity(),
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
-                   "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss},
+                   "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
+                   "estimate": budget.counts.estimate},
     }
 
 

@@ -1,9 +1,11 @@
 """Cross-method comparison tables from the results store.
 
-Rows are methods (labels) with their trainable-parameter count, columns are tasks plus the average; each
-cell is mean ± std over seeds of the task's main metric (×100, as in the papers), the best mean of each
-column marked. Task columns come in the order of ``main_metric`` (the CLI lists tasks in the order their
-plugins register them, so a task plugin decides its columns' order).
+Rows are methods (labels) with their measured final adapter count (``params``, the budget audit's, averaged
+over the label's runs) and the largest count during training (``peak``: AdaLoRA and PrunedLoRA start
+bigger), columns are tasks plus the average; each cell is mean ± std over seeds of the task's main metric
+(×100, as in the papers), the best mean of each column marked, ``‼`` where a run missed its budget (the
+audit of :mod:`peftbench.audit`). Task columns come in the order of ``main_metric`` (the CLI lists tasks in
+the order their plugins register them, so a task plugin decides its columns' order).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .audit import MISS_MARK, missed, stored_audit
 from .costs import MEM_KINDS
 from .tuning import choose, chosen_lines, is_tuning_run, point_text, tuning_note
 
@@ -131,9 +134,20 @@ def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str
         if run["label"] not in labels:
             labels.append(run["label"])
         values[(run["label"], run["task"])].append(100 * float(metrics[name]))
-        params[run["label"]] = (run.get("trainable") or {}).get("adapter") or params.get(run["label"])
+    params = _mean_count(runs, labels, "final")
     tasks = [t for t in main_metric if any(task == t for (_, task) in values)]
     return labels, tasks, values, params
+
+
+def _mean_count(runs: list[dict[str, Any]], labels: list[str], key: str) -> dict[str, int]:
+    """Each label's measured ``final`` or ``peak`` count (from the budget audit), averaged over its runs: an
+    allocation, and so the count, can differ between tasks and seeds."""
+    found: dict[str, list[int]] = defaultdict(list)
+    for run in runs:
+        count = stored_audit(run).get(key)
+        if run["label"] in labels and count is not None:
+            found[run["label"]].append(count)
+    return {label: round(statistics.fmean(xs)) for label, xs in found.items()}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -220,10 +234,15 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
 
     pm = "$\\pm$" if fmt == "latex" else "±"
-    header = ["method", *(["setting"] if ablation else []), "params", *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
+    header = ["method", *(["setting"] if ablation else []), "params", "peak",
+              *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
+    peaks = _mean_count(runs, labels, "peak")
+    misses = {(run["label"], run["task"]) for run in runs if missed(run)}
     rows = []
     for label in labels:
-        row = [label, *([settings.get(label, "")] if ablation else []), human_count(params.get(label))]
+        row = [label, *([settings.get(label, "")] if ablation else []),
+               human_count(params.get(label)) + (MISS_MARK if any(lbl == label for lbl, _ in misses) else ""),
+               human_count(peaks.get(label))]
         for t in tasks:
             if (label, t) not in means:
                 row.append("—")
@@ -232,7 +251,8 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
             n = len(values[(label, t)])
             cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if n > 1 else "")
             significant = p_values.get((label, t), 1.0) < alpha
-            row.append(mark(cell, mean == best[t]) + ("†" if significant else ""))
+            row.append(mark(cell, mean == best[t]) + ("†" if significant else "")
+                       + (MISS_MARK if (label, t) in misses else ""))
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
         rows.append(row)
@@ -247,6 +267,9 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
             f"{', '.join(map(str, seeds))} seed(s), ×100")
     if p_values:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
+    if misses:
+        note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
+                 "tolerance (`--format json`: audit)")
     note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
     return _render(rows, header, fmt, [note, *cost_notes, tuning_note(runs),
                                        *(f"chosen: {x}" for x in chosen_lines(runs))])

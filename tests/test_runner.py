@@ -51,7 +51,8 @@ def test_cli_run_then_table(tmp_path, capfd):
     assert "0 run(s) finished, 1 skipped" in capfd.readouterr().out
     assert main(["table", config.output.db, "--format", "csv"]) == 0
     csv_out = capfd.readouterr().out
-    assert csv_out.splitlines()[0] == "method,params,toy (accuracy),avg"
+    assert csv_out.splitlines()[0] == ("method,params,peak,toy (accuracy),avg,median_step_ms,tokens_per_s,peak_mem_mib,"
+                                       "train_s,adapter_kib")  # costs by default in CSV
     with sqlite3.connect(config.output.db) as db:
         assert db.execute("select count(*) from runs").fetchone()[0] == 1
 

@@ -21,8 +21,8 @@ RUNS = [run("lora", "rte", 0, 0.70), run("lora", "rte", 1, 0.72), run("lora", "s
 def test_markdown_mean_std_and_best_marked():
     table = build(RUNS, MAIN, "markdown")
     lines = table.splitlines()
-    assert lines[0].split("|")[1:-1] == [" method  ", " params   ", " rte (accuracy)   ", " stsb (corr)   ", " avg       "] or \
-        [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "params", "rte (accuracy)", "stsb (corr)", "avg"]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "params", "peak", "rte (accuracy)",
+                                                              "stsb (corr)", "avg"]
     lora = next(line for line in lines if line.startswith("| lora"))
     ada = next(line for line in lines if line.startswith("| adalora"))
     assert "71.00±1.41" in lora and "**91.00±1.41**" in lora and "**81.00**" in lora  # avg (71+91)/2 = 81 > (76+82)/2 = 79
@@ -34,7 +34,7 @@ def test_latex_csv_plain():
     latex = build(RUNS, MAIN, "latex")
     assert "\\textbf{76.00$\\pm$1.41}" in latex and "\\begin{tabular}" in latex
     csv_text = build(RUNS, MAIN, "csv")
-    assert csv_text.splitlines()[1].startswith("lora,1.00K,71.00±1.41,91.00±1.41*,81.00*")
+    assert csv_text.splitlines()[1].startswith("lora,1.00K,1.00K,71.00±1.41,91.00±1.41*,81.00*")
     plain = build(RUNS, MAIN, "plain")
     assert "76.00±1.41*" in plain
 
@@ -42,7 +42,7 @@ def test_latex_csv_plain():
 def test_final_metrics_missing_tasks_and_single_seed():
     table = build(RUNS + [run("full", "rte", 0, 0.6, 10**8)], MAIN, "csv", metric="final", cost=False)
     full = next(line for line in table.splitlines() if line.startswith("full"))
-    assert full == "full,100.00M,59.00,—,—"  # one seed: no ±; missing task: no average
+    assert full == "full,100.00M,100.00M,59.00,—,—"  # one seed: no ±; missing task: no average
     assert build([], MAIN) == "(no finished runs match)"
     with pytest.raises(ValueError):
         build(RUNS, MAIN, "html")
@@ -84,7 +84,7 @@ def test_ablation_mode_names_the_varying_params():
 def test_task_columns_follow_the_order_of_main_metric():
     """The CLI passes tasks in the order their plugins register them: the task plugin orders the columns."""
     header = build(RUNS, {"stsb": "corr", "rte": "accuracy"}, "csv", cost=False).splitlines()[0]
-    assert header == "method,params,stsb (corr),rte (accuracy),avg"
+    assert header == "method,params,peak,stsb (corr),rte (accuracy),avg"
 
 
 def test_the_cli_lists_tasks_in_registration_order(host):

@@ -93,6 +93,16 @@ class LoRA(Method):
         return True
 
     @hookimpl
+    def peftbench_report(self, model):
+        """Measured counts (the budget audit's): A and B of every layer, and the biases trained with them."""
+        layers = toolkit.lora_layers(model).values()
+        tensors = [p for m in layers for p in (m.lora_A, m.lora_B)]
+        if self.params.bias == "lora_only":
+            tensors += [m.base.bias for m in layers if m.base.bias is not None]
+        n = sum(p.numel() for p in tensors)
+        return {"counts": {"final": n, "peak": n, "nonzero": sum(int(p.count_nonzero()) for p in tensors)}}
+
+    @hookimpl
     def peftbench_export_peft(self, model):
         if self.params.bias != "none":
             return None  # PEFT keeps trained biases in the base layer: not exported here
