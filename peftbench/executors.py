@@ -344,6 +344,7 @@ def spec_payload(spec: RunSpec) -> dict[str, Any]:
 def rebuild_spec(data: dict[str, Any], host: Host) -> RunSpec:
     from .config import ModelConfig, TrainConfig
 
+    data = {k: v for k, v in data.items() if k != "selection"}  # a constant of this version, not a field
     return RunSpec(**{**data, "params": from_dict(host.method(data["method"]).Params, data["params"], "spec.params"),
                       "model": from_dict(ModelConfig, data["model"], "spec.model"),
                       "train": from_dict(TrainConfig, data["train"], "spec.train")})

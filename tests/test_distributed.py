@@ -83,8 +83,8 @@ def test_two_processes_train_each_run_together_and_the_main_one_stores_it_once(t
     if launcher is None:
         pytest.skip("the accelerate launcher is not installed")
     db = tmp_path / "r.sqlite"
-    data = {"name": "ddp", "model": tiny_model_config(), "tasks": ["toy"], "methods": [LORA, {"name": "prunedlora"}],
-            "seeds": [0, 1], "budget": {"lora_rank": 4},
+    data = {"name": "ddp", "model": tiny_model_config(), "tasks": ["toy"], "methods": [LORA, {"name": "prunedlora", "params": {"prune_every": None}}],
+            "seeds": [0, 1], "budget": {"lora_rank": 4, "min_evaluations": 1},
             "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32, "log_every": 2, "num_threads": 1},
             "plugins": ["peftbench.testing"], "output": {"db": str(db), "dir": str(tmp_path / "runs")}}
     path = tmp_path / "sweep.yaml"
@@ -106,7 +106,7 @@ def test_two_processes_train_each_run_together_and_the_main_one_stores_it_once(t
     assert "2 processes (MULTI_CPU) train each run together" in out
     assert out.count("run(s) finished") == 1, out
     assert "1 run(s) finished, 1 skipped (finished earlier), 2 failed" in out
-    assert len(re.findall(r"^\[1/4\] lora toy seed=0 .*: best accuracy", out, re.M)) == 1
+    assert len(re.findall(r"^\[1/4\] lora toy seed=0 .*: best in-budget accuracy", out, re.M)) == 1
     assert len(re.findall(r"^\[2/4\] lora toy seed=1 .*: finished earlier, skipped$", out, re.M)) == 1
     # methods that replace parameters cannot run under DDP: their runs fail with the reason, the sweep goes on
     assert len(re.findall(r"^\[[34]/4\] prunedlora toy seed=[01] .*: FAILED: RuntimeError: prunedlora replaces "

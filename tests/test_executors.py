@@ -229,7 +229,7 @@ def test_ray_sweep_streams_results_to_the_driver_which_alone_writes_the_store(ra
     assert lora["pid"] == os.getpid() and lora["status"] == "done"
     assert faulty["status"] == "failed" and faulty["error"] == "RuntimeError: planted failure in after_backward"
     assert "in peftbench_after_backward" in faulty["traceback"]  # the worker's traceback
-    result = f"({lora['run_id']}): best accuracy {lora['best']['accuracy']:.4f} at step {lora['best_step']}, "
+    result = f"({lora['run_id']}): best in-budget accuracy {lora['best']['accuracy']:.4f} at step {lora['best_step']} "
     assert any(result in line and line.endswith("tok/s, adapter 3,584") for line in lines), lines
     assert any("FAILED: RuntimeError: planted failure" in line for line in lines)
 
@@ -262,7 +262,7 @@ def test_interrupting_a_ray_sweep_cancels_its_tasks_and_a_rerun_redoes_them(ray,
     (plugin.parent / "sleep").touch()  # the sleepy runs take 8 × 0.5 s: still running when lora finishes
 
     def interrupt_after_the_first_result(line: str) -> None:
-        if "best accuracy" in line:
+        if "best in-budget accuracy" in line:
             raise KeyboardInterrupt  # as Ctrl-C would, on the driver
     summary = SweepSummary()
     store = Store(config.output.db)

@@ -113,5 +113,6 @@ def test_methods_without_step_hooks_trigger_no_hook_calls(host, tmp_path):
         run_one(spec, host, progress=False)
     finally:
         undo()
-    # LoRA needs no per-step hook: the loop makes no hook call at all; after it, the export sizes the adapter
-    assert called == ["peftbench_inject", "peftbench_export_peft"]
+    # LoRA needs no per-step hook: the loop makes no hook call at all; after it, its report (measured counts)
+    # and the export that sizes the adapter
+    assert called == ["peftbench_inject", "peftbench_report", "peftbench_export_peft"]

@@ -52,5 +52,5 @@ def test_the_progress_bar_is_an_observer_of_the_run_only_and_changes_nothing(hos
     # no per-step hook: train_start, a call per log point and per evaluation, train_end; the export sizes the adapter
     log, evaluate = "peftbench_on_log", "peftbench_on_evaluate"  # steps 3, 6, epoch end 8, 9, 12, 15, 16
     assert called == ["peftbench_inject", "peftbench_train_start", log, log, evaluate, log, log, log, log,
-                      "peftbench_train_end", evaluate, "peftbench_export_peft"]
+                      "peftbench_train_end", evaluate, "peftbench_report", "peftbench_export_peft"]
     assert not any(isinstance(p, ProgressBar) for p in host.pm.get_plugins())  # unregistered after the run

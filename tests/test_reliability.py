@@ -469,7 +469,7 @@ def test_two_concurrent_sweeps_on_one_store_run_disjoint_runs(tmp_path, monkeypa
         other = process.communicate(timeout=300)[0]
     here = capsys.readouterr().out
     assert (status, process.returncode) == (0, 0), here + other
-    finished = [set(re.findall(r"\(([0-9a-f]{16})\): best accuracy", out)) for out in (here, other)]
+    finished = [set(re.findall(r"\(([0-9a-f]{16})\): best in-budget accuracy", out)) for out in (here, other)]
     assert all(finished), (here, other)  # both trained (the barrier made them overlap)
     assert not finished[0] & finished[1]  # no run trained twice
     rows = _rows(tmp_path / "r.sqlite")
