@@ -146,3 +146,48 @@ def render_in_chromium(page, screenshot=None):
         finally:
             browser.close()
     return {"errors": errors, "images": images, "tables": tables, "sorted": sorted_labels}
+
+
+# -- trackers ----------------------------------------------------------------------------------------------
+
+from peftbench.trackers import Tracker  # noqa: E402
+
+
+class ExplodingTracker(Tracker):
+    """A tracker that raises in every method it has (``output.trackers: [helpers:ExplodingTracker]``)."""
+
+    name = "exploding"
+    calls: list = []
+
+    def start(self):
+        ExplodingTracker.calls.append("start")
+        raise RuntimeError("tracker down")
+
+    def log_params(self, params):
+        raise RuntimeError("tracker down")
+
+    def log_metrics(self, values, step):
+        raise RuntimeError("tracker down")
+
+    def finish(self):
+        raise RuntimeError("tracker down")
+
+
+class RecordingTracker(Tracker):
+    """Keeps what it is sent, per run id, in ``RecordingTracker.seen`` (a third-party tracker in a few lines)."""
+
+    seen: dict = {}
+
+    def start(self):
+        RecordingTracker.seen[self.spec.run_id] = {"params": {}, "metrics": []}
+
+    def log_params(self, params):
+        RecordingTracker.seen[self.spec.run_id]["params"] = params
+
+    def log_metrics(self, values, step):
+        RecordingTracker.seen[self.spec.run_id]["metrics"].append((step, values))
+
+
+class BrokenInitTracker(Tracker):
+    def __init__(self, spec, run_dir):
+        raise RuntimeError("cannot even start")
