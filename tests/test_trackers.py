@@ -133,3 +133,18 @@ def test_bad_trackers_name_file_and_line(tmp_path, trackers, expected):
     path.write_text(f"tasks: [toy]\nmethods: [lora]\nplugins: [peftbench.testing]\noutput:\n  trackers: {trackers}\n")
     with pytest.raises(ConfigError, match=expected):
         load_config(str(path))
+
+
+def test_the_readme_tracker_works(tmp_path, monkeypatch):
+    """The third-party tracker of the README, as printed there."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "class JsonLines" in block]
+    (tmp_path / "mytracker.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, summary, runs = _sweep(tmp_path, ["mytracker:JsonLines"], methods=METHODS[:1])
+    assert summary.ok
+    lines = (tmp_path / "runs" / runs["lora"]["run_id"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(runs["lora"]["history"]) + 1  # every log point and evaluation, and best/final
