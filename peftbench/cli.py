@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("method", "task", "model", "sweep"):
         p.add_argument(f"--{flag}", action="append", help=f"only these {flag}s (repeatable)")
 
+    p = sub.add_parser("report", parents=[plugin],
+                       help="one self-contained HTML page: comparison table, costs, Pareto fronts, rank "
+                            "allocations, curves, protocol and environment (no server, no network)")
+    p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
+    p.add_argument("--out", default="results/report", help="output folder for index.html (default: results/report)")
+    p.add_argument("--title", default="peftbench report", help="the page's title")
+    for flag in ("method", "task", "model", "sweep"):
+        p.add_argument(f"--{flag}", action="append", help=f"only these {flag}s (repeatable)")
+
     p = sub.add_parser("export", parents=[plugin, db], help="write a stored run's best adapter in HF PEFT format")
     p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
     p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
-                    "export": cmd_export, "plot": cmd_plot}
+                    "export": cmd_export, "plot": cmd_plot, "report": cmd_report}
         return commands[args.command](args)
     except PeftbenchError as exc:
         print(f"peftbench: error: {exc}", file=sys.stderr)
@@ -363,7 +372,7 @@ def main_metrics(rows, host) -> dict[str, str]:
     return main_metric
 
 
-def _stored_runs(args):
+def _stored_runs(args, status: str | None = "done"):
     from .errors import ConfigError
     from .store import Store
 
@@ -371,7 +380,7 @@ def _stored_runs(args):
         raise ConfigError(f"results store {args.db!r} does not exist; run `peftbench run CONFIG` first "
                           "or pass the store's path")
     store = Store(args.db, readonly=True)  # a reader never changes the file
-    rows = store.runs(label=args.method, task=args.task, model=args.model, sweep=args.sweep)
+    rows = store.runs(status, label=args.method, task=args.task, model=args.model, sweep=args.sweep)
     store.close()
     return rows
 
@@ -384,6 +393,19 @@ def cmd_plot(args) -> int:
     rows = [row for row in _stored_runs(args) if not is_tuning_run(row)]
     written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
     print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .host import Host
+    from .report import write_report
+
+    stored = _stored_runs(args, status=None)  # also the unfinished runs: the page lists them as such
+    rows = [row for row in stored if row["status"] == "done"]
+    page = write_report(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out,
+                        unfinished=[row for row in stored if row["status"] != "done"], source=args.db,
+                        title=args.title)
+    print(f"peftbench: wrote {page} ({len(rows)} finished run(s))")
     return 0
 
 

@@ -178,6 +178,20 @@ class OutputConfig:
     #: every epoch end; a killed or failed run continues from it when the sweep is rerun. Not part of a
     #: run's identity: turning it on or off never changes results or run ids.
     checkpoint: bool = False
+    #: experiment trackers every run reports to (:mod:`peftbench.trackers`): names accelerate knows
+    #: (``tensorboard``, ``mlflow``, ``wandb``...) or ``module:Class``. Not part of a run's identity.
+    trackers: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        from .trackers import check_tracker
+
+        for i, name in enumerate(self.trackers):
+            problem = check_tracker(name)
+            if problem:
+                raise ValueError(f"trackers[{i}]: {problem}")
+        repeated = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
+        if repeated:
+            raise ValueError(f"trackers: repeated tracker(s) {repeated}")
 
 
 @dataclass

@@ -338,7 +338,8 @@ def spec_payload(spec: RunSpec) -> dict[str, Any]:
     """A run as plain data: its identity (params, model and train settings as dicts) and where its data is
     and its artifacts go. No plugin classes travel: the worker rebuilds them from its own plugins."""
     return {**spec.identity(), "sweep": spec.sweep, "save_adapters": spec.save_adapters,
-            "data_dir": os.path.abspath(spec.data_dir) if spec.data_dir else None}
+            "data_dir": os.path.abspath(spec.data_dir) if spec.data_dir else None,
+            "trackers": list(spec.trackers), "out_dir": os.path.abspath(spec.out_dir) if spec.out_dir else None}
 
 
 def rebuild_spec(data: dict[str, Any], host: Host) -> RunSpec:

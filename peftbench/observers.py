@@ -21,8 +21,9 @@ from .hookspecs import hookimpl
 
 
 class ProgressBar:
-    """A tqdm bar over the optimizer steps of a run, showing the loss at each log point and the best dev
-    score so far (of ``metric``, the task's main metric). It moves at log points (``train.log_every``)."""
+    """A tqdm bar over the optimizer steps of a run, showing at each log point the loss, the learning rate,
+    the best dev score so far (of ``metric``, the task's main metric) and the method's current budget (its
+    ``state.logs``: e.g. PrunedLoRA's mean rank and adapter count). It moves at log points (``train.log_every``)."""
 
     def __init__(self, desc: str, metric: str):
         self.desc, self.metric = desc, metric
@@ -38,7 +39,9 @@ class ProgressBar:
     @hookimpl
     def peftbench_on_log(self, state, record):
         self.bar.update(state.step - self.bar.n)  # a resumed run starts at its checkpoint's step
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", best=f"{self.best:.4f}", refresh=False)
+        budget = {key: f"{value:,.4g}" for key, value in state.logs.items()}
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", best=f"{self.best:.4f}",
+                             **budget, refresh=False)
 
     @hookimpl
     def peftbench_on_evaluate(self, metrics):

@@ -24,8 +24,12 @@ def _layer_and_kind(module: str) -> tuple[int, str]:
     return (int(match.group(1)), match.group(2)) if match else (-1, module)
 
 
-def _save(fig, out: Path, name: str) -> list[Path]:
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
+#: the files each figure is written as (``formats=("png",)``: the HTML report embeds PNGs only)
+FORMATS = ("png", "svg")
+
+
+def _save(fig, out: Path, name: str, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    paths = [out / f"{name}.{kind}" for kind in formats]
     fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=130)
@@ -35,7 +39,7 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def rank_heatmaps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+def rank_heatmaps(runs: list[dict[str, Any]], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -66,11 +70,11 @@ def rank_heatmaps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
                         color="white" if value < np.nanmax(grid) * 0.6 else "black", fontsize=7)
         fig.colorbar(image, ax=ax, label="final rank")
         ax.set_title(f"{label}: final rank per module (mean of {len(rank_maps)} run(s))", fontsize=9)
-        written += _save(fig, out, f"ranks_{_safe(label)}")
+        written += _save(fig, out, f"ranks_{_safe(label)}", formats)
     return written
 
 
-def rank_over_steps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+def rank_over_steps(runs: list[dict[str, Any]], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     import matplotlib.pyplot as plt
 
     with_history = [r for r in runs if (r.get("method_report") or {}).get("rank_history")]
@@ -102,10 +106,10 @@ def rank_over_steps(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)
     total_ax.set_ylabel("sum of ranks")
-    return _save(fig, out, "rank_over_steps")
+    return _save(fig, out, "rank_over_steps", formats)
 
 
-def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in runs if r["task"] in main_metric})
@@ -126,10 +130,10 @@ def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], ou
         ax.set_xscale("log")
         ax.set_xlabel("trainable adapter parameters")
         ax.set_title(f"{task} ({main_metric[task]} ×100)")
-    return _save(fig, out, "metric_vs_params")
+    return _save(fig, out, "metric_vs_params", formats)
 
 
-def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
@@ -152,7 +156,7 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
         for ax in (loss_ax, dev_ax):
             ax.set_xlabel("optimizer step")
             ax.legend(fontsize=7)
-        written += _save(fig, out, f"curves_{_safe(task)}")
+        written += _save(fig, out, f"curves_{_safe(task)}", formats)
     return written
 
 
@@ -176,7 +180,7 @@ def pareto_points(runs: list[dict[str, Any]], task: str, metric: str, x_of) -> d
                     statistics.stdev(y for _, y in v) if len(v) > 1 else 0.0) for label, v in by_label.items()}
 
 
-def pareto(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -> list[Path]:
+def pareto(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Accuracy against cost, one figure per task: is a method's score worth what it costs?"""
     import matplotlib.pyplot as plt
 
@@ -194,7 +198,7 @@ def pareto(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path) -
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"dev {metric} ×100")
         fig.suptitle(f"{task}: {metric} against cost (mean ± std over seeds)", fontsize=9)
-        written += _save(fig, out, f"pareto_{_safe(task)}")
+        written += _save(fig, out, f"pareto_{_safe(task)}", formats)
     return written
 
 

@@ -33,6 +33,9 @@ class RunSpec:
     tuning: dict[str, Any] | None = None
     #: a run at a tuned setting: ``{"values", "grid", "holdout", "split_seed", "seeds"}`` (how it was chosen)
     tuned: dict[str, Any] | None = None
+    #: where the run reports besides the store (``output.trackers``, ``output.dir``): not part of its identity
+    trackers: list[str] = field(default_factory=list)
+    out_dir: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the result (and nothing that does not, like the sweep name or the data's
@@ -71,5 +74,6 @@ def expand(config: Config, solved: dict[tuple[str, str], Any],
                     params=solved[(method.label, task)].params, task=task, seed=seed, model=config.model,
                     train=config.train_for(method, task), data_dir=data_dir_for(config),
                     save_adapters=config.output.save_adapters, data=(data or {}).get(task, {}),
+                    trackers=list(config.output.trackers), out_dir=config.output.dir,
                 ))
     return runs

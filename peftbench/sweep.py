@@ -25,6 +25,7 @@ from .budget import Solved
 from .config import Config, data_dir_for
 from .data import content_fingerprint
 from .errors import ConfigError, DataError, PeftbenchError
+from .history import write_history
 from .host import Host
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan
@@ -72,6 +73,7 @@ class Sweep:
                  summary: SweepSummary, log=print, runs: list[RunSpec] | None = None, what: str | None = None):
         self.config, self.host, self.store, self.solved = config, host, store, solved
         self.summary, self.log, self.what = summary, log, what
+        self.trained_s: list[float] = []  #: wall time of each run this sweep finished (for the ETA)
         # every split is read and checked before any training; its content fingerprint is part of each run's
         # identity, so a run on changed data is a new run, never "finished earlier" (``runs``: made from
         # checked data already, e.g. the phases of tuning, :mod:`peftbench.tuning`)
@@ -126,7 +128,7 @@ class Sweep:
                 outcome = Outcome(reason=failure_reason(exc), traceback=traceback.format_exc())
         if not outcome.ok:
             self._failed(spec, outcome.reason, outcome.traceback)
-            self.log(f"{tag}: FAILED: {outcome.reason}")
+            self.log(f"{tag}: FAILED: {outcome.reason}; {self.eta()}")
             return False
         solved = self.solved[(spec.label, spec.task)]
         checked = audit(outcome.fields, solved.target if solved.matched else None, self.config.budget.tolerance)
@@ -136,14 +138,36 @@ class Sweep:
         if checkpoint is not None:
             checkpoint.remove()
         self.summary.done += 1
+        self.trained_s.append(fields["wall_s"])
+        self._write_history(spec, tag, fields["history"])
         main = self.host.task(spec.task).main_metric
         peak = f" (peak {checked['peak']:,})" if checked["peak"] != checked["final"] else ""
         self.log(f"{tag}: best in-budget {main} {fields['best'].get(main, float('nan')):.4f} at step "
                  f"{fields['best_step']} ({fields.get('in_budget_evals')}/{fields.get('evaluations')} evaluations in budget), "
-                 f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, adapter {checked['final']:,}{peak}")
+                 f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, adapter {checked['final']:,}{peak}"
+                 f"; {self.eta()}")
         if checked["ok"] is False:  # measured after training: e.g. AdaLoRA's allocation under a triplet budget
             self.log(f"{tag}: {miss_line(checked)}")
         return True
+
+    def _write_history(self, spec: RunSpec, tag: str, history: list[dict[str, Any]]) -> None:
+        """The run's metric history as ``<output.dir>/<run_id>/history.csv`` (:mod:`peftbench.history`); a
+        file that cannot be written is said, never the run's failure (the store holds the history too)."""
+        try:
+            write_history(self.config.output.dir, spec.run_id, history)
+        except OSError as exc:
+            self.log(f"{tag}: could not write history.csv ({exc}); the store holds the history")
+
+    def eta(self) -> str:
+        """``k/N runs done, ETA 1h02m``: the runs left times the mean wall time of the runs this sweep trained
+        (measured, evaluation included); runs found finished count as done and cost nothing."""
+        s = self.summary
+        done = s.done + s.skipped + len(s.failed) + s.busy
+        left = max(len(self.runs) - done, 0)
+        text = f"{done}/{len(self.runs)} runs done"
+        if left and self.trained_s:
+            text += f", ETA {_duration(left * statistics.fmean(self.trained_s))}"
+        return text
 
     def stopped(self, spec: RunSpec, reason: str = "interrupted", tb: str | None = None) -> None:
         """A claimed run that was stopped before it finished (Ctrl-C, SIGTERM, a cancelled remote task):
@@ -153,6 +177,17 @@ class Sweep:
     def _failed(self, spec: RunSpec, reason: str, tb: str) -> None:
         self.store.finish(spec.run_id, "failed", {"error": reason, "traceback": tb})
         self.summary.failed.append((spec, reason))
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 # -- the data check --------------------------------------------------------------------------------------

@@ -214,12 +214,21 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     runs = [run for run in runs if not is_tuning_run(run)]
     if fmt == "json":
         return runs_json(runs)
+    table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)
+    return _render(*table, fmt) if table else "(no finished runs match)"
+
+
+def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
+               digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
+               cost: bool | None = None) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """The comparison table of :func:`build` as ``(header, rows, notes)`` (``None``: no finished runs), its best
+    cells marked as ``fmt`` marks them (markdown: ``**...**``); for renderers of their own (the HTML report)."""
     runs, notes = separate_settings(runs)
     labels, tasks, values, params = collect(runs, main_metric, metric)
     p_values = paired_p_values(runs, main_metric, baseline, metric) if baseline else {}
     settings = varying_params(runs) if ablation else {}
     if not labels:
-        return "(no finished runs match)"
+        return None
     means = {key: _mean_std(xs) for key, xs in values.items()}
     averages = {}
     for label in labels:
@@ -271,11 +280,10 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")
     note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
-    return _render(rows, header, fmt, [note, *cost_notes, tuning_note(runs),
-                                       *(f"chosen: {x}" for x in chosen_lines(runs))])
+    return header, rows, [note, *cost_notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))]
 
 
-def _render(rows: list[list[str]], header: list[str], fmt: str, notes: list[str]) -> str:
+def _render(header: list[str], rows: list[list[str]], notes: list[str], fmt: str) -> str:
     """``rows`` under ``header`` in ``fmt``, the notes below (a LaTeX comment each; none in CSV)."""
     if fmt == "csv":
         buffer = io.StringIO()
@@ -319,4 +327,4 @@ def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: s
     header = ["method", "point", *[f"{t} (held-out {main_metric[t]})" for t in tasks]]
     note = ("tuning runs: held-out main metric ×100, mean over tuning seeds; the point chosen per method and task "
             + ("marked *" if fmt in ("plain", "csv") else "in bold"))
-    return _render(rows, header, fmt, [note])
+    return _render(header, rows, [note], fmt)

@@ -29,6 +29,7 @@ from .host import Host
 from .method import Method
 from .observers import ProgressBar, observing
 from .runs import RunSpec
+from .trackers import run_trackers
 
 
 class Diverged(RuntimeError):
@@ -141,12 +142,13 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
           checkpoint: Checkpoint | None = None) -> RunResult:
     """Train one run (``method`` is registered with ``host`` for it): set up, loop, evaluate.
 
-    ``progress``: show a progress bar (the :class:`~peftbench.observers.ProgressBar` observer);
+    ``progress``: show a progress bar (the :class:`~peftbench.observers.ProgressBar` observer); the run's
+    experiment trackers (``output.trackers``, :mod:`peftbench.trackers`) are observers of it too;
     ``checkpoint``: resume from it if it holds a usable checkpoint, and save to it at every epoch end.
     """
     bar = ProgressBar(f"{spec.label}/{spec.task}/s{spec.seed}", host.task(spec.task).main_metric)
     tf32 = spec.train.tf32 and spec.train.device != "cpu" and torch.cuda.is_available()
-    with (observing(host, *([bar] if progress else [])), tf32_matmuls(tf32),
+    with (observing(host, *([bar] if progress else []), *run_trackers(spec)), tf32_matmuls(tf32),
           PeakMemory(cpu=_uses_cpu(spec.train)) as memory):
         return loop(setup(spec, host, memory), host, checkpoint)
 

@@ -230,7 +230,7 @@ def test_ray_sweep_streams_results_to_the_driver_which_alone_writes_the_store(ra
     assert faulty["status"] == "failed" and faulty["error"] == "RuntimeError: planted failure in after_backward"
     assert "in peftbench_after_backward" in faulty["traceback"]  # the worker's traceback
     result = f"({lora['run_id']}): best in-budget accuracy {lora['best']['accuracy']:.4f} at step {lora['best_step']} "
-    assert any(result in line and line.endswith("tok/s, adapter 3,584") for line in lines), lines
+    assert any(result in line and "tok/s, adapter 3,584" in line for line in lines), lines
     assert any("FAILED: RuntimeError: planted failure" in line for line in lines)
 
     # the same run trained here: the same result, and the artifacts the driver wrote from the worker's bytes
