@@ -74,6 +74,7 @@ class Sweep:
         self.config, self.host, self.store, self.solved = config, host, store, solved
         self.summary, self.log, self.what = summary, log, what
         self.trained_s: list[float] = []  #: wall time of each run this sweep finished (for the ETA)
+        self._done_before = self._done()  # a summary shared by sweeps (tuning's two phases) counts them all
         # every split is read and checked before any training; its content fingerprint is part of each run's
         # identity, so a run on changed data is a new run, never "finished earlier" (``runs``: made from
         # checked data already, e.g. the phases of tuning, :mod:`peftbench.tuning`)
@@ -161,13 +162,16 @@ class Sweep:
     def eta(self) -> str:
         """``k/N runs done, ETA 1h02m``: the runs left times the mean wall time of the runs this sweep trained
         (measured, evaluation included); runs found finished count as done and cost nothing."""
-        s = self.summary
-        done = s.done + s.skipped + len(s.failed) + s.busy
+        done = self._done() - self._done_before
         left = max(len(self.runs) - done, 0)
         text = f"{done}/{len(self.runs)} runs done"
         if left and self.trained_s:
             text += f", ETA {_duration(left * statistics.fmean(self.trained_s))}"
         return text
+
+    def _done(self) -> int:
+        s = self.summary
+        return s.done + s.skipped + len(s.failed) + s.busy
 
     def stopped(self, spec: RunSpec, reason: str = "interrupted", tb: str | None = None) -> None:
         """A claimed run that was stopped before it finished (Ctrl-C, SIGTERM, a cancelled remote task):
