@@ -18,6 +18,8 @@ It prints the tables and writes them, with the machine's details, to ``docs/benc
 
     python -m benchmarks.bench                     # CPU: MiniLM, RTE (about 15 min on 2 idle cores)
     python -m benchmarks.bench --gpu [--compile]   # DeBERTa-v3-base shape, random weights, bf16 autocast
+                                                   # (+ a TF32 vs exact fp32 LoRA row)
+    python -m benchmarks.bench --compare-compile   # + LoRA eager vs train.compile, side by side
     python -m benchmarks.bench --quick --out /tmp/bench.md   # a smoke run: tiny model, 4 steps per run
 """
 
@@ -221,6 +223,47 @@ def checks(stats: dict[str, dict], epochs: dict[str, float] | None, skipped: dic
     return rows
 
 
+def variant_entries(kind: str, rank: int, steps: int) -> list[dict[str, Any]]:
+    """The two LoRA runs of a side-by-side comparison, identical but for one setting: ``compile``
+    (``train.compile`` off / on) or ``tf32`` (fp32 with ``train.tf32``, which runs LoRA's unmerged form, vs
+    exact fp32 with TF32 off, which runs the merged form, ``peftbench/lora/layer.py``)."""
+    lora = method_entry("lora", rank, steps)
+    if kind == "compile":
+        variants = {"eager": {"compile": False}, "compiled": {"compile": True}}
+    else:  # precision fp32 for both: autocast would take the unmerged path whatever TF32 is
+        variants = {"exact fp32": {"tf32": False, "precision": "fp32"}, "tf32": {"tf32": True, "precision": "fp32"}}
+    return [{**lora, "label": label, "train": {**lora.get("train", {}), **train}} for label, train in variants.items()]
+
+
+def side_by_side(setup: Setup, kind: str, steps: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    """The two runs of :func:`variant_entries`, interleaved, every batch padded to the max length (static
+    shapes: a compiled model would otherwise recompile for new lengths during the timed steps). Per label: the
+    median first step (it includes compilation) and the median step time after ``warmup`` steps (at least 1)."""
+    config = setup.config(variant_entries(kind, setup.budget_rank, steps), steps, pad_to_max_length=True)
+    first: dict[str, list[float]] = {}
+    steady: dict[str, list[float]] = {}
+    for _, spec, result in interleaved_runs(config, rounds):
+        first.setdefault(spec.label, []).append(result.step_times[0])
+        steady.setdefault(spec.label, []).extend(result.step_times[max(1, warmup):])
+    return {label: {"first_step_s": statistics.median(first[label]),
+                    "median_step_s": statistics.median(steady[label]), "steps_timed": len(steady[label])}
+            for label in first}
+
+
+def side_by_side_table(results: dict[str, dict[str, float]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per variant; the ratios are over the first (the baseline: eager, or exact fp32)."""
+    base = next(iter(results.values()))
+    headers = ["run", "first step (s)", "median step after it (ms)", "steps/s", "steps/s ÷ first row's",
+               "steps timed"]
+    return headers, [[label, f"{r['first_step_s']:.2f}", f"{r['median_step_s'] * 1e3:,.1f}",
+                      f"{1 / r['median_step_s']:.2f}", f"{base['median_step_s'] / r['median_step_s']:.3f}×",
+                      r["steps_timed"]] for label, r in results.items()]
+
+
+#: why a TF32 row has no numbers on a CPU
+TF32_ON_CPU = "TF32 does not apply on the CPU (it is a CUDA tensor-core mode): the TF32 row awaits a GPU"
+
+
 #: the checks table's columns: the verdict is on wall time (the issue's measure), CPU time is shown beside it
 #: and the lowest ratio any adapter could reach here: the frozen floor's step over the baseline's
 CHECK_HEADERS = ["target", "measured", "target", "verdict", "CPU-time ratio", "floor ÷ baseline"]
@@ -306,6 +349,27 @@ METHOD_NOTES = (
     "both AdaLoRAs run {init_r} → {rank} with the same schedule ({schedule}) and orthogonality weight 0.1; "
     "PrunedLoRA starts at 2·r and prunes to r in a single event at step 1, and only its steps after that event "
     "(and one more) are timed, so its row is the compacted adapter, at the same final rank as LoRA's row.")
+SIDE_BY_SIDE_NOTES = """\
+## torch.compile and TF32: what the side-by-side rows measure
+
+* **`--compare-compile`** trains the same LoRA run without and with `train.compile` (in-place
+  `torch.compile`, inductor), interleaved, every batch padded to the max length, and prints steps/s of each
+  and their ratio, with the first step (which includes compilation) apart. Recorded 2026-11-30 on a 2-core
+  AMD EPYC CPU machine, no GPU, **shared** with another benchmark sweep and another engineer's jobs (run
+  under `nice -n 19`, one thread, so wall times are inflated and noisy):
+  `python -m benchmarks.bench --tiny --compare-compile --sections "" --steps 16 --rounds 2 --warmup 1
+  --threads 1 --task toy_pair` (the 2-layer width-32 model, batch 32 × 64, 30 steps timed per run): eager
+  67.8 ms, compiled 53.3 ms per step, **1.27×** the steps/s; the compiled run's first step 18.5 s (median of
+  2, inductor's on-disk cache warm; 80 s with a cold cache in an earlier `--quick` run). At this size the
+  step is mostly Python and kernel-launch overhead; a GPU-sized model awaits the GPU run.
+* **TF32 row** (with `--gpu`): LoRA in fp32 with `train.tf32: true`, which runs the unmerged LoRA form on
+  TF32 tensor cores, against exact fp32 with TF32 off, which runs the merged form `x (W + s·B·A)ᵀ`
+  (`peftbench/lora/layer.py`, `merge_is_exact`). Its ratio is **what the exact merged fp32 path costs** on a
+  GPU. TF32 is CUDA-only: on a CPU (`--gpu --device cpu`) the row reports that it does not apply; it awaits
+  the first GPU run.
+
+"""
+
 WHAT_CHANGED = """\
 ## What the profile showed, and what changed
 
@@ -362,8 +426,27 @@ CPU, fp32, one thread); root causes, not symptoms:
 """
 
 
+def side_by_side_sections(setup: Setup, args, sides: dict[str, dict | str]) -> list[str]:
+    """The report's sections for ``--compare-compile`` and the ``--gpu`` TF32 row, as measured by this run."""
+    lines = []
+    titles = {"compile": ("torch.compile, side by side", "LoRA without and with `train.compile`"),
+              "tf32": ("TF32 vs the exact merged path, side by side",
+                       "LoRA in fp32 with `train.tf32: true` (unmerged) and with TF32 off (merged, exact)")}
+    for kind, measured in sides.items():
+        title, what = titles[kind]
+        lines += [f"## {title}", ""]
+        if isinstance(measured, str):  # not measurable here: why
+            lines += [f"{measured}.", ""]
+            continue
+        lines += [f"{what}, the same batches (every batch padded to {setup.max_length}), {args.steps} steps × "
+                  f"{args.rounds} interleaved rounds; first step (compilation included) and the median step "
+                  "after it reported apart.", "", table(*side_by_side_table(measured), "github"), ""]
+    return lines
+
+
 def write_report(path: Path, setup: Setup, args, details: dict[str, str], stats, epochs, curves, rows,
-                 skipped: dict[str, str], took: float, command: str) -> None:
+                 skipped: dict[str, str], took: float, command: str, sides: dict | None = None) -> None:
+    sides = sides or {}
     lines = [
         "# Benchmarks", "",
         f"Generated by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {took / 60:.1f} min). Every number "
@@ -428,7 +511,8 @@ def write_report(path: Path, setup: Setup, args, details: dict[str, str], stats,
         if curves["rank"]:
             lines += [f"Rank (the budget's LoRA rank; length {args.rank_length}; full fine-tuning and the floor "
                       "do not depend on it):", "", table(*scaling_table(curves["rank"], "r", cpu), "github"), ""]
-    lines += [WHAT_CHANGED]
+    lines += side_by_side_sections(setup, args, sides)
+    lines += [SIDE_BY_SIDE_NOTES, WHAT_CHANGED]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -471,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true",
                    help="the GPU setup: DeBERTa-v3-base shape with random weights, bf16 autocast, fused AdamW")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="also time LoRA without and with train.compile side by side (steps/s ratio, first step "
+                        "with compilation apart)")
     p.add_argument("--model", default=None,
                    help="minilm (default on CPU) | deberta-v3-base (default with --gpu) | a local model folder")
     p.add_argument("--tiny", action="store_true", help="shrink the model to 2 layers of width 32 (tests)")
@@ -501,6 +588,22 @@ def model_setup(args) -> tuple[dict[str, Any] | None, str]:
         model = {**model, "random_init": True, "config_overrides": tiny}
         label += ", shrunk to 2 layers of width 32 (a smoke run, not a measurement)"
     return model, label
+
+
+def side_by_sides(setup: Setup, args) -> dict[str, dict | str]:
+    """``--compare-compile``: LoRA eager vs compiled; ``--gpu``: LoRA in fp32 with TF32 vs exact (a string saying
+    why where it cannot be measured)."""
+    sides: dict[str, dict | str] = {}
+    kinds = (["compile"] if args.compare_compile else []) + (["tf32"] if args.gpu else [])
+    for kind in kinds:
+        if kind == "tf32" and (setup.device == "cpu" or not torch.cuda.is_available()):
+            sides[kind] = TF32_ON_CPU
+            print(f"tf32: {TF32_ON_CPU}")
+            continue
+        print(f"{kind}: LoRA side by side ({args.steps} steps × {args.rounds} rounds)", flush=True)
+        sides[kind] = side_by_side(setup, kind, args.steps, args.rounds, args.warmup)
+        print(table(*side_by_side_table(sides[kind]), "simple"))
+    return sides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,13 +656,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, name in (("length", "L"), ("rank", "r")):
             if curves[key]:
                 print(table(*scaling_table(curves[key], name, not torch.cuda.is_available()), "simple"))
+    sides = side_by_sides(setup, args)
     rows = checks(stats or {}, epochs, skipped)
     print(table(CHECK_HEADERS, rows, "simple"))
     took = time.perf_counter() - started
     if hasattr(os, "getloadavg"):
         details["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     if not args.no_write:
-        write_report(args.out, setup, args, details, stats, epochs, curves, rows, skipped, took, command)
+        write_report(args.out, setup, args, details, stats, epochs, curves, rows, skipped, took, command, sides)
         print(f"wrote {args.out}")
     print(f"took {took / 60:.1f} min")
     return 0

@@ -11,20 +11,28 @@
 * ``activations``: what autograd saves for the backward, a per-layer transformer estimate after Korthikanti
   et al. (2022), "Reducing Activation Recomputation in Large Transformer Models", ``s·b·h·(34 + 5·a·s/h)``
   bytes per layer in half precision with a 4h MLP, written here for any element size ``e`` (4 in fp32, 2
-  under autocast), MLP width ``I`` and dropout: per layer and token ``(8e + 2·[dropout])·h + 2e·I`` for the
-  inputs of the projections, GELU and layer norms, plus ``(2e + [attention dropout])·a·s`` for the attention
-  scores of an eager attention (DeBERTa's disentangled attention keeps twice that: content-to-position and
-  position-to-content scores as well); SDPA kernels keep no ``s × s`` tensor. Plus the embeddings' output.
+  under autocast), MLP width ``I``, dropout and its mask size ``m`` (1 byte on CUDA; on the CPU dropout keeps
+  a float multiplier, ``e`` bytes): per layer and token ``(8e + 2m·[dropout])·h + 2e·I`` for the inputs of
+  the projections, GELU and layer norms, plus ``(e + [attention dropout]·(e + m))·a·s`` for the attention
+  probabilities of an eager attention; SDPA kernels keep no ``s × s`` tensor. DeBERTa-v2/v3's disentangled
+  attention keeps more, derived from transformers' ``DisentangledSelfAttention`` (:func:`relative_bytes`):
+  ``torch.gather``'s backward keeps the c2p and p2c scores it gathers from, ``b·a × s × 2k`` each (``k`` =
+  ``position_buckets``, 256 for DeBERTaV3: wider than most GLUE batches are long), and the positional keys
+  and queries are repeated per sequence. Plus the embeddings' output.
 
 Assumptions: every method saves the same activations (adapters on the attention and MLP projections keep
 the inputs a frozen projection would not); batches as long as the longest one the data produces (``s``);
 no gradient checkpointing; allocator slack, fragmentation and short-lived temporaries (the backward's
 activation gradients, the logits) left out: on a GPU expect a few hundred MiB to ~10 % more.
 
-**Measured margins** (tests/test_memory.py, CPU, fp32, batch 8 × 64, one training step, against
-:class:`TrainMemoryProbe`): prediction / measured total 0.95 (LoRA) and 0.98 (full) on the tiny model, 0.93
-and 0.97 on MiniLM; activations alone 0.81-0.88. The test allows ±30 %. DeBERTa's disentangled attention
-is not calibrated (the relative-position terms are an estimate); bf16 on the CPU is not representative of a GPU.
+**Measured margins** (tests/test_memory.py, CPU, fp32, one training step, every batch padded, against
+:class:`TrainMemoryProbe`): prediction / measured total at batch 8 × 64 0.95 (LoRA) and 0.98 (full) on the
+tiny model (activations alone 0.81-0.85: layer-norm statistics of a width-32 model), 1.00 and 1.00 on
+MiniLM (also at 4 × 256). DeBERTa-v3 (its built-in config, 12 heads, 256 buckets, c2p|p2c): narrowed to
+width 96 and 2 layers, 1.01 / 1.00 at 8 × 64, 1.00 / 1.00 at 4 × 256 and 2 × 320; at full width (12
+layers, 768) at 2 × 320, 1.01 (LoRA) and 1.00 (full). Before the disentangled terms were derived the
+DeBERTa prediction was 0.39-0.78 of the measured total. The tests allow ±30 %. bf16 on the CPU is not
+representative of a GPU.
 
 **Measurement** (:class:`TrainMemoryProbe`): the benchmarks' account of what a CPU run holds (on a GPU,
 ``torch.cuda.max_memory_allocated`` measures it directly).
@@ -50,9 +58,15 @@ class Dims:
     layers: int
     heads: int
     intermediate: int
-    dropout: bool  #: hidden dropout on (a 1-byte mask per element kept)
+    dropout: bool  #: hidden dropout on (a mask per element kept)
     attention_dropout: bool
-    score_tensors: int  #: ``s × s`` score tensors kept per head: 0 (SDPA kernel), 1 (eager), 2 (DeBERTa)
+    score_tensors: int  #: ``s × s`` attention probabilities kept per head: 0 (SDPA kernel) or 1 (eager)
+    #: CPU dropout keeps its mask in the activation dtype (a float multiplier); CUDA's fused kernel a 1-byte mask
+    float_masks: bool = False
+    #: DeBERTa's disentangled attention: relative-position rows attended over (``2 × position_buckets``, or
+    #: ``2 × max_relative_positions`` without buckets), and how many of c2p / p2c use them
+    relative_span: int = 0
+    relative_terms: int = 0
 
     @classmethod
     def of(cls, model: Any, device: str = "cuda") -> Dims:
@@ -61,10 +75,17 @@ class Dims:
         eager = getattr(c, "_attn_implementation", "eager") in (None, "eager") or relative
         # SDPA with dropout on the CPU runs the math path, which keeps the scores like eager attention
         math_path = device == "cpu" and c.attention_probs_dropout_prob > 0
-        scores = (2 if relative else 1) if eager or math_path else 0
+        span, terms = 0, 0
+        if relative:
+            buckets = getattr(c, "position_buckets", -1)
+            max_relative = getattr(c, "max_relative_positions", -1)
+            max_relative = max_relative if max_relative >= 1 else c.max_position_embeddings
+            span = 2 * (buckets if buckets > 0 else max_relative)
+            terms = sum(t in (getattr(c, "pos_att_type", None) or ()) for t in ("c2p", "p2c"))
         return cls(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                    intermediate=c.intermediate_size, dropout=c.hidden_dropout_prob > 0,
-                   attention_dropout=c.attention_probs_dropout_prob > 0, score_tensors=scores)
+                   attention_dropout=c.attention_probs_dropout_prob > 0, score_tensors=int(eager or math_path),
+                   float_masks=device == "cpu", relative_span=span, relative_terms=terms)
 
 
 @dataclass
@@ -83,12 +104,30 @@ def activation_bytes(dims: Dims, batch: int, seq: int, element: int, checkpointi
     """Bytes autograd keeps for the backward of one micro-batch of ``batch × seq`` tokens (see the module
     docstring). With gradient checkpointing a layer keeps only its input; one layer at a time is recomputed
     with everything it saves."""
-    h, e = dims.hidden, element
-    per_token = (8 * e + 2 * dims.dropout) * h + 2 * e * dims.intermediate
-    per_token += dims.score_tensors * (2 * e + dims.attention_dropout) * dims.heads * seq
-    embeddings = (e + dims.dropout) * h
-    layers = dims.layers * e * h + per_token if checkpointing else dims.layers * per_token
-    return batch * seq * (layers + embeddings)
+    h, e, a = dims.hidden, element, dims.heads
+    mask = e if dims.float_masks else 1
+    per_token = (8 * e + 2 * mask * dims.dropout) * h + 2 * e * dims.intermediate
+    # the probabilities, and with dropout its mask and output
+    per_token += dims.score_tensors * (e + dims.attention_dropout * (e + mask)) * a * seq
+    layer = batch * seq * per_token + relative_bytes(dims, batch, seq, e, mask)
+    embeddings = (e + mask * dims.dropout) * h
+    layers = dims.layers * e * h * batch * seq + layer if checkpointing else dims.layers * layer
+    return layers + batch * seq * embeddings
+
+
+def relative_bytes(dims: Dims, batch: int, seq: int, e: int, mask: int) -> int:
+    """What one layer of DeBERTa-v2/v3's disentangled attention keeps on top of an eager attention (transformers'
+    ``DisentangledSelfAttention``, ``k`` = ``relative_span`` rows, ``n`` = ``relative_terms``): for each of c2p
+    and p2c the ``b·a × s × k`` scores before ``torch.gather`` (its backward keeps its input: the dominant
+    term, ``k`` = 512 for DeBERTaV3) with the ``s × s`` int64 gather index, and the positional keys / queries
+    repeated per sequence (``b·a × k × h/a``); the scaled key copy (``b·s·h``), the boolean ``b × s × s`` mask
+    of ``masked_fill``; and the relative embeddings' input to the projections with its dropout mask."""
+    k, n, h = dims.relative_span, dims.relative_terms, dims.hidden
+    if not k:
+        return 0
+    scores = n * (e * dims.heads * k * batch * seq + 8 * seq * seq)
+    positional = n * e * batch * k * h
+    return scores + positional + batch * seq * (e * h + seq) + k * h * (e + mask * dims.dropout)
 
 
 def predict(model: Any, trainable: int, batch: int, seq: int, precision: str, device: str = "cuda",

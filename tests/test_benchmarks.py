@@ -159,3 +159,29 @@ def test_gpu_setup_runs_on_the_cpu(tmp_path, capsys):
     report = out.read_text()
     assert "DeBERTa-v3-base shape" in report and "bf16" in report
     assert "## How cost grows" in report
+    assert "## TF32 vs the exact merged path" in report and bench.TF32_ON_CPU in report  # not measurable here
+
+
+def test_side_by_side_runs_differ_only_in_the_compared_setting():
+    eager, compiled = bench.variant_entries("compile", 8, 10)
+    assert (eager["label"], eager["train"]["compile"], compiled["label"], compiled["train"]["compile"]) == \
+        ("eager", False, "compiled", True)
+    exact, tf32 = bench.variant_entries("tf32", 8, 10)
+    assert exact["train"] == {"tf32": False, "precision": "fp32"} and tf32["train"] == {"tf32": True, "precision": "fp32"}
+    assert {k: v for k, v in exact.items() if k not in ("label", "train")} == \
+        {k: v for k, v in tf32.items() if k not in ("label", "train")}
+
+
+def test_compare_compile_times_both_runs_and_reports_the_ratio(tmp_path, capsys, monkeypatch):
+    from helpers import compile_without_codegen
+
+    compiled = compile_without_codegen(monkeypatch)  # inductor takes minutes here: same tracing, no codegen
+    out = tmp_path / "compile.md"
+    rc = bench.main(["--quick", "--compare-compile", "--sections", "", "--task", "toy_pair", "--threads", "1",
+                     "--out", str(out)])
+    assert rc == 0 and len(compiled) == 1  # one of the two runs compiled
+    report = out.read_text()
+    section = report.split("## torch.compile, side by side", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"eager", "compiled"} and "1.000×" in rows["eager"]
+    assert "tf32" not in capsys.readouterr().out  # the TF32 row belongs to --gpu
