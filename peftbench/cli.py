@@ -277,11 +277,11 @@ def _unwritable_dir(folder: Path) -> str | None:
 def cmd_budget(args) -> int:
     from tabulate import tabulate
 
-    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count
+    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count, task_kind
     from .runner import solve_budgets
 
     config, host = _load(args)
-    shapes = model_shapes(config)
+    shapes = model_shapes(config, kind=task_kind(config, host))
     target = target_count(config, shapes.targets)
     print(f"target: {target:,} adapter parameters on {len(shapes.targets)} modules "
           f"({'budget.params' if config.budget.params is not None else f'LoRA r={config.budget.lora_rank}'}); "

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 #: columns added after the first release, with their type: older stores get them on open
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
                  "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER", "audit": "TEXT"}
+                 "adapter_bytes": "INTEGER", "audit": "TEXT",
+                 "eval_s": "REAL"}
 
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit")
 
