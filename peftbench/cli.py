@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the export with HF PEFT and compare its dev logits with peftbench's model")
     p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
 
+    p = sub.add_parser("evaluate", parents=[plugin, db],
+                       help="evaluate a stored causal-LM run's exported adapter with lm-evaluation-harness")
+    p.add_argument("run_id", help="run id (or a unique prefix)")
+    p.add_argument("--harness", required=True, metavar="TASKS", help="comma-separated lm-eval task names")
+    p.add_argument("--limit", type=int, help="at most this many examples per task (a quick look)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (local tasks)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
     p = sub.add_parser("plugins", parents=[plugin],
                        help="list method and task plugins, their hooks, and failed plugins (a --plugin that "
                             "fails is listed, not fatal)")
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
-                    "export": cmd_export, "plot": cmd_plot}
+                    "export": cmd_export, "plot": cmd_plot, "evaluate": cmd_evaluate}
         return commands[args.command](args)
     except PeftbenchError as exc:
         print(f"peftbench: error: {exc}", file=sys.stderr)
@@ -346,6 +355,15 @@ def cmd_table(args) -> int:
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
                 ablation=args.ablation, tuning=args.tuning, cost=args.cost))
+    if args.format in ("markdown", "plain") and any(r.get("harness") for r in rows):
+        from tabulate import tabulate
+
+        from .harness import harness_columns
+
+        headers, table = harness_columns(rows)
+        print("\nlm-evaluation-harness (`peftbench evaluate --harness`), per run:")
+        print(tabulate(table, headers=headers, tablefmt="github" if args.format == "markdown" else "simple",
+                       disable_numparse=True))
     return 0
 
 
@@ -409,6 +427,28 @@ def cmd_export(args) -> int:
     if args.check:
         diff, agree = check_export(run, out, host, args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR"))
         print(f"peftbench: HF PEFT reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .errors import ConfigError
+    from .harness import evaluate_run
+    from .host import Host
+    from .store import Store
+
+    db = args.db or DEFAULT_DB
+    if not os.path.exists(db):
+        raise ConfigError(f"results store {db!r} does not exist")
+    with Store(db, readonly=True) as store:
+        run = store.get(args.run_id)
+    if run is None or run["status"] != "done":
+        raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
+    results = evaluate_run(run, Host(plugins=args.plugins), args.harness.split(","), args.limit, args.include_path,
+                           args.batch_size, args.device)
+    with Store(db) as store:
+        store.set_harness(run["run_id"], results)
+    for task, metrics in results.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
     return 0
 
 
