@@ -465,17 +465,27 @@ def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     spec = run["spec"]
     ours = rebuild(run, host)[0]
     theirs = load_with_peft(run, out, host)
-    task = host.task(spec["task"])
+    task = host.task(spec["task"]).with_options(spec.get("task_options"))
     train = from_dict(TrainConfig, spec["train"], "spec.train")
     tokenizer = load_tokenizer(from_dict(ModelConfig, spec["model"], "spec.model"))
-    data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
-                          train.max_length, train.max_eval_samples)
-    loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0, task.is_regression)
+    if task.kind == "causal_lm":  # the dev prompts; agreement of the next-token predictions
+        from . import lm_data
+
+        prompts = task.load(task.dev_splits[0], data_dir or spec.get("data_dir"))
+        data = lm_data.encode_lm(prompts, tokenizer, train.max_length, with_response=False)
+        loader = lm_data.make_lm_loader(data, train.eval_batch_size, True, True, 0, lm_data.pad_id(tokenizer))
+    else:
+        data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
+                              train.max_length, train.max_eval_samples)
+        loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0,
+                             task.is_regression)
     diff, same, total = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             a, b = ours(**inputs).logits, theirs(**inputs).logits
+            if a.ndim == 3:  # a causal LM: the next token after each (left-padded) prompt
+                a, b = a[:, -1], b[:, -1]
             diff = max(diff, float((a - b).abs().max()))
             if not task.is_regression:
                 same += int((a.argmax(-1) == b.argmax(-1)).sum())

@@ -238,3 +238,22 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         assert run["eval_s"] > 0 and run["train_s"] >= run["eval_s"]
         assert run["spec"]["task_options"]["val_size"] == 4
         assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
+
+
+def test_gpt2_conv1d_becomes_an_equal_linear(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=30522, n_positions=64).save_pretrained(tmp_path)
+    mc = from_dict(ModelConfig, {"name_or_path": str(tmp_path), "tokenizer": "minilm", "random_init": True})
+    model = modeling.load_model(mc, 0, seed=0, kind="causal_lm").eval()
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(model.config).eval()
+    original.load_state_dict({k: v.T if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
+                              for k, v in model.state_dict().items()})
+    ids = torch.randint(0, 30522, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5)
+    targets = modeling.find_targets(model, modeling.target_patterns(mc, model), [])
+    assert [t.name for t in targets[:4]] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                             "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert (targets[0].in_features, targets[0].out_features) == (32, 96)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peftbench import lm_data, modeling
+from peftbench.cli import main
 from peftbench.config import ModelConfig, parse_config
 from peftbench.export import export_run, rebuild
 from peftbench.generation import generate_ids
@@ -38,7 +39,7 @@ def base_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", [{"name": "lora", "params": {"r": 4, "alpha": 8}},
                                     {"name": "prunedlora", "params": {"init_ratio": 4, "prune_every": 1,
                                                                       "prune_k": 4}}])
-def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method):
+def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -70,6 +71,9 @@ def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method):
                               atol=1e-4)
     args = (batch["input_ids"], batch["attention_mask"], tok, 16, 800)
     assert generate_ids(ours, *args, keep_unfinished=True) == generate_ids(theirs, *args, keep_unfinished=True)
+    assert main(["export", run["run_id"], str(tmp_path / "checked"), "--db", config.output.db, "--check",
+                 "--data-dir", str(GSM8K)]) == 0
+    assert "dev predictions agree on 100.00%" in capsys.readouterr().out
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()  # the adapter changed something
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=batch["input_ids"]).logits, theirs(input_ids=batch["input_ids"]).logits)
