@@ -257,3 +257,34 @@ def test_gpt2_conv1d_becomes_an_equal_linear(tmp_path):
     assert [t.name for t in targets[:4]] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                              "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
     assert (targets[0].in_features, targets[0].out_features) == (32, 96)
+
+
+@needs_gsm8k
+def test_killed_causal_lm_run_resumes_to_the_same_result(tmp_path):
+    from helpers import CrashAtStep
+
+    from peftbench.host import PluginInfo
+
+    method = [{"name": "prunedlora", "params": {"init_ratio": 2, "prune_every": None, "prune_k": 4,
+                                                "final_ratio": 0.3}}]
+    train = {"epochs": 3, "max_train_samples": 8, "batch_size": 4, "eval_batch_size": 4, "lr": 3e-3,
+             "max_length": 256, "max_eval_samples": 2, "log_every": 1, "num_threads": 1, "precision": "fp32"}
+
+    def sweep(folder, crash=None):
+        config = llm_config(folder, methods=method, train=train, output={
+            "db": str(folder / "r.sqlite"), "dir": str(folder / "runs"), "checkpoint": True})
+        host = make_host(config)
+        if crash:
+            host.add_plugin(crash, PluginInfo("crash", "object"))
+        store = Store(config.output.db)
+        run_sweep(config, host, store, progress=False, log=lambda *a: None)
+        (row,) = store.runs(status=None)
+        return row
+
+    whole = sweep(tmp_path / "whole")
+    crashed = sweep(tmp_path / "resumed", CrashAtStep(5))  # in epoch 3, after the checkpoint of epoch 2
+    assert crashed["status"] == "failed"
+    resumed = sweep(tmp_path / "resumed")
+    assert resumed["status"] == "done" and resumed["run_id"] == whole["run_id"]
+    for key in ("history", "best", "final", "best_step", "steps", "trainable"):
+        assert whole[key] == resumed[key], key
