@@ -11,6 +11,7 @@ MiniLM's tokenizer: no download. Prints a markdown table for ``docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     stats = run_interleaved(llm_config(args), rounds=args.rounds, warmup=2, probe_memory=False)
     base = stats["hf_peft_lora"]
-    print(f"<!-- python -m benchmarks.llm_lora_vs_peft {' '.join(argv or [])}: {machine()}, "
+    print(f"<!-- python -m benchmarks.llm_lora_vs_peft {' '.join(sys.argv[1:] if argv is None else argv)}: {machine()}, "
           f"{time.perf_counter() - started:.0f} s -->")
     print(f"Llama-shaped, random init: hidden {args.hidden}, {args.layers} layers, vocab 30,522 (MiniLM's "
           f"tokenizer); LoRA r={args.rank} on q,k,v,o,gate,up,down; GSM8K batches of {args.batch_size}, fp32, "

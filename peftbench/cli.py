@@ -311,18 +311,25 @@ def _in_budget_plan(config, host, solved) -> None:
     from .config import data_dir_for
     from .sweep import in_budget_plans
 
-    sizes, missing = {}, []
+    sizes, missing, assumed = {}, [], []
     for task in config.tasks:
         try:
             sizes[task] = len(host.task(task).load("train", data_dir_for(config)).labels)
-        except Exception:  # no data here: the number of steps is unknown
-            missing.append(task)
+        except Exception:  # no data here: the number of steps is unknown, unless max_steps caps every run
+            trains = [config.train_for(m, task) for m in config.methods]
+            if all(t.max_steps for t in trains):  # assume one epoch at least covers max_steps
+                sizes[task] = max(t.max_steps * t.batch_size * t.grad_accum for t in trains)
+                assumed.append(f"{task} (at least {sizes[task]:,} examples assumed: train.max_steps caps every run)")
+            else:
+                missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
     print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
           f"reported metric (the final one always does; fewer than budget.min_evaluations = "
           f"{config.budget.min_evaluations} is a config error)")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
+    if assumed:
+        print(f"note: no training data for {', '.join(assumed)}")
     rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}"]
             for (label, task), p in plans.items()]
     print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted"],

@@ -288,3 +288,33 @@ def test_killed_causal_lm_run_resumes_to_the_same_result(tmp_path):
     assert resumed["status"] == "done" and resumed["run_id"] == whole["run_id"]
     for key in ("history", "best", "final", "best_step", "steps", "trainable"):
         assert whole[key] == resumed[key], key
+
+
+def test_instruct_task_splits_and_exact_match(tmp_path, host):
+    rows = [{"instruction": f"Say {i}", "output": f"  {i} "} for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"instruction": "Say x", "output": "x"}) + "\n")
+    task = host.task("instruct").with_options({
+        "train_file": str(tmp_path / "train.jsonl"), "test_file": str(tmp_path / "test.jsonl"),
+        "prompt_field": "instruction", "response_field": "output", "prompt_template": "### {query}\n", "val_size": 3})
+    assert task.final_splits == ("test",) and task.dev_splits == ("valid",)
+    train, valid = task.load("train", None), task.load("valid", None)
+    assert len(train) == 7 and len(valid) == 3 and not set(train.texts[0]) & set(valid.texts[0])
+    assert valid.texts[0][0].startswith("### Say ") and task.load("test", None).texts[1] == ["x"]
+    assert task.score(["1", "2 ", None], [" 1 ", "3", "4"]) == {"exact_match": pytest.approx(1 / 3),
+                                                               "past_cap": pytest.approx(1 / 3)}
+
+
+@needs_gsm8k
+def test_metamathqa_from_a_local_file_and_the_gsm8k_validation_sample(tmp_path, host):
+    (tmp_path / "metamath.json").write_text(json.dumps([{"query": "What is 1+1?", "response": "2. The answer is: 2",
+                                                         "type": "GSM_Rephrased"}] * 5))
+    task = host.task("gsm8k").with_options({"train_source": "metamathqa", "train_file": str(tmp_path / "metamath.json"),
+                                            "val_size": 50})
+    train, valid = task.load("train", str(GSM8K)), task.load("valid", str(GSM8K))
+    assert len(train) == 5 and train.texts[0][0] == "Question: What is 1+1? Think step by step.\nAnswer:"
+    assert gold_number(train.texts[1][0]) == "2"
+    gsm_task = host.task("gsm8k").with_options({"val_size": 50})
+    assert gsm_task.load("valid", str(GSM8K)).texts == valid.texts  # the same 50 questions whatever trains
+    assert len(gsm_task.load("train", str(GSM8K))) == 7473 - 50
+    assert not set(valid.texts[0]) & set(gsm_task.load("train", str(GSM8K)).texts[0])
