@@ -299,7 +299,9 @@ def cmd_budget(args) -> int:
     solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
     _in_budget_plan(config, host, solved)
-    if args.memory is not None:
+    if args.memory is not None and task_kind(config, host) == "causal_lm":
+        print("\nnote: --memory models encoder classifiers (peftbench/memory.py); no prediction for decoder LLMs yet")
+    elif args.memory is not None:
         _memory_plan(config, host, shapes, solved, args.memory)
     return 0
 
