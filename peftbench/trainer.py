@@ -356,9 +356,10 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
     if task.kind == "causal_lm":
         train_loader, dev_loaders, final_loaders, references = lm_loaders(spec, task, tokenizer)
+        train_loader = _multi_process(train_loader, accelerator.num_processes)
     else:
-        (train_loader, dev_loaders), final_loaders, references = _loaders(spec, task, tokenizer), {}, {}
-    train_loader = _multi_process(train_loader, accelerator.num_processes)
+        train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
+        final_loaders, references = {}, {}
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
@@ -460,7 +461,7 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _loaders(spec: RunSpec, task, tokenizer):
+def _loaders(spec: RunSpec, task, tokenizer, processes: int):
     """The shuffled train loader and one dev loader per dev split (a tuning run: one loader of the held-out
     part of the training set instead, and the dev splits are never read)."""
     cfg = spec.train
@@ -475,6 +476,7 @@ def _loaders(spec: RunSpec, task, tokenizer):
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
                                task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
+    train_loader = _multi_process(train_loader, processes)
     dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
                    for split, data in dev_data.items()}
     return train_loader, dev_loaders
