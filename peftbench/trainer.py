@@ -506,7 +506,8 @@ def lm_loaders(spec: RunSpec, task, tokenizer):
         dev = {"holdout": (held_out, train_refs)}
     else:
         dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
-    final = {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
+    # a tuning run reads neither dev nor test
+    final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = lm_data.make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
                                           pad_to=cfg.max_length if cfg.pad_to_max_length else None)
 

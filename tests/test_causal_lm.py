@@ -318,3 +318,16 @@ def test_metamathqa_from_a_local_file_and_the_gsm8k_validation_sample(tmp_path, 
     assert gsm_task.load("valid", str(GSM8K)).texts == valid.texts  # the same 50 questions whatever trains
     assert len(gsm_task.load("train", str(GSM8K))) == 7473 - 50
     assert not set(valid.texts[0]) & set(gsm_task.load("train", str(GSM8K)).texts[0])
+
+
+@needs_gsm8k
+def test_tuning_generates_from_the_held_out_prompts(tmp_path):
+    config = llm_config(tmp_path, tune={"grid": {"train.lr": [1e-3, 3e-3]}, "holdout": 0.25, "seeds": [0]})
+    store = Store(config.output.db)
+    summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
+    assert summary.ok, summary.failed
+    runs = store.runs()
+    tuning = [r for r in runs if r["spec"].get("tuning")]
+    assert len(tuning) == 2 and all("accuracy" in r["best"] for r in tuning)
+    assert not any("test_accuracy" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
+    assert all("test_accuracy" in r["final"] for r in runs if r not in tuning)
