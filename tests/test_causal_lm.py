@@ -331,3 +331,17 @@ def test_tuning_generates_from_the_held_out_prompts(tmp_path):
     assert len(tuning) == 2 and all("accuracy" in r["best"] for r in tuning)
     assert not any("test_accuracy" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
     assert all("test_accuracy" in r["final"] for r in runs if r not in tuning)
+
+
+#: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives
+REAL_GOLDS = [(1, "72"), (346, "1080"), (368, "850000"), (498, "10000"), (645, "109200000"), (1265, "2520000"),
+              (4964, "16800000"), (5716, "-7"), (5845, "-47")]
+
+
+@needs_gsm8k
+@pytest.mark.parametrize("line, gold", REAL_GOLDS)
+def test_every_real_gold_format(line, gold):
+    answer = json.loads((GSM8K / "train.jsonl").read_text().splitlines()[line - 1])["answer"]
+    assert gold_number(answer) == gold
+    assert last_number(f"so the answer is {answer.rsplit('####', 1)[1].strip()}.") == gold  # as a model writes it
+    assert last_number(f"so the answer is {gold}.0") == gold
