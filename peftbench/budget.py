@@ -47,9 +47,14 @@ class Solved:
         return (self.counts.final - self.target) / self.target
 
 
-def model_shapes(config: Config, num_labels: int = 2) -> Shapes:
+def task_kind(config: Config, host: Host) -> str:
+    """The kind of model the sweep's tasks need (``make_host`` checked that they agree)."""
+    return host.task(config.tasks[0]).kind
+
+
+def model_shapes(config: Config, num_labels: int = 2, kind: str = "classification") -> Shapes:
     try:
-        model = modeling.load_model(config.model, num_labels, seed=0, meta=True)
+        model = modeling.load_model(config.model, num_labels, seed=0, meta=True, kind=kind)
     except ConfigError as exc:  # about the `model:` section: name its line
         raise ConfigError(f"{config.where('model')}{exc}") from None
     head = modeling.head_modules(config.model, model)

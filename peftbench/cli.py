@@ -64,6 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also predict every run's peak training memory and whether it fits a GPU of this many "
                         "GiB (e.g. 24), with a hint for each run that does not")
 
+    _add_result_commands(sub, plugin)
+
+    p = sub.add_parser("export", parents=[plugin, db], help="write a stored run's best adapter in HF PEFT format")
+    p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
+    p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT and compare its dev logits with peftbench's model")
+    p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
+
+    p = sub.add_parser("evaluate", parents=[plugin, db],
+                       help="evaluate a stored causal-LM run's exported adapter with lm-evaluation-harness")
+    p.add_argument("run_id", help="run id (or a unique prefix)")
+    p.add_argument("--harness", required=True, metavar="TASKS", help="comma-separated lm-eval task names")
+    p.add_argument("--limit", type=int, help="at most this many examples per task (a quick look)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (local tasks)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+    p = sub.add_parser("plugins", parents=[plugin],
+                       help="list method and task plugins, their hooks, and failed plugins (a --plugin that "
+                            "fails is listed, not fatal)")
+    p.add_argument("--traceback", action="store_true", help="print the full traceback of every failed plugin")
+    return parser
+
+
+def _add_result_commands(sub, plugin: argparse.ArgumentParser) -> None:
+    """``table``, ``plot`` and ``report``: the commands that read a results store."""
     p = sub.add_parser("table", parents=[plugin], help="comparison table from a results store")
     p.add_argument("db", nargs="?", default=DEFAULT_DB, help=f"results store (default: {DEFAULT_DB})")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "plain", "json"],
@@ -103,25 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("method", "task", "model", "sweep"):
         p.add_argument(f"--{flag}", action="append", help=f"only these {flag}s (repeatable)")
 
-    p = sub.add_parser("export", parents=[plugin, db], help="write a stored run's best adapter in HF PEFT format")
-    p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
-    p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
-    p.add_argument("--check", action="store_true",
-                   help="load the export with HF PEFT and compare its dev logits with peftbench's model")
-    p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
-
-    p = sub.add_parser("plugins", parents=[plugin],
-                       help="list method and task plugins, their hooks, and failed plugins (a --plugin that "
-                            "fails is listed, not fatal)")
-    p.add_argument("--traceback", action="store_true", help="print the full traceback of every failed plugin")
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         commands = {"run": cmd_run, "budget": cmd_budget, "table": cmd_table, "plugins": cmd_plugins,
-                    "export": cmd_export, "plot": cmd_plot, "report": cmd_report}
+                    "export": cmd_export, "plot": cmd_plot, "report": cmd_report, "evaluate": cmd_evaluate}
         return commands[args.command](args)
     except PeftbenchError as exc:
         print(f"peftbench: error: {exc}", file=sys.stderr)
@@ -286,11 +300,11 @@ def _unwritable_dir(folder: Path) -> str | None:
 def cmd_budget(args) -> int:
     from tabulate import tabulate
 
-    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count
+    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count, task_kind
     from .runner import solve_budgets
 
     config, host = _load(args)
-    shapes = model_shapes(config)
+    shapes = model_shapes(config, kind=task_kind(config, host))
     target = target_count(config, shapes.targets)
     print(f"target: {target:,} adapter parameters on {len(shapes.targets)} modules "
           f"({'budget.params' if config.budget.params is not None else f'LoRA r={config.budget.lora_rank}'}); "
@@ -299,7 +313,9 @@ def cmd_budget(args) -> int:
     solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
     _in_budget_plan(config, host, solved)
-    if args.memory is not None:
+    if args.memory is not None and task_kind(config, host) == "causal_lm":
+        print("\nnote: --memory models encoder classifiers (peftbench/memory.py); no prediction for decoder LLMs yet")
+    elif args.memory is not None:
         _memory_plan(config, host, shapes, solved, args.memory)
     return 0
 
@@ -311,18 +327,25 @@ def _in_budget_plan(config, host, solved) -> None:
     from .config import data_dir_for
     from .sweep import in_budget_plans
 
-    sizes, missing = {}, []
+    sizes, missing, assumed = {}, [], []
     for task in config.tasks:
         try:
             sizes[task] = len(host.task(task).load("train", data_dir_for(config)).labels)
-        except Exception:  # no data here: the number of steps is unknown
-            missing.append(task)
+        except Exception:  # no data here: the number of steps is unknown, unless max_steps caps every run
+            trains = [config.train_for(m, task) for m in config.methods]
+            if all(t.max_steps for t in trains):  # assume one epoch at least covers max_steps
+                sizes[task] = max(t.max_steps * t.batch_size * t.grad_accum for t in trains)
+                assumed.append(f"{task} (at least {sizes[task]:,} examples assumed: train.max_steps caps every run)")
+            else:
+                missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
     print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
           f"reported metric (the final one always does; fewer than budget.min_evaluations = "
           f"{config.budget.min_evaluations} is a config error)")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
+    if assumed:
+        print(f"note: no training data for {', '.join(assumed)}")
     rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}"]
             for (label, task), p in plans.items()]
     print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted"],
@@ -355,6 +378,15 @@ def cmd_table(args) -> int:
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
                 ablation=args.ablation, tuning=args.tuning, cost=args.cost))
+    if args.format in ("markdown", "plain") and any(r.get("harness") for r in rows):
+        from tabulate import tabulate
+
+        from .harness import harness_columns
+
+        headers, table = harness_columns(rows)
+        print("\nlm-evaluation-harness (`peftbench evaluate --harness`), per run:")
+        print(tabulate(table, headers=headers, tablefmt="github" if args.format == "markdown" else "simple",
+                       disable_numparse=True))
     return 0
 
 
@@ -434,6 +466,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .errors import ConfigError
+    from .harness import evaluate_run
+    from .host import Host
+    from .store import Store
+
+    db = args.db or DEFAULT_DB
+    if not os.path.exists(db):
+        raise ConfigError(f"results store {db!r} does not exist")
+    with Store(db, readonly=True) as store:
+        run = store.get(args.run_id)
+    if run is None or run["status"] != "done":
+        raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
+    results = evaluate_run(run, Host(plugins=args.plugins), args.harness.split(","), args.limit, args.include_path,
+                           args.batch_size, args.device)
+    with Store(db) as store:
+        store.set_harness(run["run_id"], results)
+    for task, metrics in results.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
+    return 0
+
+
 def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     """Max logit difference and prediction agreement between peftbench's model and the PEFT reload."""
     import torch
@@ -447,17 +501,27 @@ def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     spec = run["spec"]
     ours = rebuild(run, host)[0]
     theirs = load_with_peft(run, out, host)
-    task = host.task(spec["task"])
+    task = host.task(spec["task"]).with_options(spec.get("task_options"))
     train = from_dict(TrainConfig, spec["train"], "spec.train")
     tokenizer = load_tokenizer(from_dict(ModelConfig, spec["model"], "spec.model"))
-    data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
-                          train.max_length, train.max_eval_samples)
-    loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0, task.is_regression)
+    if task.kind == "causal_lm":  # the dev prompts; agreement of the next-token predictions
+        from . import lm_data
+
+        prompts = task.load(task.dev_splits[0], data_dir or spec.get("data_dir"))
+        data = lm_data.encode_lm(prompts, tokenizer, train.max_length, with_response=False)
+        loader = lm_data.make_lm_loader(data, train.eval_batch_size, True, True, 0, lm_data.pad_id(tokenizer))
+    else:
+        data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
+                              train.max_length, train.max_eval_samples)
+        loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0,
+                             task.is_regression)
     diff, same, total = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             a, b = ours(**inputs).logits, theirs(**inputs).logits
+            if a.ndim == 3:  # a causal LM: the next token after each (left-padded) prompt
+                a, b = a[:, -1], b[:, -1]
             diff = max(diff, float((a - b).abs().max()))
             if not task.is_regression:
                 same += int((a.argmax(-1) == b.argmax(-1)).sum())

@@ -77,6 +77,8 @@ class TrainConfig:
     log_every: int = 10
     deterministic: bool = True  #: deterministic algorithms (bit-for-bit reruns on CPU)
     num_threads: int | None = None  #: torch intra-op threads on CPU (default: torch's choice)
+    #: learning-rate decay after warmup: linear to 0 (the GLUE papers') or cosine to 0 (HF PEFT's MetaMathQA runs)
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every"):
@@ -98,6 +100,10 @@ class TrainConfig:
         if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
 
+
+#: :class:`TrainConfig` keys added after runs were stored, with their default: a run at the default leaves them
+#: out of its identity, so its id stays the one it had before the key existed
+ADDED_TRAIN_KEYS = {"lr_scheduler": "linear"}
 
 #: training overrides (per task, per method, per method and task): some of :class:`TrainConfig`'s keys,
 #: each checked like the key in ``train:``; :meth:`Config.train_for` resolves them
@@ -209,6 +215,9 @@ class Config:
     #: current directory. Falls back to $PEFTBENCH_GLUE_DIR, then to the HF hub.
     data_dir: str | None = None
     plugins: list[str] = field(default_factory=list)  #: extra plugin modules (``module`` or ``module:attr``)
+    #: per task: the task's options (e.g. ``gsm8k: {train_source: metamathqa, val_size: 50}``), checked by the
+    #: task plugin (:meth:`peftbench.task.Task.with_options`)
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     tune: TuneConfig | None = None  #: tune each method's hyperparameters on held-out training data first
     source: str = field(default="<config>", compare=False)
 

@@ -34,6 +34,8 @@ class Encoded:
     type_ids: np.ndarray | None  #: token type ids aligned with ``ids`` (None if the model has none)
     offsets: np.ndarray  #: example i is ``ids[offsets[i]:offsets[i + 1]]``
     labels: np.ndarray
+    #: causal-LM training data: the prompt's token count of each example (its loss is on the tokens after it)
+    prompt_lengths: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -49,7 +51,8 @@ class Encoded:
         # vectorised gather instead of a Python loop over examples (SST-2 has 67k)
         gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(self.offsets[indices] - offsets[:-1], lengths)
         type_ids = self.type_ids[gather] if self.type_ids is not None else None
-        return Encoded(self.ids[gather], type_ids, offsets, self.labels[indices])
+        prompt_lengths = self.prompt_lengths[indices] if self.prompt_lengths is not None else None
+        return Encoded(self.ids[gather], type_ids, offsets, self.labels[indices], prompt_lengths)
 
 
 def _fingerprint(split: Split, tokenizer, max_length: int) -> str:
@@ -89,7 +92,8 @@ def _read_cache(path: Path) -> Encoded | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             type_ids = z["type_ids"] if z["type_ids"].size else None
-            return Encoded(z["ids"], type_ids, z["offsets"], z["labels"])
+            prompt_lengths = z["prompt_lengths"] if "prompt_lengths" in z.files else None
+            return Encoded(z["ids"], type_ids, z["offsets"], z["labels"], prompt_lengths)
     except Exception as exc:  # EOFError, BadZipFile, KeyError, ValueError, OSError: all mean "rebuild it"
         if path not in _warned:
             _warned.add(path)
@@ -100,8 +104,9 @@ def _read_cache(path: Path) -> Encoded | None:
 
 def _write_cache(path: Path, encoded: Encoded) -> None:
     type_ids = encoded.type_ids if encoded.type_ids is not None else np.zeros(0, np.int8)
+    extra = {"prompt_lengths": encoded.prompt_lengths} if encoded.prompt_lengths is not None else {}
     with atomic_write(path) as f:  # concurrent runs never read a half-written cache
-        np.savez(f, ids=encoded.ids, type_ids=type_ids, offsets=encoded.offsets, labels=encoded.labels)
+        np.savez(f, ids=encoded.ids, type_ids=type_ids, offsets=encoded.offsets, labels=encoded.labels, **extra)
 
 
 def encode(split: Split, tokenizer, max_length: int, use_cache: bool = True) -> Encoded:

@@ -32,7 +32,7 @@ def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
     task = host.task(spec["task"])
     cls = host.method(spec["method"])
     method = cls(from_dict(cls.Params, spec["params"], "spec.params"))
-    model = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout)
+    model = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout, kind=task.kind)
     head = modeling.head_modules(model_config, model)
     targets = modeling.find_targets(model, modeling.target_patterns(model_config, model), head)
     modeling.freeze(model)
@@ -110,6 +110,8 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
     spec_model = run["spec"]["model"]
     config = {**config, "modules_to_save": head,
               "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}
+    if host.task(run["task"]).kind == "causal_lm":  # PeftModel.from_pretrained then gives a PeftModelForCausalLM
+        config["task_type"] = "CAUSAL_LM"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -129,5 +131,6 @@ def load_with_peft(run: dict[str, Any], directory: str | Path, host: Host) -> nn
     spec = run["spec"]
     model_config = from_dict(ModelConfig, spec["model"], "spec.model")
     train = from_dict(TrainConfig, spec["train"], "spec.train")
-    base = modeling.load_model(model_config, host.task(spec["task"]).num_labels, spec["seed"], train.classifier_dropout)
+    task = host.task(spec["task"])
+    base = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout, kind=task.kind)
     return PeftModel.from_pretrained(base, str(directory)).eval()

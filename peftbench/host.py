@@ -238,6 +238,14 @@ class Host:
                               f"registered: {', '.join(sorted(self.tasks)) or 'none'}{self._failed_hint()}")
         return self.tasks[name].obj
 
+    def configure_task(self, name: str, options: dict[str, Any] | None, where: str = "") -> Task:
+        """Replace task ``name`` by itself configured with ``options`` (a config's ``task_options.<name>``), so
+        that every later :meth:`task` lookup sees the configured task."""
+        registered = self.tasks[name] if name in self.tasks else None
+        task = self.task(name).with_options(options, where)
+        self.tasks[name] = dataclasses.replace(registered, obj=task)
+        return task
+
     def _failed_hint(self) -> str:
         if not self.failed:
             return ""

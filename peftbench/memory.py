@@ -159,7 +159,13 @@ def longest_batches(config: Any, host: Any, tasks: list[str]) -> tuple[dict[str,
     for task in tasks:
         cap = max(config.train_for(m, task).max_length for m in config.methods)
         try:
-            data = load_task_data(host.task(task), "train", data_dir_for(config), tokenizer, cap, None)
+            task_obj = host.task(task)
+            if task_obj.kind == "causal_lm":  # prompt + response, as the trainer encodes them
+                from .lm_data import encode_lm
+
+                data = encode_lm(task_obj.load("train", data_dir_for(config)), tokenizer, cap, with_response=True)
+            else:
+                data = load_task_data(task_obj, "train", data_dir_for(config), tokenizer, cap, None)
             longest[task] = int(data.lengths.max())
         except Exception:  # no data here: plan from max_length
             longest[task] = None

@@ -26,9 +26,24 @@ TARGET_PRESETS = {
                    "output.dense"],
     "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    # decoders: the attention and MLP projections of each block (the LM head and embeddings stay frozen)
+    **{family: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    # GPT-2's c_attn (fused q,k,v), attention c_proj, MLP c_fc and c_proj are transformers' Conv1D: converted to
+    # equivalent nn.Linear layers on loading (:func:`conv1d_to_linear`)
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],  # phi-1.5 / phi-2
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # fused projections
 }
+#: encoder model types: not causal LMs (transformers maps some of them to an LM head all the same)
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "camembert",
+                 "albert", "mpnet"}
 HEAD_NAMES = ("classifier", "pooler", "score")
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+TINY_LLAMA = "tiny-llama"
+_LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "num_key_value_heads": 8, "hidden_act": "silu",
+           "rms_norm_eps": 1e-5, "bos_token_id": 128000, "eos_token_id": 128001}
 
 #: architectures known offline: their shapes are enough for budgets (``peftbench budget``) and random-init
 #: speed work without the hub; pretrained weights still need the hub or a local folder.
@@ -41,6 +56,22 @@ BUILTIN_CONFIGS = {
         "position_biased_input": False, "layer_norm_eps": 1e-7, "hidden_act": "gelu", "pooler_hidden_size": 768,
         "pooler_dropout": 0, "pooler_hidden_act": "gelu", "pad_token_id": 0,
     },
+    # Llama shapes from the models' config.json (rope scaling left out: shapes are what budgets need)
+    hub.LLAMA_3_2_1B: {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                       "num_attention_heads": 32, "head_dim": 64, "max_position_embeddings": 131072,
+                       "rope_theta": 500000.0, "tie_word_embeddings": True},
+    hub.LLAMA_3_2_3B: {**_LLAMA3, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                       "num_attention_heads": 24, "head_dim": 128, "max_position_embeddings": 131072,
+                       "rope_theta": 500000.0, "tie_word_embeddings": True},
+    hub.LLAMA_3_8B: {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 8192,
+                     "rope_theta": 500000.0, "tie_word_embeddings": False},
+    # a 2-layer Llama for tests and the tiny configs (random weights only), sized for MiniLM's tokenizer
+    # (ids: [PAD] 0, [CLS] 101 as BOS, [SEP] 102 as EOS): ``tokenizer: minilm``
+    TINY_LLAMA: {"model_type": "llama", "vocab_size": 30522, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                 "max_position_embeddings": 1024, "tie_word_embeddings": True, "bos_token_id": 101,
+                 "eos_token_id": 102, "pad_token_id": 0},
 }
 
 
@@ -160,6 +191,8 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
             reason = str(exc).strip().splitlines()
             raise ConfigError(f"model.config_overrides.{key}: {value!r} refused by {type(config).__name__} "
                               f"({type(exc).__name__}: {' '.join(reason[:3])})") from None
+    if not num_labels:  # a causal LM: no classification head
+        return config
     config.num_labels = num_labels
     if num_labels == 1:
         config.problem_type = "regression"
@@ -189,29 +222,43 @@ def _fp32() -> dict:
 
 
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
-               meta: bool = False) -> nn.Module:
-    """The sequence-classification model, in fp32. ``meta=True`` builds it without memory (shapes only, for
-    budgets)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    config = load_config(mc, num_labels, classifier_dropout, allow_builtin=meta or mc.random_init)
+               meta: bool = False, kind: str = "classification") -> nn.Module:
+    """The model for a task of ``kind`` (:attr:`peftbench.task.Task.kind`), in fp32: a sequence classifier with
+    ``num_labels`` outputs, or a causal LM (``causal_lm``). ``meta=True`` builds it without memory (shapes only,
+    for budgets)."""
+    causal = kind == "causal_lm"
+    config = load_config(mc, 0 if causal else num_labels, classifier_dropout, allow_builtin=meta or mc.random_init)
+    if causal:
+        check_causal_lm(mc, config)
     torch.manual_seed(seed)  # the new classifier head (and random_init weights) depend on the run's seed
     if meta or mc.random_init:
         device = torch.device("meta") if meta else contextlib.nullcontext()
         try:
             with device:
-                return AutoModelForSequenceClassification.from_config(config, trust_remote_code=mc.trust_remote_code,
-                                                                      **_fp32())
+                model = _auto_class(kind).from_config(config, trust_remote_code=mc.trust_remote_code, **_fp32())
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:  # e.g. bad config_overrides
             raise ConfigError(f"model: cannot build {mc.name_or_path!r} from its config (check model.config_overrides "
                               f"{mc.config_overrides}): {type(exc).__name__}: {exc}") from None
+    else:
+        model = _pretrained(mc, config, kind)
+    return conv1d_to_linear(model) if causal else model
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+
+
+def _pretrained(mc: ModelConfig, config, kind: str) -> nn.Module:
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train the head
     hf_logging.disable_progress_bar()
     try:
         name = resolve_name(mc.name_or_path)
-        return AutoModelForSequenceClassification.from_pretrained(
+        return _auto_class(kind).from_pretrained(
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
             **_fp32(),
         )
@@ -220,6 +267,39 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def check_causal_lm(mc: ModelConfig, config) -> None:
+    """A generation task needs a decoder-only language model: an encoder (even one transformers would give an LM
+    head) or an encoder-decoder is a config error naming ``model.name_or_path``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if (model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False)
+            or not (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or remote)):
+        raise ConfigError(f"model.name_or_path: {mc.name_or_path!r} is a {model_type!r} model, not a causal "
+                          "(decoder-only) language model; generation tasks need one (Llama, Mistral, Qwen2, Gemma, "
+                          "GPT-2, Phi, ...)")
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace transformers' ``Conv1D`` layers (GPT-2: ``y = x W + b`` with ``W`` stored in × out) by the equal
+    ``nn.Linear`` (``W`` transposed), so that adapters and budgets treat them like every other projection. An
+    adapter exported from them loads onto the original Conv1D model with PEFT (same factor shapes)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+            linear = nn.Linear(in_features, out_features, device=module.weight.device, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            linear.weight.requires_grad_(module.weight.requires_grad)
+            linear.bias.requires_grad_(module.bias.requires_grad)
+            replace_module(model, name, linear)
+    return model
 
 
 def position_limit(config) -> int | None:

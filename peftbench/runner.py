@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .budget import Shapes, Solved, model_shapes, solve_all
+from .budget import Shapes, Solved, model_shapes, solve_all, task_kind
 from .config import Config
-from .errors import PeftbenchError, PluginError
+from .errors import ConfigError, PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
 from .schema import key_path
@@ -48,6 +48,16 @@ def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -
         _check_name(host.method, method.name, f"{config.where(f'methods[{i}]')}methods[{i}].name")
     for steps in config.per_task_keys():  # a misspelled task there would be ignored silently
         _check_name(host.task, steps[-1], f"{config.locate(steps)}{key_path('', steps)}")
+    for name, options in config.task_options.items():
+        steps = ("task_options", name)
+        if name not in config.tasks:
+            raise ConfigError(f"{config.locate(steps)}task_options.{name}: not a task of this sweep "
+                              f"(tasks: {', '.join(config.tasks)})")
+        host.configure_task(name, options, config.locate(steps))
+    kinds = {host.task(name).kind for name in config.tasks}
+    if len(kinds) > 1:  # one model per sweep: a classifier and a causal LM are two
+        raise ConfigError(f"{config.where('tasks')}tasks: {config.tasks} mix task kinds ({', '.join(sorted(kinds))}); "
+                          "one sweep trains one kind of model: split them into two configs")
     config.check_params(host.method)
     return host
 
@@ -63,7 +73,7 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
     """:func:`peftbench.budget.solve_all`, with a plugin that raises in a budget hook reported as bad input
     (nothing can run without budgets) naming the plugin code that raised."""
     try:
-        shapes = shapes or model_shapes(config)
+        shapes = shapes or model_shapes(config, kind=task_kind(config, host))
         solved = solve_all(config, host, shapes)
         if config.tune is not None:  # a grid's params must not change a method's size
             check_grid_counts(config, host, solved, shapes)

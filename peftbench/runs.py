@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config, ModelConfig, TrainConfig, data_dir_for
+from .config import ADDED_TRAIN_KEYS, Config, ModelConfig, TrainConfig, data_dir_for
 from .schema import to_dict
 
 #: the model-selection rule of ``best``: the best dev evaluation at which the method was within its budget
@@ -36,20 +36,24 @@ class RunSpec:
     #: where the run reports besides the store (``output.trackers``, ``output.dir``): not part of its identity
     trackers: list[str] = field(default_factory=list)
     out_dir: str | None = None
+    #: the task's options as the config gives them (``task_options.<task>``), None without any
+    task_options: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the result (and nothing that does not, like the sweep name or the data's
         path: its content is in ``data``)."""
+        # training keys added later are left out at their default: older runs keep their ids
+        train = {k: v for k, v in to_dict(self.train).items() if k not in ADDED_TRAIN_KEYS or v != ADDED_TRAIN_KEYS[k]}
         identity = {
             "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
-            "model": to_dict(self.model), "train": to_dict(self.train), "label": self.label,
+            "model": to_dict(self.model), "train": train, "label": self.label,
             # how `best` is selected: a result stored under the earlier rule (best of any evaluation, over-budget
             # ones included) is another run, retrained rather than reported as in budget
             "selection": SELECTION,
         }
         if self.data:
             identity["data"] = dict(self.data)
-        for role in ("tuning", "tuned"):  # absent from untuned runs: their ids stay as they were
+        for role in ("tuning", "tuned", "task_options"):  # absent from untuned runs: their ids stay as they were
             if getattr(self, role) is not None:
                 identity[role] = getattr(self, role)
         return identity
@@ -75,5 +79,6 @@ def expand(config: Config, solved: dict[tuple[str, str], Any],
                     train=config.train_for(method, task), data_dir=data_dir_for(config),
                     save_adapters=config.output.save_adapters, data=(data or {}).get(task, {}),
                     trackers=list(config.output.trackers), out_dir=config.output.dir,
+                    task_options=dict(config.task_options[task]) if config.task_options.get(task) else None,
                 ))
     return runs

@@ -61,9 +61,11 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 #: columns added after the first release, with their type: older stores get them on open
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
                  "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER", "audit": "TEXT"}
+                 "adapter_bytes": "INTEGER", "audit": "TEXT",
+                 "eval_s": "REAL", "harness": "TEXT"}
 
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit")
+JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
+                "harness")
 
 
 def process_start(pid: int) -> int | None:
@@ -235,6 +237,13 @@ class Store:
             pending = self._save_pending(run_id, values)
             raise StoreWriteError(f"{self.path}: could not record run {run_id} ({exc}); its result is kept in "
                                  f"{pending} and is imported by the next `peftbench run` on this store") from None
+
+    def set_harness(self, run_id: str, results: dict[str, Any]) -> None:
+        """Merge lm-evaluation-harness results (``{task: {metric: value}}``) into a finished run's record."""
+        with self.transaction() as db:
+            row = db.execute("SELECT harness FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            merged = {**json.loads(row[0] or "{}"), **results} if row else results
+            db.execute("UPDATE runs SET harness = ? WHERE run_id = ?", (json.dumps(merged), run_id))
 
     def _update(self, run_id: str, values: dict[str, Any], owned: bool) -> bool:
         assignments = ", ".join(f"{k} = ?" for k in values)

@@ -206,7 +206,7 @@ def check_data(config: Config, host: Host, tasks: list[str],
     fingerprints: dict[str, dict[str, str]] = {}
     for name in tasks:
         task = host.task(name)
-        for split in ("train", *task.dev_splits):
+        for split in ("train", *task.dev_splits, *task.final_splits):
             try:
                 data = task.load(split, data_dir)
             except PeftbenchError:
@@ -273,6 +273,8 @@ def _check_split(task, split: str, data) -> None:
         raise DataError(f"{where}: no examples")
     if any(len(column) != len(data.labels) for column in data.texts):
         raise DataError(f"{where}: text columns and labels differ in length")
+    if task.kind != "classification":  # a generation task's labels are unused
+        return
     labels = np.asarray(data.labels, dtype=np.float64)
     if task.is_regression:
         bad = ~np.isfinite(labels)
@@ -375,7 +377,7 @@ def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
         "train_s": result.train_s, "tokens_per_s": result.tokens_per_s, "peak_mem_bytes": result.peak_mem_bytes,
         "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
         "median_step_s": statistics.median(result.step_times) if result.step_times else None,
-        "adapter_bytes": result.adapter_bytes,
+        "adapter_bytes": result.adapter_bytes, "eval_s": result.eval_s,
     }
 
 

@@ -72,6 +72,13 @@ def tiny_model_config(layers: int = 2, hidden: int = 32) -> dict[str, Any]:
     }
 
 
+def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
+    """A 2-layer random-init Llama (``tiny-llama``: :data:`peftbench.modeling.BUILTIN_CONFIGS`) with MiniLM's
+    tokenizer, for causal-LM tests and the tiny GSM8K config; ``overrides``: more ``config_overrides``."""
+    return {"name_or_path": "tiny-llama", "tokenizer": "minilm", "random_init": True,
+            "config_overrides": dict(overrides)}
+
+
 def tiny_config(tmp_path, methods: list[Any] | None = None, tasks: list[str] | None = None,
                 **overrides: Any) -> Config:
     """A sweep config on the toy task and a tiny random model, storing results under ``tmp_path``."""

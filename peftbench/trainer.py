@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from . import modeling, schedule
+from . import lm_data, modeling, schedule
 from .checkpoint import Checkpoint
 from .costs import PeakMemory
-from .data import holdout_split, load_task_data, make_loader
+from .data import holdout_split, load_task_data, make_loader, subsample
 from .export import adapter_file_bytes
+from .generation import generate_and_score
 from .hookspecs import TrainState
 from .host import Host
 from .method import Method
@@ -58,6 +59,7 @@ class RunResult:
     method_report: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
     adapter_bytes: int | None = None  #: size of the exported adapter file (:func:`exported_bytes`)
+    eval_s: float = 0.0  #: seconds spent in dev evaluations (generation, for a causal-LM task), inside ``train_s``
 
 
 @dataclass
@@ -85,6 +87,7 @@ class LoopState(TrainState):
     tokens: int = 0  #: every process' tokens up to the last :meth:`count_tokens`
     new_tokens: torch.Tensor | None = None  #: this process' tokens since then (on the device: no sync per batch)
     train_started: float = 0.0  #: ``time.perf_counter()`` when training began (moved back by a resume)
+    eval_s: float = 0.0  #: seconds spent evaluating so far
 
     def count_tokens(self) -> int:
         """Every process' tokens so far (a collective: call it on every process)."""
@@ -136,6 +139,10 @@ class Run:
     targets: list = field(default_factory=list)  #: the adapted modules (:func:`peftbench.modeling.find_targets`)
     head: list[str] = field(default_factory=list)  #: the head's module names (exported as ``modules_to_save``)
     memory: PeakMemory | None = None  #: measures the run's peak memory (set by :func:`train`)
+    #: a causal-LM task: the loaders of its final-only splits, each eval split's references, the tokenizer
+    final_loaders: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, list[str]] = field(default_factory=dict)
+    tokenizer: Any = None
 
 
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
@@ -253,15 +260,18 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     undo = []
     if "peftbench_before_evaluate" in run.hooks:  # the adapter as the method reports it (PRILoRA: pruned)
         undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=state) if u]
+    started = time.perf_counter()
     try:
         metrics = {}
         for i, (split, loader) in enumerate(run.dev_loaders.items()):
-            split_metrics = predict_and_score(run.model, loader, task, run.accelerator)
             prefix = "" if i == 0 else f"{split}_"
-            metrics.update({prefix + k: v for k, v in split_metrics.items()})
+            metrics.update({prefix + k: v for k, v in score_split(run, split, loader).items()})
+        for split, loader in run.final_loaders.items() if final else ():  # a test set, evaluated once
+            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader).items()})
     finally:
         for restore in reversed(undo):
             restore()
+    state.eval_s += time.perf_counter() - started
     in_budget = final or state.step >= state.in_budget_from
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
                           **state.logs})
@@ -278,6 +288,13 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
             state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
     run.model.train()
     return metrics
+
+
+def score_split(run: Run, split: str, loader) -> dict[str, float]:
+    """One split's metrics: of logits for a classification task, of greedy generations for a causal-LM task."""
+    if run.task.kind == "causal_lm":
+        return generate_and_score(run.model, loader, run.task, run.accelerator, run.tokenizer, run.references[split])
+    return predict_and_score(run.model, loader, run.task, run.accelerator)
 
 
 def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float, host: Host) -> RunResult:
@@ -300,7 +317,7 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
-        adapter_bytes=exported_bytes(run, host),
+        adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s,
     )
 
 
@@ -336,20 +353,27 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     """Seed, device, model with the method's adapters, data, optimizer and scheduler, and the loop state
     (``memory``: what measures the run's peak memory)."""
     started = time.perf_counter()
-    cfg, task = spec.train, host.task(spec.task)
+    cfg, task = spec.train, host.task(spec.task).with_options(spec.task_options)
     accelerator, use_cpu = _accelerator(spec)
     model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
-    train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
+    if task.kind == "causal_lm":
+        train_loader, dev_loaders, final_loaders, references = lm_loaders(spec, task, tokenizer)
+        train_loader = _multi_process(train_loader, accelerator.num_processes)
+    else:
+        train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
+        final_loaders, references = {}, {}
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
                                   fused=not use_cpu and torch.cuda.is_available())
     total_steps = schedule.total_steps(cfg, len(train_loader))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    schedule_fn = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
+    scheduler = schedule_fn[cfg.lr_scheduler](optimizer, warmup, total_steps)
 
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
+    final_loaders = {split: accelerator.prepare(loader) for split, loader in final_loaders.items()}
     if cfg.compile:
         # in place, not torch.compile's wrapper: parameter names, counts, method reports and exports stay those
         # of an uncompiled run; a fresh dynamo cache per run (graphs of an earlier run's model would be reused)
@@ -366,7 +390,8 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     if torch.cuda.is_available() and not use_cpu:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
-               dev_loaders, head_names, head_count, hooks, state, use_cpu, started, targets, head, memory)
+               dev_loaders, head_names, head_count, hooks, state, use_cpu, started, targets, head, memory,
+               final_loaders=final_loaders, references=references, tokenizer=tokenizer)
 
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)
@@ -415,7 +440,8 @@ def _model(spec: RunSpec, task, host: Host):
     """Frozen base + the method's adapters + the shared head; returns it with the head's parameter names and
     count, the tokenizer, the adapted modules and the head's module names."""
     tokenizer = modeling.load_tokenizer(spec.model)
-    model = modeling.load_model(spec.model, task.num_labels, spec.seed, spec.train.classifier_dropout)
+    model = modeling.load_model(spec.model, task.num_labels, spec.seed, spec.train.classifier_dropout,
+                                kind=task.kind)
     head = modeling.head_modules(spec.model, model)
     targets = modeling.find_targets(model, modeling.target_patterns(spec.model, model), head)
     modeling.freeze(model)
@@ -452,12 +478,54 @@ def _loaders(spec: RunSpec, task, tokenizer, processes: int):
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
                                task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
-    if processes > 1:
-        train_loader = torch.utils.data.DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
-                                                   batch_sampler=ShortBatchLast(train_loader.batch_sampler))
+    train_loader = _multi_process(train_loader, processes)
     dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
                    for split, data in dev_data.items()}
     return train_loader, dev_loaders
+
+
+def _multi_process(train_loader, processes: int):
+    """With several processes, the train loader with its short batch (if any) last (:class:`ShortBatchLast`)."""
+    if processes == 1:
+        return train_loader
+    return torch.utils.data.DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
+                                       batch_sampler=ShortBatchLast(train_loader.batch_sampler))
+
+
+def lm_loaders(spec: RunSpec, task, tokenizer):
+    """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
+    evaluation split, the final-only ones apart; and each evaluation split's references (its responses)."""
+    cfg, pad = spec.train, lm_data.pad_id(tokenizer)
+
+    def encoded(split: str, with_response: bool, limit: int | None):
+        data = task.load(split, spec.data_dir)
+        return subsample(lm_data.encode_lm(data, tokenizer, cfg.max_length, with_response), limit), data.texts[1]
+
+    train_data, train_refs = encoded("train", True, cfg.max_train_samples)
+    if spec.tuning:  # hold out part of the training set and generate from its prompts
+        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"], False)
+        held_out.ids, held_out.offsets = _prompts_only(held_out)
+        dev = {"holdout": (held_out, train_refs)}
+    else:
+        dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
+    # a tuning run reads neither dev nor test
+    final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
+    train_loader = lm_data.make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
+                                          pad_to=cfg.max_length if cfg.pad_to_max_length else None)
+
+    def loaders(splits):
+        return {split: lm_data.make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
+                for split, (data, _) in splits.items()}
+
+    references = {split: refs for split, (_, refs) in {**dev, **final}.items()}
+    return train_loader, loaders(dev), loaders(final), references
+
+
+def _prompts_only(encoded):
+    """``(ids, offsets)`` of training examples cut to their prompts (a held-out part generates from them)."""
+    keep = np.concatenate([np.arange(s, s + p) for s, p in zip(encoded.offsets[:-1], encoded.prompt_lengths)])
+    offsets = np.concatenate([[0], np.cumsum(encoded.prompt_lengths)]).astype(np.int64)
+    return encoded.ids[keep], offsets
 
 
 class ShortBatchLast(torch.utils.data.Sampler):

@@ -194,7 +194,11 @@ def test_gated_model_without_access_is_exit_2_naming_hf_token(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"{name!r} is gated" in err and "HF_TOKEN" in err and "huggingface-cli login" in err
     assert "Traceback" not in err and not (tmp_path / "results.sqlite").exists()
-    assert main(["budget", str(config)]) == 2  # shapes from the hub: the same message, no traceback
+    assert main(["budget", str(config)]) == 0  # peftbench knows Llama-3.2-3B's shapes offline: no hub needed
+    capsys.readouterr()
+    other = "google/gemma-2-2b"  # gated, no built-in shapes: from the hub, which refuses
+    config.write_text(config.read_text().replace(name, other))
+    assert main(["budget", str(config)]) == 2  # the same message, no traceback
     assert "HF_TOKEN" in capsys.readouterr().err
 
 

