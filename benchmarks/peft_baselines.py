@@ -15,7 +15,7 @@ from peftbench.hookspecs import ParamCounts, hookimpl
 from peftbench.lora import rank_cost
 from peftbench.method import Method
 
-PEFTBENCH_API_VERSION = 1
+PEFTBENCH_API_VERSION = 2
 
 
 @dataclass
