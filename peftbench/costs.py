@@ -61,6 +61,12 @@ def rss_bytes() -> int | None:
         return None
 
 
+def _cuda_ready() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def max_rss_bytes() -> int:
     """The process' peak RSS since it started (``ru_maxrss``: kilobytes on Linux)."""
     import resource
@@ -77,23 +83,43 @@ class PeakMemory:
     def __init__(self, cpu: bool, interval: float = 0.05):
         self.cpu, self.interval = cpu, interval
         self.start = self.highest = self.record = 0
+        #: the memory in use at every sample (above ``start`` on the CPU), for the average and 99th percentile
+        self.samples: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
-        if not self.cpu or rss_bytes() is None:
+        if self.cpu and rss_bytes() is not None:
+            gc.collect()  # an earlier run's garbage is not part of this run's baseline
+            _release_free_heap()  # memory malloc keeps for reuse would hide this run's allocations from the RSS
+            self.start = self.highest = rss_bytes()
+            self.record = max_rss_bytes()
+        elif self.cpu or not _cuda_ready():
             return self
-        gc.collect()  # an earlier run's garbage is not part of this run's baseline
-        _release_free_heap()  # and memory malloc keeps for reuse would hide this run's allocations from the RSS
-        self.start = self.highest = rss_bytes()
-        self.record = max_rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="peftbench-peak-rss", daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.highest = max(self.highest, rss_bytes() or 0)
+            if self.cpu:
+                now = rss_bytes() or 0
+                self.highest = max(self.highest, now)
+                self.samples.append(max(now - self.start, 0))
+            else:  # reading the allocator's counter needs no synchronisation with the training stream
+                import torch
+
+                self.samples.append(torch.cuda.memory_allocated())
+
+    def stats(self) -> dict[str, int] | None:
+        """Average and 99th percentile of the sampled memory in use (what HF PEFT's method comparison reports
+        beside the maximum); ``None`` when nothing was sampled (a run shorter than one interval)."""
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return {"avg": int(sum(ordered) / len(ordered)), "p99": ordered[min(len(ordered) - 1,
+                                                                             int(0.99 * len(ordered)))],
+                "samples": len(ordered)}
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT, traceback TEXT,
     host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
     adapter_bytes INTEGER,           -- size of the exported adapter file (peftbench export)
+    mem_stats TEXT,                  -- JSON: average and 99th percentile of the memory in use (same kind as the peak)
     audit TEXT                       -- JSON: measured final count vs the budget (peftbench.audit)
 );
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
@@ -61,11 +62,11 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 #: columns added after the first release, with their type: older stores get them on open
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
                  "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER", "audit": "TEXT",
+                 "adapter_bytes": "INTEGER", "audit": "TEXT", "mem_stats": "TEXT",
                  "eval_s": "REAL", "harness": "TEXT"}
 
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
-                "harness")
+                "harness", "mem_stats")
 
 
 def process_start(pid: int) -> int | None:

@@ -377,7 +377,7 @@ def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
         "train_s": result.train_s, "tokens_per_s": result.tokens_per_s, "peak_mem_bytes": result.peak_mem_bytes,
         "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
         "median_step_s": statistics.median(result.step_times) if result.step_times else None,
-        "adapter_bytes": result.adapter_bytes, "eval_s": result.eval_s,
+        "adapter_bytes": result.adapter_bytes, "eval_s": result.eval_s, "mem_stats": result.mem_stats,
     }
 
 

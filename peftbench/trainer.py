@@ -59,6 +59,8 @@ class RunResult:
     method_report: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None  #: trainable weights at the best evaluation (CPU)
     adapter_bytes: int | None = None  #: size of the exported adapter file (:func:`exported_bytes`)
+    #: memory in use over the run, sampled every 50 ms: ``{"avg", "p99", "samples"}`` (same kind as the peak)
+    mem_stats: dict[str, int] | None = None
     eval_s: float = 0.0  #: seconds spent in dev evaluations (generation, for a causal-LM task), inside ``train_s``
 
 
@@ -309,7 +311,8 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         "model_total": sum(p.numel() for p in raw_model.parameters()),
     }
     # read before sizing the adapter, which is no part of training
-    peak, mem_kind = (run.memory or PeakMemory(cpu=run.use_cpu)).peak()
+    memory = run.memory or PeakMemory(cpu=run.use_cpu)
+    peak, mem_kind = memory.peak()
     return RunResult(
         best=state.best_metrics, final=final, best_step=state.best_step, best_any=state.best_any_metrics,
         best_any_step=state.best_any_step, in_budget_from=state.in_budget_from, evaluations=state.evaluations,
@@ -317,7 +320,7 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
-        adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s,
+        adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s, mem_stats=memory.stats(),
     )
 
 

@@ -53,6 +53,18 @@ def test_every_cost_is_stored_and_positive(sweep):
         assert run["mem_kind"] in ("cpu_peak_rss_delta", "cuda_max_allocated")
     # full fine-tuning ships every weight: far more than an adapter
     assert runs["full"]["adapter_bytes"] > 50 * runs["lora"]["adapter_bytes"]
+    for run in runs.values():  # average and 99th percentile of the memory in use, as HF PEFT's comparison reports
+        stats = run["mem_stats"]
+        assert stats["samples"] > 0 and 0 <= stats["avg"] <= stats["p99"] <= run["peak_mem_bytes"]
+
+
+def test_memory_stats_are_the_average_and_99th_percentile_of_the_samples():
+    from peftbench.costs import PeakMemory
+
+    memory = PeakMemory(cpu=True)
+    assert memory.stats() is None
+    memory.samples = list(range(1, 201))  # 200 samples: the 99th percentile is the 199th smallest
+    assert memory.stats() == {"avg": 100, "p99": 199, "samples": 200}
 
 
 def test_adapter_bytes_is_the_size_of_the_exported_file(sweep, tmp_path):
