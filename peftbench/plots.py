@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .audit import measured_counts
+
 _LAYER = re.compile(r"\.(\d+)\.(.+)$")
 
 
@@ -121,7 +123,7 @@ def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], ou
         for run in runs:
             metric = main_metric[task]
             if run["task"] == task and metric in (run.get("best") or {}):
-                points[run["label"]].append(((run.get("trainable") or {}).get("adapter") or 0, 100 * run["best"][metric]))
+                points[run["label"]].append((measured_counts(run)["final"] or 0, 100 * run["best"][metric]))
         for label, values in points.items():
             x = statistics.fmean(v[0] for v in values)
             y = statistics.fmean(v[1] for v in values)
@@ -162,7 +164,7 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
 
 #: the Pareto panels: (panel id, x axis label, the x value of a run, log scale)
 PARETO_PANELS = (
-    ("params", "trainable adapter parameters", lambda r: (r.get("trainable") or {}).get("adapter"), True),
+    ("params", "final adapter parameters (measured)", lambda r: measured_counts(r)["final"], True),
     ("memory", "peak memory (MiB)", lambda r: r["peak_mem_bytes"] / 2 ** 20 if r.get("peak_mem_bytes") else None,
      False),
     ("step", "median step time (ms)", lambda r: r["median_step_s"] * 1e3 if r.get("median_step_s") else None, False),
