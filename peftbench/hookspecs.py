@@ -279,10 +279,12 @@ def peftbench_before_evaluate(model: nn.Module, state: TrainState) -> Callable[[
 
 
 @hookspec
-def peftbench_on_evaluate(model: nn.Module, state: TrainState, metrics: dict[str, float]) -> None:
+def peftbench_on_evaluate(model: nn.Module, state: TrainState, metrics: dict[str, float], in_budget: bool) -> None:
     """Called after every dev evaluation with the dev metrics (observers: loggers, trackers): at
     ``train.eval_every`` steps, at every epoch end but the last, and once after ``peftbench_train_end``.
-    ``metrics`` holds the first dev split's metrics unprefixed and the others' as ``<split>_<metric>``.
+    ``metrics`` holds the first dev split's metrics unprefixed and the others' as ``<split>_<metric>``;
+    ``in_budget``: whether this evaluation counts toward the reported metric (an observer that shows a "best so
+    far" takes only those, like the run's result).
     """
 
 

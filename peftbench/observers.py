@@ -22,7 +22,7 @@ from .hookspecs import hookimpl
 
 class ProgressBar:
     """A tqdm bar over the optimizer steps of a run, showing at each log point the loss, the learning rate,
-    the best dev score so far (of ``metric``, the task's main metric) and the method's current budget (its
+    the best in-budget dev score so far (of ``metric``, the task's main metric) and the method's current budget (its
     ``state.logs``: e.g. PrunedLoRA's mean rank and adapter count). It moves at log points (``train.log_every``)."""
 
     def __init__(self, desc: str, metric: str):
@@ -44,8 +44,9 @@ class ProgressBar:
                              **budget, refresh=False)
 
     @hookimpl
-    def peftbench_on_evaluate(self, metrics):
-        self.best = max(self.best, metrics.get(self.metric, -math.inf))
+    def peftbench_on_evaluate(self, metrics, in_budget):
+        if in_budget:  # the same selection as the run's reported metric: an over-budget score is never shown as best
+            self.best = max(self.best, metrics.get(self.metric, -math.inf))
 
     @hookimpl
     def peftbench_train_end(self):

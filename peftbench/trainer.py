@@ -278,7 +278,7 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
                           **state.logs})
     if "peftbench_on_evaluate" in run.hooks:
-        host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics)
+        host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics, in_budget=in_budget)
     score = metrics[task.main_metric]
     state.evaluations += 1
     if score > state.best_any_score:

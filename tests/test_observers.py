@@ -54,3 +54,13 @@ def test_the_progress_bar_is_an_observer_of_the_run_only_and_changes_nothing(hos
     assert called == ["peftbench_inject", "peftbench_train_start", log, log, evaluate, log, log, log, log,
                       "peftbench_train_end", evaluate, "peftbench_report", "peftbench_export_peft"]
     assert not any(isinstance(p, ProgressBar) for p in host.pm.get_plugins())  # unregistered after the run
+
+
+def test_the_progress_bar_shows_only_in_budget_scores_as_best():
+    """An evaluation at which the method was over its budget is never shown as the best so far."""
+    bar = ProgressBar("run", "accuracy")
+    bar.peftbench_on_evaluate(metrics={"accuracy": 0.9}, in_budget=False)
+    assert bar.best == float("-inf")
+    bar.peftbench_on_evaluate(metrics={"accuracy": 0.7}, in_budget=True)
+    bar.peftbench_on_evaluate(metrics={"accuracy": 0.95}, in_budget=False)
+    assert bar.best == 0.7
