@@ -206,13 +206,11 @@ def cmd_run(args) -> int:
         from tabulate import tabulate
 
         from .runs import expand
-        from .sweep import check_data, check_in_budget, in_budget_plans
+        from .sweep import check_sweep_data
 
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
-        sizes: dict[str, int] = {}
-        data = check_data(config, host, config.tasks, sizes)
-        check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+        data = check_sweep_data(config, host, solved)
         if config.tune is not None:  # the tuning runs' ids; the final runs' ids depend on the choice
             from .tuning import point_text, tuning_runs
 

@@ -32,7 +32,7 @@ from .executors import LocalExecutor
 from .host import Host
 from .schema import key_path
 from .store import Store
-from .sweep import Sweep, SweepSummary, check_data, check_in_budget, in_budget_plans, raised_at
+from .sweep import Sweep, SweepSummary, check_sweep_data, raised_at
 from .tuning import check_grid_counts, choose_from_store, final_runs, tuning_runs
 
 
@@ -106,9 +106,7 @@ def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tupl
               summary: SweepSummary, log, executor, fail_fast: bool) -> None:
     """A sweep with ``tune:`` (:mod:`peftbench.tuning`): the tuning runs on held-out training data, the choice
     per (method label, task), then the sweep's runs at the chosen points."""
-    sizes: dict[str, int] = {}
-    data = check_data(config, host, config.tasks, sizes)  # every split, before any training
-    check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+    data = check_sweep_data(config, host, solved)  # every split and every in-budget plan, before any training
     phase = tuning_runs(config, solved, data)
     points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
     executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(

@@ -79,10 +79,7 @@ class Sweep:
         # identity, so a run on changed data is a new run, never "finished earlier" (``runs``: made from
         # checked data already, e.g. the phases of tuning, :mod:`peftbench.tuning`)
         if runs is None:
-            sizes: dict[str, int] = {}
-            runs = expand(config, solved, check_data(config, host, config.tasks, sizes))
-            # a reported metric must come from evaluations in budget: enough of them, or the config is wrong
-            check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+            runs = expand(config, solved, check_sweep_data(config, host, solved))
         self.runs = runs
 
     def check(self) -> None:
@@ -219,6 +216,15 @@ def check_data(config: Config, host: Host, tasks: list[str],
             if split == "train" and sizes is not None:
                 sizes[name] = len(data.labels)
     return fingerprints
+
+
+def check_sweep_data(config: Config, host: Host, solved: dict[tuple[str, str], Solved]) -> dict[str, dict[str, str]]:
+    """Before any training: every split checked (:func:`check_data`), and every method's schedule checked to
+    leave enough evaluations in budget (a reported metric comes only from those). The splits' fingerprints."""
+    sizes: dict[str, int] = {}
+    data = check_data(config, host, config.tasks, sizes)
+    check_in_budget(config, in_budget_plans(config, host, solved, sizes))
+    return data
 
 
 def in_budget_plans(config: Config, host: Host, solved: dict[tuple[str, str], Solved],
@@ -399,5 +405,5 @@ def write_artifacts(config: Config, spec: RunSpec, weights) -> str | None:
     return str(out)
 
 
-__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "in_budget_plans", "check_in_budget", "train_outcome", "run_one", "failure_reason",
+__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "check_sweep_data", "in_budget_plans", "check_in_budget", "train_outcome", "run_one", "failure_reason",
            "is_out_of_memory", "release_memory", "write_artifacts", "raised_at"]
