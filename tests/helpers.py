@@ -20,13 +20,22 @@ class CrashAtStep:
             raise RuntimeError(f"crash at step {self.step}")
 
 
-def train_one(config: Config):
-    """Run a one-run sweep quietly into its store; returns the host and the stored run (tests of what comes
-    after training: export, tables, reports)."""
+def train_sweep(config: Config, *plugins):
+    """Run a sweep quietly into its store, with ``plugins`` (observers) registered too; it must finish. Returns
+    the host and the stored runs (tests of what comes after training: costs, exports, tables, reports)."""
+    from peftbench.host import PluginInfo
+
     host = make_host(config)
-    store = Store(config.output.db)
-    run_sweep(config, host, store, progress=False, log=lambda *a: None)
-    (run,) = store.runs()
+    for i, plugin in enumerate(plugins):
+        host.add_plugin(plugin, PluginInfo(f"plugin{i}", "object"))
+    with Store(config.output.db) as store:
+        assert run_sweep(config, host, store, progress=False, log=lambda *a: None).ok
+        return host, store.runs()
+
+
+def train_one(config: Config):
+    """Run a one-run sweep quietly into its store; returns the host and the stored run."""
+    host, (run,) = train_sweep(config)
     return host, run
 
 

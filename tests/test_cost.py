@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_sweep
 
 from peftbench.cli import main
 from peftbench.costs import PeakMemory, rss_bytes
 from peftbench.export import export_run
 from peftbench.hookspecs import hookimpl
-from peftbench.host import PluginInfo
-from peftbench.runner import make_host, run_sweep
 from peftbench.store import Store
 from peftbench.tables import build
 from peftbench.testing import tiny_config
@@ -22,15 +21,6 @@ from peftbench.testing import tiny_config
 COSTS = ("median_step_s", "tokens_per_s", "train_s", "peak_mem_bytes", "adapter_bytes")
 MiB = 2 ** 20
 linux = pytest.mark.skipif(rss_bytes() is None, reason="per-run CPU memory reads /proc/self/statm (Linux)")
-
-
-def _sweep(config, *plugins):
-    host = make_host(config)
-    for i, plugin in enumerate(plugins):
-        host.add_plugin(plugin, PluginInfo(f"plugin{i}", "object"))
-    store = Store(config.output.db)
-    assert run_sweep(config, host, store, progress=False, log=lambda *a: None).ok
-    return host, store.runs()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def sweep(tmp_path_factory):
         config = tiny_config(tmp, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}},
                                            {"name": "prunedlora", "params": {"prune_every": None}},
                                            {"name": "full"}])
-        host, runs = _sweep(config)
+        host, runs = train_sweep(config)
         yield config, host, {run["label"]: run for run in runs}
 
 
@@ -111,7 +101,7 @@ def test_cpu_peak_memory_is_per_run(tmp_path):
             self.ballast = None
 
     config = tiny_config(tmp_path, seeds=[0, 1], train={"epochs": 1, "device": "cpu"})
-    _, runs = _sweep(config, Ballast())
+    _, runs = train_sweep(config, Ballast())
     first, second = sorted(runs, key=lambda run: run["seed"])
     assert first["mem_kind"] == second["mem_kind"] == "cpu_peak_rss_delta"
     assert first["peak_mem_bytes"] > 256 * MiB

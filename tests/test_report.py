@@ -4,10 +4,9 @@ every figure must render, with no console error), for a small real store and a s
 import re
 
 import pytest
-from helpers import GLUE_METRICS, render_in_chromium, synthetic_store
+from helpers import GLUE_METRICS, render_in_chromium, synthetic_store, train_sweep
 
 from peftbench.cli import main
-from peftbench.runner import make_host, run_sweep
 from peftbench.store import Store
 from peftbench.testing import tiny_config
 
@@ -23,9 +22,7 @@ def real_store(tmp_path_factory):
         config = tiny_config(tmp, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}},
                                            {"name": "prunedlora", "params": {"prune_every": None}}],
                              seeds=[0, 1])
-        store = Store(config.output.db)
-        assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).ok
-        store.close()
+        train_sweep(config)
     return config.output.db
 
 
