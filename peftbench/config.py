@@ -33,6 +33,10 @@ class ModelConfig:
     #: build the architecture from its config with random weights (speed work, tiny test models)
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  #: e.g. ``{num_hidden_layers: 2}``
+    #: dtype the frozen weights are kept in: ``bf16``/``fp16`` halve a large model's memory (HF PEFT's LLM
+    #: protocol loads Llama in bf16); trainable parameters (adapters, head, full fine-tuning's weights) are always
+    #: fp32, and training runs under autocast of the same dtype (``train.precision``)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: module-name suffixes that adapters attach to, the same for every method; ``auto`` picks the six
     #: linear maps of each transformer block for the model type (query, key, value, attention output,
     #: intermediate, output)
@@ -275,13 +279,18 @@ class Config:
         for i, method in enumerate(self.methods):
             for task in self.tasks:
                 try:
-                    self.train_for(method, task)
+                    train = self.train_for(method, task)
                 except ValueError as exc:
                     named = re.match(r"\w*", str(exc))[0]
                     layers = list(self._train_layers(method, task, i))
                     steps = next((s for s, layer in reversed(layers) if named in layer), layers[-1][0])
                     raise ConfigError(f"{locate(self._data, (*steps, named), f'{self.source}: ')}"
                                       f"{key_path('', steps)}: {exc}") from None
+                if self.model.dtype != "fp32" and train.precision not in ("auto", self.model.dtype):
+                    raise ConfigError(f"{locate(self._data, ('model', 'dtype'), f'{self.source}: ')}model.dtype: "
+                                      f"{self.model.dtype} weights train under autocast of their dtype: "
+                                      f"train.precision must be {self.model.dtype} or auto, not {train.precision} "
+                                      f"(method {method.label or method.name}, task {task})")
 
     def grid_for(self, method: MethodConfig) -> dict[str, list[Any]]:
         """The tuning grid of ``method``: its own ``tune``, else ``tune.grid`` (empty without ``tune:``)."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import ConfigError, PeftbenchError
 from .host import Host
-from .runs import RunSpec
+from .runs import IDENTITY_CONSTANTS, RunSpec
 from .schema import from_dict
 from .sweep import Outcome, Sweep, failure_reason, train_outcome
 
@@ -345,7 +345,7 @@ def spec_payload(spec: RunSpec) -> dict[str, Any]:
 def rebuild_spec(data: dict[str, Any], host: Host) -> RunSpec:
     from .config import ModelConfig, TrainConfig
 
-    data = {k: v for k, v in data.items() if k != "selection"}  # a constant of this version, not a field
+    data = {k: v for k, v in data.items() if k not in IDENTITY_CONSTANTS}
     return RunSpec(**{**data, "params": from_dict(host.method(data["method"]).Params, data["params"], "spec.params"),
                       "model": from_dict(ModelConfig, data["model"], "spec.model"),
                       "train": from_dict(TrainConfig, data["train"], "spec.train")})

@@ -38,9 +38,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, token
 
 
 @torch.no_grad()
-def generate_and_score(model, loader, task, accelerator, tokenizer, references: list[str]) -> dict[str, float]:
+def generate_and_score(model, loader, task, accelerator, tokenizer,
+                       references: list[str]) -> tuple[dict[str, float], dict[int, str | None]]:
     """The task's metrics of greedy generations for every prompt of ``loader`` (labels: indices into
-    ``references``). Each process generates its share; the texts are gathered as objects."""
+    ``references``), and the generations by index. Each process generates its share; the texts are gathered as
+    objects."""
     from accelerate.utils import gather_object
 
     raw = accelerator.unwrap_model(model)
@@ -57,5 +59,5 @@ def generate_and_score(model, loader, task, accelerator, tokenizer, references: 
         for part in gather_object([texts]):
             merged.update(part)
         texts = merged
-    order = sorted(texts)
-    return task.score([texts[i] for i in order], [references[i] for i in order])
+    texts = dict(sorted(texts.items()))
+    return task.score(list(texts.values()), [references[i] for i in texts]), texts

@@ -7,12 +7,16 @@ One row per history entry, in order. Columns: ``step`` (optimizer steps complete
 split's prefixed with its name, e.g. ``validation_mismatched_accuracy``) and the method's logs (e.g. ``rank``,
 ``adapter_params``, ``adalora_budget``), each sorted by name. A cell a row has no value for is empty.
 Numbers are written as Python's ``repr`` (round-trips exactly). See docs/results-schema.md.
+
+A causal-LM run also writes ``generations.jsonl``: the final evaluation's greedy generations, one JSON object
+per line (``split``, ``index`` in the split, ``reference``, ``generation``: ``null`` where it ran into a cap).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,4 +53,11 @@ def write_history(out_dir: str | Path, run_id: str, history: list[dict[str, Any]
     return path
 
 
-__all__ = ["FIXED", "history_csv", "write_history"]
+def write_generations(out_dir: str | Path, run_id: str, generations: list[dict[str, Any]]) -> Path:
+    path = Path(out_dir) / run_id / "generations.jsonl"
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+    return path
+
+
+__all__ = ["FIXED", "history_csv", "write_generations", "write_history"]

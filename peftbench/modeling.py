@@ -67,11 +67,13 @@ BUILTIN_CONFIGS = {
                      "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 8192,
                      "rope_theta": 500000.0, "tie_word_embeddings": False},
     # a 2-layer Llama for tests and the tiny configs (random weights only), sized for MiniLM's tokenizer
-    # (ids: [PAD] 0, [CLS] 101 as BOS, [SEP] 102 as EOS): ``tokenizer: minilm``
+    # (ids: [PAD] 0, [CLS] 101 as BOS, [SEP] 102 as EOS): ``tokenizer: minilm``. Weights drawn with std 0.2, not
+    # Llama's 0.02: with the (frozen, tied) embeddings that small, no adapter can move a logit by more than
+    # about 1, and the adapters' loss stays above 9
     TINY_LLAMA: {"model_type": "llama", "vocab_size": 30522, "hidden_size": 64, "intermediate_size": 128,
                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                  "max_position_embeddings": 1024, "tie_word_embeddings": True, "bos_token_id": 101,
-                 "eos_token_id": 102, "pad_token_id": 0},
+                 "eos_token_id": 102, "pad_token_id": 0, "initializer_range": 0.2},
 }
 
 
@@ -211,19 +213,43 @@ def load_tokenizer(mc: ModelConfig):
         raise (_backend_error(label, exc) or load_error(label, exc)) from None
 
 
-def _fp32() -> dict:
-    """Load weights in fp32 whatever dtype the model's config names (transformers otherwise builds a model in
-    its config's dtype, e.g. bf16 for Llama-family models): mixed precision is autocast's job, and trainable
-    parameters must stay fp32. The keyword is ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str = "fp32") -> dict:
+    """Load weights in ``model.dtype`` whatever dtype the model's config names (transformers otherwise builds a
+    model in its config's dtype, e.g. bf16 for Llama-family models): mixed precision is autocast's job, and
+    trainable parameters are made fp32 after injection (:func:`trainable_to_fp32`). The keyword is ``dtype``
+    since transformers 4.56, ``torch_dtype`` before."""
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": DTYPES[name]}
+
+
+@torch.no_grad()
+def trainable_to_fp32(model: nn.Module) -> int:
+    """Every trainable parameter, and the floating buffers of the modules that own one (an adapter's
+    statistics), in fp32, for a model loaded in half precision (``model.dtype``): the optimizer and the
+    methods' importance scores need full precision; the frozen weights stay as loaded. Returns how many
+    tensors it converted."""
+    converted = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        tensors = [p for p in own if p.requires_grad] + [b for b in module.buffers(recurse=False)
+                                                         if b.is_floating_point()]
+        for t in tensors:
+            if t.dtype != torch.float32:
+                t.data = t.data.float()
+                converted += 1
+    return converted
 
 
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
                meta: bool = False, kind: str = "classification") -> nn.Module:
-    """The model for a task of ``kind`` (:attr:`peftbench.task.Task.kind`), in fp32: a sequence classifier with
+    """The model for a task of ``kind`` (:attr:`peftbench.task.Task.kind`), in ``model.dtype``: a sequence classifier with
     ``num_labels`` outputs, or a causal LM (``causal_lm``). ``meta=True`` builds it without memory (shapes only,
     for budgets)."""
     causal = kind == "causal_lm"
@@ -235,7 +261,8 @@ def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: 
         device = torch.device("meta") if meta else contextlib.nullcontext()
         try:
             with device:
-                model = _auto_class(kind).from_config(config, trust_remote_code=mc.trust_remote_code, **_fp32())
+                model = _auto_class(kind).from_config(config, trust_remote_code=mc.trust_remote_code,
+                                                        **_dtype(mc.dtype))
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:  # e.g. bad config_overrides
             raise ConfigError(f"model: cannot build {mc.name_or_path!r} from its config (check model.config_overrides "
                               f"{mc.config_overrides}): {type(exc).__name__}: {exc}") from None
@@ -260,7 +287,7 @@ def _pretrained(mc: ModelConfig, config, kind: str) -> nn.Module:
         name = resolve_name(mc.name_or_path)
         return _auto_class(kind).from_pretrained(
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
-            **_fp32(),
+            **_dtype(mc.dtype),
         )
     except (OSError, ValueError) as exc:
         raise load_error(mc.name_or_path, exc) from None

@@ -12,6 +12,11 @@ from .schema import to_dict
 
 #: the model-selection rule of ``best``: the best dev evaluation at which the method was within its budget
 SELECTION = "in_budget"
+#: how evaluations sit in training: at most one per step, drawing nothing from the training RNG (earlier, each
+#: one drew a DataLoader seed, so ``eval_every`` changed the dropout noise of later steps)
+EVALUATION = "once_per_step_rng_isolated"
+#: constants of this version in a run's identity, not :class:`RunSpec` fields
+IDENTITY_CONSTANTS = ("selection", "evaluation")
 
 
 @dataclass
@@ -50,6 +55,8 @@ class RunSpec:
             # how `best` is selected: a result stored under the earlier rule (best of any evaluation, over-budget
             # ones included) is another run, retrained rather than reported as in budget
             "selection": SELECTION,
+            # a run trained before evaluations stopped touching the training RNG is retrained too
+            "evaluation": EVALUATION,
         }
         if self.data:
             identity["data"] = dict(self.data)

@@ -26,17 +26,16 @@ def batches(examples: int, batch_size: int) -> int:
     return math.ceil(examples / batch_size)
 
 
+def evaluates_every(cfg: TrainConfig, step: int) -> bool:
+    """Whether ``train.eval_every`` evaluates after ``step`` completed steps."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0
+
+
 def evaluation_steps(cfg: TrainConfig, batches_per_epoch: int) -> list[int]:
-    """The completed-step counts of every dev evaluation, in order: every ``eval_every`` steps, every epoch
-    end but the last (both, when they coincide), and the final one at the last step."""
+    """The completed-step counts of every dev evaluation, in order: every ``eval_every`` steps and every epoch
+    end but the last (once, where they coincide), and the final one at the last step."""
     per_epoch, total = steps_per_epoch(batches_per_epoch, cfg.grad_accum), total_steps(cfg, batches_per_epoch)
-    steps = []
-    for step in range(1, total):
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            steps.append(step)
-        if step % per_epoch == 0:
-            steps.append(step)
-    return [*steps, total]
+    return [*(step for step in range(1, total) if evaluates_every(cfg, step) or step % per_epoch == 0), total]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .budget import Solved
 from .config import Config, data_dir_for
 from .data import content_fingerprint
 from .errors import ConfigError, DataError, PeftbenchError
-from .history import write_history
+from .history import write_generations, write_history
 from .host import Host
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan
@@ -130,6 +130,7 @@ class Sweep:
             return False
         solved = self.solved[(spec.label, spec.task)]
         checked = audit(outcome.fields, solved.target if solved.matched else None, self.config.budget.tolerance)
+        generations = outcome.fields.pop("generations", None)
         fields = {**outcome.fields, "artifacts": artifacts, "audit": checked}
         if not self.store.finish(spec.run_id, "done", fields):
             self.log(f"{tag}: finished, but another process took the run over meanwhile; its result is kept")
@@ -137,7 +138,7 @@ class Sweep:
             checkpoint.remove()
         self.summary.done += 1
         self.trained_s.append(fields["wall_s"])
-        self._write_history(spec, tag, fields["history"])
+        self._write_files(spec, tag, fields["history"], generations)
         main = self.host.task(spec.task).main_metric
         peak = f" (peak {checked['peak']:,})" if checked["peak"] != checked["final"] else ""
         self.log(f"{tag}: best in-budget {main} {fields['best'].get(main, float('nan')):.4f} at step "
@@ -148,13 +149,17 @@ class Sweep:
             self.log(f"{tag}: {miss_line(checked)}")
         return True
 
-    def _write_history(self, spec: RunSpec, tag: str, history: list[dict[str, Any]]) -> None:
-        """The run's metric history as ``<output.dir>/<run_id>/history.csv`` (:mod:`peftbench.history`); a
-        file that cannot be written is said, never the run's failure (the store holds the history too)."""
+    def _write_files(self, spec: RunSpec, tag: str, history: list[dict[str, Any]],
+                     generations: list[dict[str, Any]] | None) -> None:
+        """The run's metric history as ``<output.dir>/<run_id>/history.csv`` (:mod:`peftbench.history`) and, for a
+        causal-LM task, its final generations as ``generations.jsonl``; a file that cannot be written is said,
+        never the run's failure (the store holds the history and the metrics)."""
         try:
             write_history(self.config.output.dir, spec.run_id, history)
+            if generations:
+                write_generations(self.config.output.dir, spec.run_id, generations)
         except OSError as exc:
-            self.log(f"{tag}: could not write history.csv ({exc}); the store holds the history")
+            self.log(f"{tag}: could not write the run's files ({exc}); the store holds its history and metrics")
 
     def eta(self) -> str:
         """``k/N runs done, ETA 1h02m``: the runs left times the mean wall time of the runs this sweep trained
@@ -384,6 +389,7 @@ def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
         "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
         "median_step_s": statistics.median(result.step_times) if result.step_times else None,
         "adapter_bytes": result.adapter_bytes, "eval_s": result.eval_s, "mem_stats": result.mem_stats,
+        "generations": result.generations,  # written to the run's folder, not the store (:meth:`Sweep._write_files`)
     }
 
 

@@ -23,6 +23,7 @@ from . import lm_data, modeling, schedule
 from .checkpoint import Checkpoint
 from .costs import PeakMemory
 from .data import holdout_split, load_task_data, make_loader, subsample
+from .errors import ConfigError
 from .export import adapter_file_bytes
 from .generation import generate_and_score
 from .hookspecs import TrainState
@@ -30,6 +31,7 @@ from .host import Host
 from .method import Method
 from .observers import ProgressBar, observing
 from .runs import RunSpec
+from .schedule import evaluates_every
 from .trackers import run_trackers
 
 
@@ -62,6 +64,9 @@ class RunResult:
     #: memory in use over the run, sampled every 50 ms: ``{"avg", "p99", "samples"}`` (same kind as the peak)
     mem_stats: dict[str, int] | None = None
     eval_s: float = 0.0  #: seconds spent in dev evaluations (generation, for a causal-LM task), inside ``train_s``
+    #: a causal-LM task: the final evaluation's generations, one ``{split, index, reference, generation}`` each
+    #: (``generation`` ``None``: ran into a length cap), written to the run's ``generations.jsonl``
+    generations: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +150,7 @@ class Run:
     final_loaders: dict[str, Any] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
     tokenizer: Any = None
+    generations: list[dict[str, Any]] = field(default_factory=list)  #: of the final evaluation (:class:`RunResult`)
 
 
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
@@ -216,14 +222,15 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
             state.step_times.append(time.perf_counter() - last_step_end)
             if state.step % cfg.log_every == 0 or state.step == state.total_steps:
                 log(run, host)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < state.total_steps:
+            if evaluates_every(cfg, state.step) and state.step < state.total_steps:
                 evaluate(run, host)
             last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
             if state.step >= state.total_steps:
                 break
         state.epoch += 1
         if state.step < state.total_steps:  # epoch end (the last one is evaluated after train_end below)
-            evaluate(run, host)
+            if not evaluates_every(cfg, state.step):  # else evaluated at this step already
+                evaluate(run, host)
             if checkpoint:  # on every process (totals over processes are collectives); the main one writes
                 checkpoint.save(raw_model, state, host)
             last_step_end = time.perf_counter()
@@ -257,22 +264,26 @@ def log(run: Run, host: Host) -> None:
 
 def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best in-budget
-    evaluation so far (the reported one) and the best of all (information only)."""
+    evaluation so far (the reported one) and the best of all (information only).
+
+    It draws nothing from the training RNG (a DataLoader iterator takes a seed from it): training is the same
+    whether and how often it evaluates."""
     state, task = run.state, run.task
     undo = []
     if "peftbench_before_evaluate" in run.hooks:  # the adapter as the method reports it (PRILoRA: pruned)
         undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=state) if u]
     started = time.perf_counter()
-    try:
-        metrics = {}
-        for i, (split, loader) in enumerate(run.dev_loaders.items()):
-            prefix = "" if i == 0 else f"{split}_"
-            metrics.update({prefix + k: v for k, v in score_split(run, split, loader).items()})
-        for split, loader in run.final_loaders.items() if final else ():  # a test set, evaluated once
-            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader).items()})
-    finally:
-        for restore in reversed(undo):
-            restore()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            metrics = {}
+            for i, (split, loader) in enumerate(run.dev_loaders.items()):
+                prefix = "" if i == 0 else f"{split}_"
+                metrics.update({prefix + k: v for k, v in score_split(run, split, loader, final).items()})
+            for split, loader in run.final_loaders.items() if final else ():  # a test set, evaluated once
+                metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final).items()})
+        finally:
+            for restore in reversed(undo):
+                restore()
     state.eval_s += time.perf_counter() - started
     in_budget = final or state.step >= state.in_budget_from
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
@@ -292,10 +303,16 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     return metrics
 
 
-def score_split(run: Run, split: str, loader) -> dict[str, float]:
-    """One split's metrics: of logits for a classification task, of greedy generations for a causal-LM task."""
+def score_split(run: Run, split: str, loader, keep_generations: bool = False) -> dict[str, float]:
+    """One split's metrics: of logits for a classification task, of greedy generations for a causal-LM task
+    (kept in ``run.generations`` with ``keep_generations``)."""
     if run.task.kind == "causal_lm":
-        return generate_and_score(run.model, loader, run.task, run.accelerator, run.tokenizer, run.references[split])
+        references = run.references[split]
+        metrics, texts = generate_and_score(run.model, loader, run.task, run.accelerator, run.tokenizer, references)
+        if keep_generations:
+            run.generations += [{"split": split, "index": i, "reference": references[i], "generation": text}
+                                for i, text in texts.items()]
+        return metrics
     return predict_and_score(run.model, loader, run.task, run.accelerator)
 
 
@@ -321,6 +338,7 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
         adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s, mem_stats=memory.stats(),
+        generations=run.generations,
     )
 
 
@@ -414,9 +432,12 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     use_cpu = _uses_cpu(cfg)
     if cfg.device == "cuda" and use_cpu:
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    precision, weights = cfg.precision, spec.model.dtype
+    if precision == "auto":  # half-precision weights: autocast of their dtype, on the CPU too
+        precision = weights if weights != "fp32" else "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    if weights != "fp32" and precision != weights:
+        raise ConfigError(f"model.dtype: {weights} weights need train.precision: {weights} (autocast of their dtype) "
+                          f"or auto, not {precision}")
     _fresh_accelerator_state()
     # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
     # an optimizer step, and a run gives the same result on any number of processes
@@ -450,6 +471,7 @@ def _model(spec: RunSpec, task, host: Host):
     modeling.freeze(model)
     host.hook.peftbench_inject(model=model, targets=targets)
     head_count = modeling.unfreeze_head(model, head)
+    modeling.trainable_to_fp32(model)  # adapters built on half-precision weights (model.dtype) took their dtype
     if spec.train.gradient_checkpointing:
         _enable_checkpointing(model)
     return model, modeling.head_parameter_names(model, head), head_count, tokenizer, targets, head

@@ -5,6 +5,7 @@ from __future__ import annotations
 from peftbench.config import Config
 from peftbench.hookspecs import hookimpl
 from peftbench.runner import make_host, run_sweep
+from peftbench.runs import EVALUATION, SELECTION
 from peftbench.store import Store
 
 
@@ -90,7 +91,8 @@ def synthetic_store(path, tasks=tuple(GLUE_METRICS), methods=("lora", "adalora",
                     report["ranks"] = {mod: rng.randint(2, 12) for mod in modules}
                     report["rank_history"] = [{"step": s, "ranks": {mod: max(2, 12 - s // 25) for mod in modules}}
                                               for s in (0, 50, 100, 150, 200)]
-                spec = {"method": method, "task": task, "seed": seed, "label": method, "selection": "in_budget",
+                spec = {"method": method, "task": task, "seed": seed, "label": method, "selection": SELECTION,
+                        "evaluation": EVALUATION,
                         "params": {"r": 8} if method != "full" else {}, "data": {"train": "ab12", "dev": "cd34"},
                         "model": {"name_or_path": "microsoft/deberta-v3-base"},
                         "train": {"lr": 5e-4 if method != "full" else 2e-5, "epochs": 3, "batch_size": 32,

@@ -2,6 +2,7 @@
 and a tiny end-to-end run through the real sweep."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peftbench.tasks.causal_lm import gold_number, last_number
+from peftbench.tasks.causal_lm import final_line, gold_number, is_formatted, last_number
 
 from peftbench import lm_data, modeling
 from peftbench.budget import model_shapes, solve_all, target_count
 from peftbench.config import ModelConfig, parse_config
 from peftbench.errors import ConfigError, DataError
 from peftbench.generation import generate_ids
+from peftbench.hookspecs import hookimpl
+from peftbench.host import PluginInfo
 from peftbench.runner import make_host, run_sweep
 from peftbench.schema import from_dict
 from peftbench.store import Store
@@ -114,7 +117,33 @@ def test_last_number(text, number):
 def test_scoring_counts_past_cap_as_wrong(host):
     task = host.task("gsm8k")
     scores = task.score(["so #### 72", None, "1,200.0"], ["x #### 72", "y #### 5", "z #### 1,200"])
-    assert scores == {"accuracy": pytest.approx(2 / 3), "past_cap": pytest.approx(1 / 3)}
+    assert scores == {"accuracy": pytest.approx(2 / 3), "formatted": pytest.approx(1 / 3),
+                      "past_cap": pytest.approx(1 / 3)}
+
+
+@pytest.mark.parametrize("generation, formatted", [
+    ("Natalia sold 72 clips.\n#### 72", True),
+    ("#### 1,200.", True),
+    ("# # # # 72", True),  # a word-piece tokenizer's decoding of "#### 72"
+    ("The answer is: $18.0", True),
+    ("the answer is : 5", True),  # an uncased one's
+    ("#### 72 and then some", False),  # not the end
+    ("# 72", False),
+    ("the total is 72", False),  # a number, no marker
+    ("#### x", False),
+    (None, False),  # ran into a cap
+])
+def test_answer_format(generation, formatted):
+    assert is_formatted(generation) is formatted
+
+
+@needs_gsm8k
+def test_final_response_trains_on_the_answer_line_and_scores_against_the_solution(host):
+    task = host.task("gsm8k").with_options({"response": "final", "val_size": 4})
+    train, valid = task.load("train", str(GSM8K)), task.load("valid", str(GSM8K))
+    assert all(re.fullmatch(r"#### -?[\d,.]+", r) for r in train.texts[1])
+    assert all("\n" in r and "####" in r for r in valid.texts[1])  # whole solutions: the gold number is found
+    assert final_line("He has 3.\n#### 3") == "#### 3" and final_line("The answer is: 42") == "The answer is: 42"
 
 
 # -- generation --------------------------------------------------------------------------------------------
@@ -233,8 +262,16 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
     summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
     assert summary.done == 2, summary.failed
     for run in store.runs():
-        assert {"accuracy", "past_cap"} <= set(run["best"])
-        assert set(run["final"]) == {"accuracy", "past_cap", "test_accuracy", "test_past_cap"}
+        assert {"accuracy", "formatted", "past_cap"} <= set(run["best"])
+        assert set(run["final"]) == {"accuracy", "formatted", "past_cap", "test_accuracy", "test_formatted",
+                                     "test_past_cap"}
+        lines = (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()
+        generations = [json.loads(line) for line in lines]
+        assert [g["split"] for g in generations] == ["valid"] * 4 + ["test"] * (len(generations) - 4)
+        assert [g["index"] for g in generations[:4]] == [0, 1, 2, 3]
+        test_refs = [json.loads(line)["answer"] for line in (GSM8K / "test.jsonl").read_text().splitlines()]
+        assert all(g["reference"] == test_refs[g["index"]] for g in generations if g["split"] == "test")
+        assert all(g["generation"] is None or isinstance(g["generation"], str) for g in generations)
         assert run["eval_s"] > 0 and run["train_s"] >= run["eval_s"]
         assert run["spec"]["task_options"]["val_size"] == 4
         assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
@@ -345,3 +382,45 @@ def test_every_real_gold_format(line, gold):
     assert gold_number(answer) == gold
     assert last_number(f"so the answer is {answer.rsplit('####', 1)[1].strip()}.") == gold  # as a model writes it
     assert last_number(f"so the answer is {gold}.0") == gold
+
+
+# -- half-precision weights ----------------------------------------------------------------------------------
+
+
+class DtypeProbe:
+    """Records, at train start, the dtypes of the frozen and the trainable parameters."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def peftbench_train_start(self, model):
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        self.seen.append((frozen, trainable))
+
+
+@needs_gsm8k
+def test_bf16_weights_with_fp32_trainable_parameters(tmp_path):
+    """LoRA, PRILoRA (whose input statistics are a buffer) and full fine-tuning (every weight trainable) on a
+    tiny Llama kept in bf16; bf16 backward on a CPU is slow, so two steps each."""
+    methods = [{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "prilora", "params": {"alpha": 8}},
+               {"name": "full"}]
+    config = llm_config(tmp_path, methods=methods, model={**tiny_llama_config(), "dtype": "bf16"},
+                        train={**llm_config(tmp_path).train.__dict__, "precision": "auto"})
+    host, probe = make_host(config), DtypeProbe()
+    host.add_plugin(probe, PluginInfo("observer", "object"))
+    store = Store(config.output.db)
+    summary = run_sweep(config, host, store, progress=False, log=lambda *a: None)
+    assert summary.done == 3, summary.failed
+    assert probe.seen[:2] == [({torch.bfloat16}, {torch.float32})] * 2
+    assert probe.seen[2] == (set(), {torch.float32})  # full fine-tuning: every weight trainable, so fp32
+    for run in store.runs():
+        assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
+        assert run["spec"]["model"]["dtype"] == "bf16"
+
+
+def test_half_precision_weights_need_autocast_of_their_dtype(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.dtype: bf16 weights .* train\.precision must be bf16 or auto, "
+                                          r"not fp32"):
+        llm_config(tmp_path, model={**tiny_llama_config(), "dtype": "bf16"})

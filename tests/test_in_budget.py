@@ -138,7 +138,7 @@ def test_schedule_that_leaves_too_few_in_budget_evaluations_is_a_config_error(tm
     config.plugins.append("tests.test_in_budget:LATE_PLUGIN")
     host = make_host(config)
     solved = solve_budgets(config, host)
-    with pytest.raises(ConfigError, match=r"methods\[1\] \(late, toy\): only 2 of the run's 17 dev evaluations"):
+    with pytest.raises(ConfigError, match=r"methods\[1\] \(late, toy\): only 2 of the run's 16 dev evaluations"):
         Sweep(config, host, Store(config.output.db), solved, SweepSummary())
     plan = in_budget_plan(TrainConfig(epochs=2, batch_size=16, eval_every=1), 256, lambda total: total - 3)
     assert (plan.total_steps, plan.from_step, plan.counted) == (32, 29, 4)
@@ -163,4 +163,16 @@ def test_budget_command_shows_the_plan(tmp_path, capsys):
     assert "in budget from step" in out
     plan = out[out.index("in budget from step"):]
     line = next(line for line in plan.splitlines() if line.startswith("adalora"))
-    assert line.split() == ["adalora", "toy", "32", "18", "4", "of", "9"]  # tfinal 0.47: mask frozen after 17
+    assert line.split() == ["adalora", "toy", "32", "18", "4", "of", "8"]  # tfinal 0.47: mask frozen after 17
+
+
+def test_evaluating_leaves_training_unchanged(tmp_path):
+    """Evaluations draw nothing from the training RNG: with dropout, the losses are the same whether the run
+    evaluates every step or only at epoch ends; and a step is evaluated once, however many reasons it has."""
+    lora = {"name": "lora", "params": {"dropout": 0.1}}
+    _, (often,) = _sweep(tmp_path / "a", [lora], eval_every=1, log_every=1)
+    _, (rarely,) = _sweep(tmp_path / "b", [lora], eval_every=0, log_every=1)
+    losses = [[h["loss"] for h in r["history"] if "loss" in h] for r in (often, rarely)]
+    assert len(losses[0]) == often["steps"] and losses[0] == losses[1]
+    steps = [h["step"] for h in often["history"] if "accuracy" in h]
+    assert steps == list(range(1, often["steps"] + 1)) and often["evaluations"] == len(steps)

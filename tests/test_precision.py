@@ -113,7 +113,7 @@ def test_every_builtin_method_under_bf16_with_accumulation_evaluations_resume_an
     assert sum("resumed from" in line and "at epoch 1, step 2" in line for line in lines) == len(methods)
     assert len(compiled) == 2  # the compiled run, crashed and resumed
     for label, run in runs.items():
-        assert run["steps"] == 4 and [h["step"] for h in run["history"] if "accuracy" in h] == [1, 2, 2, 3, 4]
+        assert run["steps"] == 4 and [h["step"] for h in run["history"] if "accuracy" in h] == [1, 2, 3, 4]
         assert all(math.isfinite(h["loss"]) for h in run["history"] if "loss" in h), label
     assert runs["lora_compiled"]["trainable"] == runs["lora"]["trainable"]
 

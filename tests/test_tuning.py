@@ -236,12 +236,12 @@ def test_one_row_per_label_when_the_chosen_values_differ_per_task():
 
 
 def test_untuned_configs_keep_their_run_ids(tmp_path):
-    """Ids computed before ``tune:`` existed (with the in-budget selection rule, which renamed every run on
-    purpose): adding tuning must not rename any stored run."""
+    """Ids of untuned runs (computed with the in-budget selection rule, RNG-isolated evaluations and
+    ``model.dtype``, which renamed every run on purpose): tuning must not rename any stored run."""
     config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "full"}],
                          seeds=[0, 1])
     host = make_host(config)
     runs = expand(config, solve_budgets(config, host), check_data(config, host, config.tasks))
-    assert [spec.run_id for spec in runs] == ['c55c657577d24f17', 'b899eeb9256671cd', '964a51cf899ab825',
-                                              'd271dc46dfa2a31e']
+    assert [spec.run_id for spec in runs] == ['b96760f1d9e8ee99', '1dd5f13a298936aa', '389f1a6917b32906',
+                                              '8f2c17e44737c484']
     assert all(spec.tuning is None and spec.tuned is None for spec in runs)

@@ -4,7 +4,9 @@
 MetaMathQA (``train_source: metamathqa``); validate on a fixed random sample of GSM8K train (``val_size``
 questions, seed ``val_seed``; removed from the training data when that is GSM8K train); test on the whole
 GSM8K test set once, at the end of each run (``final_splits``). A generation is right when the last number in
-it equals the gold answer (``#### N``), commas and a trailing ``.0`` normalised.
+it equals the gold answer (``#### N``), commas and a trailing ``.0`` normalised; ``formatted`` is the share of
+generations that stop and end in the answer format (``#### N`` or ``The answer is: N``), ``past_cap`` the share
+that ran into a length cap. ``response: final`` trains on the final-answer line alone (``#### 72``).
 
 Data: GSM8K from ``data_dir`` (``train.jsonl``/``test.jsonl`` with ``question``/``answer``, e.g.
 ``/work/shared/gsm8k``), else the hub (``openai/gsm8k``, config ``main``); MetaMathQA from
@@ -53,12 +55,33 @@ def last_number(text: str | None) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
+#: what comes before the final answer: GSM8K's solutions, then MetaMathQA's
+ANSWER_MARKERS = ("####", "The answer is:")
+# a marker, a number, nothing after; spaces inside the marker and case are free (word-piece tokenizers of
+# small test models decode ``####`` as ``# # # #``, and uncased ones lower-case)
+_FORMATTED = re.compile("(?:" + "|".join(r"\s*".join(map(re.escape, m.replace(" ", ""))) for m in ANSWER_MARKERS)
+                        + r")\s*\$?\s*" + _NUMBER.pattern + r"\s*\.?\s*$", re.IGNORECASE)
+
+
 def gold_number(answer: str) -> str | None:
     """The gold answer of a GSM8K solution (after ``####``) or a MetaMathQA one (after ``The answer is:``)."""
-    for marker in ("####", "The answer is:"):
+    for marker in ANSWER_MARKERS:
         if marker in answer:
             return last_number(answer.rsplit(marker, 1)[1])
     return last_number(answer)
+
+
+def final_line(answer: str) -> str:
+    """The final-answer line of a solution (``#### 72``; ``The answer is: 72``), or the whole text without one."""
+    for marker in ANSWER_MARKERS:
+        if marker in answer:
+            return marker + answer.rsplit(marker, 1)[1].rstrip()
+    return answer
+
+
+def is_formatted(generation: str | None) -> bool:
+    """Whether a generation stopped (no cap reached) and ends in the answer format: a marker, then a number."""
+    return generation is not None and _FORMATTED.search(generation) is not None
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -118,6 +141,9 @@ class Gsm8kOptions(GenerationOptions):
     prompt_template: str = GSM8K_PROMPT
     train_source: Literal["gsm8k", "metamathqa"] = "gsm8k"
     train_file: str | None = None  #: local MetaMathQA (JSON/JSONL with ``query``/``response``); else the hub
+    #: what the model is trained to answer: the whole ``solution`` (the reference protocol), or its ``final``
+    #: line alone (``#### 72``: short answers, for smoke tests and direct-answer baselines)
+    response: Literal["solution", "final"] = "solution"
 
 
 @dataclass
@@ -133,6 +159,8 @@ class Gsm8kTask(GenerationTask):
                 held = validation_sample(len(rows), self.options.val_size, self.options.val_seed)
                 keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
                 rows, source = [rows[i] for i in keep], f"{source}[{split}]"
+        if split == "train" and self.options.response == "final":
+            rows = [(q, final_line(a)) for q, a in rows]
         return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), source)
 
     def _gsm8k(self, split: str, data_dir: str | None) -> tuple[list[tuple[str, str]], str]:
@@ -168,6 +196,7 @@ class Gsm8kTask(GenerationTask):
     def score(self, generations: list[str | None], references: list[str]) -> dict[str, float]:
         right = [g is not None and last_number(g) == gold_number(r) for g, r in zip(generations, references)]
         return {"accuracy": float(np.mean(right)),
+                "formatted": float(np.mean([is_formatted(g) for g in generations])),
                 "past_cap": float(np.mean([g is None for g in generations]))}
 
 
