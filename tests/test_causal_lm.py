@@ -195,6 +195,20 @@ def test_llama_3_2_3b_shapes_offline_lora_r32_on_q_v(tmp_path):
         assert len(model_shapes(config, kind="causal_lm").targets) == 7 * layers
 
 
+@pytest.mark.parametrize("init_ratio", [4, 8, 16])
+def test_prunedlora_high_initial_ranks_on_llama_3_8b_shapes(tmp_path, init_ratio):
+    """The paper's setting: Llama-3-8B, q/v at r=32, starting at 4x to 16x the rank (up to 512 of 4,096)."""
+    config = llm_config(tmp_path, model={"name_or_path": "meta-llama/Meta-Llama-3-8B", "target_modules": ["q_proj", "v_proj"]},
+                        methods=[{"name": "lora", "params": {"r": 32}},
+                                 {"name": "prunedlora", "params": {"init_ratio": init_ratio}}],
+                        budget={"lora_rank": 32}, train={**llm_config(tmp_path).train.__dict__, "max_steps": 1000})
+    shapes = model_shapes(config, kind="causal_lm")
+    solved = solve_all(config, make_host(config), shapes)[("prunedlora", "gsm8k")]
+    target = 32 * 32 * ((4096 + 4096) + (4096 + 1024))
+    assert solved.matched and solved.target == target and solved.counts.final == target
+    assert solved.counts.peak == init_ratio * target
+
+
 def test_metamath_config_budget_offline():
     out = subprocess.run([sys.executable, "-m", "peftbench.cli", "budget", "configs/metamath_matched_budget.yaml"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
