@@ -139,6 +139,18 @@ def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str
     return labels, tasks, values, params
 
 
+def collect_test(runs: list[dict[str, Any]], main_metric: dict[str, str], labels: list[str]
+                 ) -> dict[tuple[str, str], list[float]]:
+    """The main metric on each task's test split (``final``'s ``test_<metric>``: a split scored once, on the
+    final model, like GSM8K's test set) per (label, task), ×100; empty for tasks without one (GLUE)."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        name = f"test_{main_metric.get(run['task'])}"
+        if run["label"] in labels and name in (run.get("final") or {}):
+            values[(run["label"], run["task"])].append(100 * float(run["final"][name]))
+    return values
+
+
 def _mean_count(runs: list[dict[str, Any]], labels: list[str], key: str) -> dict[str, int]:
     """Each label's measured ``final`` or ``peak`` count (from the budget audit), averaged over its runs: an
     allocation, and so the count, can differ between tasks and seeds."""
@@ -243,8 +255,13 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
 
     pm = "$\\pm$" if fmt == "latex" else "±"
+    test_values = collect_test(runs, main_metric, labels)
+    test_tasks = [t for t in tasks if any(task == t for (_, task) in test_values)]
+    test_means = {key: _mean_std(xs) for key, xs in test_values.items()}
+    test_best = {t: max(test_means[(lbl, t)][0] for lbl in labels if (lbl, t) in test_means) for t in test_tasks}
     header = ["method", *(["setting"] if ablation else []), "params", "peak",
-              *[f"{t} ({main_metric[t]})" for t in tasks], "avg"]
+              *[f"{t} ({main_metric[t]})" for t in tasks], "avg",
+              *[f"{t} test ({main_metric[t]})" for t in test_tasks]]
     peaks = _mean_count(runs, labels, "peak")
     misses = {(run["label"], run["task"]) for run in runs if missed(run)}
     rows = []
@@ -264,6 +281,13 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
                        + (MISS_MARK if (label, t) in misses else ""))
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
+        for t in test_tasks:
+            if (label, t) not in test_means:
+                row.append("—")
+                continue
+            mean, std = test_means[(label, t)]
+            cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if len(test_values[(label, t)]) > 1 else "")
+            row.append(mark(cell, mean == test_best[t]))
         rows.append(row)
     cost_notes = []
     if cost or (cost is None and fmt == "csv"):
@@ -279,6 +303,9 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
     if misses:
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")
+    if test_tasks:
+        note += ("; `test`: the task's test split, scored once at the end on the final model (always in budget), "
+                 "not part of avg")
     note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
     return header, rows, [note, *cost_notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))]
 

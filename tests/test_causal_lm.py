@@ -22,6 +22,7 @@ from peftbench.host import PluginInfo
 from peftbench.runner import make_host, run_sweep
 from peftbench.schema import from_dict
 from peftbench.store import Store
+from peftbench.tables import build
 from peftbench.task import Split
 from peftbench.toys import tiny_llama_config
 
@@ -289,6 +290,10 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         assert run["eval_s"] > 0 and run["train_s"] >= run["eval_s"]
         assert run["spec"]["task_options"]["val_size"] == 4
         assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
+    # the test split scored at the end is a column of its own, beside the in-budget dev metric
+    table = build(store.runs(), {"gsm8k": "accuracy"}, "plain")
+    header = table.splitlines()[0].split()
+    assert header[-3:] == ["gsm8k", "test", "(accuracy)"] and "not part of avg" in table
 
 
 def test_gpt2_conv1d_becomes_an_equal_linear(tmp_path):
