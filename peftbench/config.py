@@ -535,12 +535,30 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
             raise ConfigError(f"{where(data, 'seeds') or f'{source}: '}seeds: a number of seeds must be in "
                               f"1..10000, got {seeds}")
         data["seeds"] = list(range(seeds))
+    _check_labels(data, source)
     config = from_dict(Config, data, "", f"{source}: ")
     config.source, config._data = source, data
     config.tasks = [t.lower() for t in config.tasks]
     config.check_train()
     config.check_tune()
     return config
+
+
+def _check_labels(data: dict, source: str) -> None:
+    """A method label used twice names the line of its second use (the check in ``Config`` can only name
+    ``methods``)."""
+    methods = data.get("methods")
+    seen: dict[str, int] = {}
+    for i, method in enumerate(methods if isinstance(methods, list) else []):
+        if not isinstance(method, dict):
+            continue
+        key = "label" if method.get("label") is not None else "name"
+        label = method.get(key)
+        if isinstance(label, str) and label in seen:
+            raise ConfigError(f"{locate(data, ('methods', i, key), f'{source}: ')}methods[{i}]: label {label!r} is "
+                              f"already methods[{seen[label]}]'s; give each variant a unique `label`")
+        if isinstance(label, str):
+            seen[label] = i
 
 
 def _spelled_out(data: dict) -> Located:

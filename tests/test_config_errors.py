@@ -326,3 +326,11 @@ def test_every_error_is_reported_in_line_order(tmp_path):
                      ":12: train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got 'bf61' "
                      "(did you mean 'bf16'?)",
                      ":13: train.lr: expected a number, got 'fast'"]
+
+
+def test_duplicate_label_names_the_line_of_its_second_use(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\ntasks: [sst2]\nmethods:\n  - name: lora\n  - name: prilora\n"
+                    "  - name: lora\n    params: {r: 4}\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:6: methods\[2\]: label 'lora' is already methods\[0\]'s"):
+        load_config(str(path))
