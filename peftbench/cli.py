@@ -313,6 +313,9 @@ def cmd_budget(args) -> int:
     _in_budget_plan(config, host, solved)
     if args.memory is not None and task_kind(config, host) == "causal_lm":
         print("\nnote: --memory models encoder classifiers (peftbench/memory.py); no prediction for decoder LLMs yet")
+    elif args.memory is not None and config.model.dtype != "fp32":
+        print(f"\nnote: --memory models fp32 weights (peftbench/memory.py); no prediction for model.dtype: "
+              f"{config.model.dtype} yet")
     elif args.memory is not None:
         _memory_plan(config, host, shapes, solved, args.memory)
     return 0

@@ -110,3 +110,11 @@ def test_gradient_checkpointing_shrinks_the_predicted_activations():
     checkpointed = memory.predict(shapes.model, 1_000_000, 32, 320, "fp32", checkpointing=True)
     assert checkpointed.activations < plain.activations / 4  # 12 layers: inputs only, plus one layer recomputed
     assert checkpointed.total - checkpointed.activations == plain.total - plain.activations
+
+
+def test_budget_memory_says_half_precision_weights_are_not_modelled(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFTBENCH_GLUE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["budget", GLUE_CONFIG, "--set", "model.dtype=bf16", "--set", "train.precision=bf16", "--memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "no prediction for model.dtype: bf16" in out and "predicted peak" not in out
