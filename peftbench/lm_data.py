@@ -93,10 +93,18 @@ def _gather(e: Encoded, idx: np.ndarray, width: int, left: bool) -> tuple[np.nda
 
 class LMCollator:
     """Training batches: right-padded ``prompt + response`` with labels on the response; evaluation batches
-    (``generation=True``): left-padded prompts, labels are the examples' indices in their split."""
+    (``generation=True``): left-padded prompts, labels are the examples' indices in their split.
 
-    def __init__(self, encoded: Encoded, pad: int, generation: bool, pad_to: int | None = None):
+    ``trim_logits``: a training batch also says how many trailing positions need logits (``logits_to_keep``,
+    from the position before the batch's earliest response token), with its labels cut to those columns. The
+    LM head then skips every position that only predicts prompt tokens: the loss is the same, and the
+    ``tokens × vocabulary`` logits (a large share of an LLM step's memory at Llama-3's 128k vocabulary) shrink
+    to the response part."""
+
+    def __init__(self, encoded: Encoded, pad: int, generation: bool, pad_to: int | None = None,
+                 trim_logits: bool = False):
         self.encoded, self.pad, self.generation, self.pad_to = encoded, pad, generation, pad_to
+        self.trim_logits = trim_logits and not generation
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         e, idx = self.encoded, np.asarray(indices)
@@ -108,12 +116,17 @@ class LMCollator:
             batch["labels"] = torch.from_numpy(e.labels[idx].astype(np.int64))
         else:
             answer = mask & (positions >= e.prompt_lengths[idx][:, None])
-            batch["labels"] = torch.from_numpy(np.where(answer, ids, IGNORE_INDEX).astype(np.int64))
+            labels = np.where(answer, ids, IGNORE_INDEX).astype(np.int64)
+            if self.trim_logits:
+                first = int(np.argmax(answer.any(0))) if answer.any() else width - 1
+                keep = width - max(first - 1, 0)  # the logit at position t predicts token t + 1
+                labels, batch["logits_to_keep"] = labels[:, width - keep:], keep
+            batch["labels"] = torch.from_numpy(np.ascontiguousarray(labels))
         return batch
 
 
 def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by_length: bool, seed: int,
-                   pad: int, pad_to: int | None = None) -> torch.utils.data.DataLoader:
+                   pad: int, pad_to: int | None = None, trim_logits: bool = False) -> torch.utils.data.DataLoader:
     """Training: shuffled (length-grouped) batches; generation: every prompt sorted by length, longest first
     (least padding, and an out-of-memory batch shows at once)."""
     from .data import EncodedDataset
@@ -121,4 +134,4 @@ def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by
     sampler = LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle=not generation,
                                         group_by_length=group_by_length or generation, seed=seed)
     return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
-                                       collate_fn=LMCollator(encoded, pad, generation, pad_to))
+                                       collate_fn=LMCollator(encoded, pad, generation, pad_to, trim_logits))

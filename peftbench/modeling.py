@@ -227,6 +227,15 @@ def _dtype(name: str = "fp32") -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": DTYPES[name]}
 
 
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether a causal LM's forward computes logits for the last ``logits_to_keep`` positions only (every
+    Llama-family, GPT-2 and Phi model of transformers >= 4.50; remote code may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 @torch.no_grad()
 def trainable_to_fp32(model: nn.Module) -> int:
     """Every trainable parameter, and the floating buffers of the modules that own one (an adapter's

@@ -378,7 +378,8 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     accelerator, use_cpu = _accelerator(spec)
     model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
     if task.kind == "causal_lm":
-        train_loader, dev_loaders, final_loaders, references = lm_loaders(spec, task, tokenizer)
+        train_loader, dev_loaders, final_loaders, references = lm_loaders(
+            spec, task, tokenizer, trim_logits=modeling.takes_logits_to_keep(model))
         train_loader = _multi_process(train_loader, accelerator.num_processes)
     else:
         train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
@@ -517,9 +518,10 @@ def _multi_process(train_loader, processes: int):
                                        batch_sampler=ShortBatchLast(train_loader.batch_sampler))
 
 
-def lm_loaders(spec: RunSpec, task, tokenizer):
+def lm_loaders(spec: RunSpec, task, tokenizer, trim_logits: bool = False):
     """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
-    evaluation split, the final-only ones apart; and each evaluation split's references (its responses)."""
+    evaluation split, the final-only ones apart; and each evaluation split's references (its responses).
+    ``trim_logits``: training batches ask for logits of the response part only (:class:`lm_data.LMCollator`)."""
     cfg, pad = spec.train, lm_data.pad_id(tokenizer)
 
     def encoded(split: str, with_response: bool, limit: int | None):
@@ -536,7 +538,8 @@ def lm_loaders(spec: RunSpec, task, tokenizer):
     # a tuning run reads neither dev nor test
     final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = lm_data.make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
-                                          pad_to=cfg.max_length if cfg.pad_to_max_length else None)
+                                          pad_to=cfg.max_length if cfg.pad_to_max_length else None,
+                                          trim_logits=trim_logits)
 
     def loaders(splits):
         return {split: lm_data.make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)

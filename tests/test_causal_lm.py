@@ -77,6 +77,29 @@ def test_loss_only_on_response_tokens_and_eos(tiny):
     assert answer == "a longer answer here # # # # 7"
 
 
+def test_logits_of_the_response_part_only_give_the_same_loss_and_gradients(tiny):
+    mc, tok, _ = tiny
+    assert modeling.takes_logits_to_keep(modeling.load_model(mc, 0, seed=0, kind="causal_lm"))
+    split = Split([["Question: how many apples are left after eating two of five? Answer:", "Q: one"],
+                   ["3 #### 3", "a longer answer here #### 7"]], [0.0, 0.0], "mem")
+    enc = lm_data.encode_lm(split, tok, 64, with_response=True, use_cache=False)
+    full = lm_data.LMCollator(enc, lm_data.pad_id(tok), generation=False)([0, 1])
+    trimmed = lm_data.LMCollator(enc, lm_data.pad_id(tok), generation=False, trim_logits=True)([0, 1])
+    shortest_prompt = int(enc.prompt_lengths.min())
+    assert trimmed["logits_to_keep"] == full["labels"].shape[1] - shortest_prompt + 1
+    assert torch.equal(trimmed["labels"], full["labels"][:, -trimmed["logits_to_keep"]:])
+    losses, grads = [], []
+    for batch in (full, trimmed):
+        model = modeling.load_model(mc, 0, seed=0, kind="causal_lm").train()
+        out = model(**batch)
+        out.loss.backward()
+        assert out.logits.shape[1] == batch.get("logits_to_keep", batch["labels"].shape[1])
+        losses.append(out.loss)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_generation_batches_are_left_padded_with_indices(tiny):
     _, tok, _ = tiny
     split = Split([["short", "a much longer prompt than the other"], ["x", "y"]], [0.0, 0.0], "mem")
