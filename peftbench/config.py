@@ -226,10 +226,6 @@ class Config:
     source: str = field(default="<config>", compare=False)
 
     def __post_init__(self):
-        labels = [m.label for m in self.methods]
-        duplicates = sorted({x for x in labels if labels.count(x) > 1})
-        if duplicates:
-            raise ValueError(f"methods: duplicate label(s) {duplicates}; give each variant a unique `label`")
         if not self.tasks:
             raise ValueError("tasks: at least one task is required")
         if not self.methods:
@@ -545,8 +541,8 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
 
 
 def _check_labels(data: dict, source: str) -> None:
-    """A method label used twice names the line of its second use (the check in ``Config`` can only name
-    ``methods``)."""
+    """Every method label (its ``label``, else its ``name``) once: a repeated one names the line of its second
+    use. Before ``Config`` is built, whose own checks could only name ``methods``."""
     methods = data.get("methods")
     seen: dict[str, int] = {}
     for i, method in enumerate(methods if isinstance(methods, list) else []):

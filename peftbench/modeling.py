@@ -237,23 +237,16 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def trainable_to_fp32(model: nn.Module) -> int:
+def trainable_to_fp32(model: nn.Module) -> None:
     """Every trainable parameter, and the floating buffers of the modules that own one (an adapter's
     statistics), in fp32, for a model loaded in half precision (``model.dtype``): the optimizer and the
-    methods' importance scores need full precision; the frozen weights stay as loaded. Returns how many
-    tensors it converted."""
-    converted = 0
+    methods' importance scores need full precision; the frozen weights stay as loaded."""
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if not any(p.requires_grad for p in own):
-            continue
-        tensors = [p for p in own if p.requires_grad] + [b for b in module.buffers(recurse=False)
-                                                         if b.is_floating_point()]
-        for t in tensors:
-            if t.dtype != torch.float32:
-                t.data = t.data.float()
-                converted += 1
-    return converted
+        if any(p.requires_grad for p in own):
+            for t in [p for p in own if p.requires_grad] + list(module.buffers(recurse=False)):
+                if t.is_floating_point() and t.dtype != torch.float32:
+                    t.data = t.data.float()
 
 
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,

@@ -255,6 +255,12 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
 
     pm = "$\\pm$" if fmt == "latex" else "±"
+
+    def cell(xs: list[float], best_mean: float) -> str:
+        """``mean±std`` over seeds (the mean alone for one seed), marked when it is the column's best."""
+        mean, std = _mean_std(xs)
+        return mark(f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if len(xs) > 1 else ""), mean == best_mean)
+
     test_values = collect_test(runs, main_metric, labels)
     test_tasks = [t for t in tasks if any(task == t for (_, task) in test_values)]
     test_means = {key: _mean_std(xs) for key, xs in test_values.items()}
@@ -273,11 +279,8 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
             if (label, t) not in means:
                 row.append("—")
                 continue
-            mean, std = means[(label, t)]
-            n = len(values[(label, t)])
-            cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if n > 1 else "")
             significant = p_values.get((label, t), 1.0) < alpha
-            row.append(mark(cell, mean == best[t]) + ("†" if significant else "")
+            row.append(cell(values[(label, t)], best[t]) + ("†" if significant else "")
                        + (MISS_MARK if (label, t) in misses else ""))
         avg = averages.get(label)
         row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
@@ -285,9 +288,7 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
             if (label, t) not in test_means:
                 row.append("—")
                 continue
-            mean, std = test_means[(label, t)]
-            cell = f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if len(test_values[(label, t)]) > 1 else "")
-            row.append(mark(cell, mean == test_best[t]))
+            row.append(cell(test_values[(label, t)], test_best[t]))
         rows.append(row)
     cost_notes = []
     if cost or (cost is None and fmt == "csv"):

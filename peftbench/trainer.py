@@ -23,7 +23,6 @@ from . import lm_data, modeling, schedule
 from .checkpoint import Checkpoint
 from .costs import PeakMemory
 from .data import holdout_split, load_task_data, make_loader, subsample
-from .errors import ConfigError
 from .export import adapter_file_bytes
 from .generation import generate_and_score
 from .hookspecs import TrainState
@@ -434,11 +433,9 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     if cfg.device == "cuda" and use_cpu:
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
     precision, weights = cfg.precision, spec.model.dtype
-    if precision == "auto":  # half-precision weights: autocast of their dtype, on the CPU too
+    if precision == "auto":  # half-precision weights: autocast of their dtype, on the CPU too (a mismatch with an
+        # explicit precision is a config error: Config.check_train)
         precision = weights if weights != "fp32" else "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
-    if weights != "fp32" and precision != weights:
-        raise ConfigError(f"model.dtype: {weights} weights need train.precision: {weights} (autocast of their dtype) "
-                          f"or auto, not {precision}")
     _fresh_accelerator_state()
     # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
     # an optimizer step, and a run gives the same result on any number of processes
