@@ -65,6 +65,21 @@ ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "
                  "adapter_bytes": "INTEGER", "audit": "TEXT", "mem_stats": "TEXT",
                  "eval_s": "REAL", "harness": "TEXT"}
 
+def _column_types() -> dict[str, str]:
+    """Every ``runs`` column with its SQL type, from ``SCHEMA`` and ``ADDED_COLUMNS``."""
+    body = SCHEMA.split("CREATE TABLE IF NOT EXISTS runs (", 1)[1].split(");", 1)[0]
+    types: dict[str, str] = {}
+    for line in body.splitlines():
+        line = line.split("--", 1)[0]
+        for part in line.split(","):
+            words = part.split()
+            if len(words) >= 2:
+                types[words[0]] = words[1]
+    return {**types, **ADDED_COLUMNS}
+
+
+COLUMN_TYPES = _column_types()
+
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
                 "harness", "mem_stats")
 
@@ -265,13 +280,20 @@ class Store:
         return path
 
     def import_pending(self) -> int:
-        """Write the results that an earlier process kept in sidecar files (the store was locked then)."""
+        """Write the results that an earlier process kept in sidecar files (the store was locked then). A file
+        that is not such a result is moved aside (``*.json.bad``) with a message: it never reaches the SQL and
+        never blocks the store."""
         imported = 0
         for path in sorted(self.pending_dir.glob("*.json")) if self.pending_dir.is_dir() else ():
             try:
-                values = json.loads(path.read_text())
+                values = _parse_pending(json.loads(path.read_text()))
             except (OSError, ValueError) as exc:
-                self.log(f"peftbench: ignoring unreadable pending result {path} ({exc})")
+                aside = path.with_name(path.name + ".bad")
+                try:
+                    path.replace(aside)
+                except OSError:
+                    aside = path
+                self.log(f"peftbench: not importing {path}: {exc}; left in {aside}")
                 continue
             if self._update(path.stem, values, owned=False):
                 imported += 1
@@ -306,6 +328,33 @@ class Store:
         rows = self.db.execute("SELECT * FROM runs WHERE substr(run_id, 1, ?) = ?", (len(run_id), run_id)).fetchall()
         rows = [row for row in rows if row["run_id"] == run_id] or rows
         return _decode(rows[0]) if len(rows) == 1 else None
+
+
+#: what a pending file may set: a finished run's outcome, never its identity or its claim
+_PENDING_EXCLUDED = {"run_id", "sweep", "label", "method", "task", "seed", "model", "spec", "host", "pid",
+                     "proc_start", "started"}
+_SQL_TYPES: dict[str, tuple[type, ...]] = {"TEXT": (str,), "INTEGER": (int,), "REAL": (int, float)}
+
+
+def _parse_pending(values: Any) -> dict[str, Any]:
+    """The columns and values of a pending result file (what ``finish`` wrote), checked against the store's
+    result columns: unknown keys and wrong types are refused (``ValueError``), so the ``UPDATE`` built from
+    the keys only ever names real columns."""
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object of result fields, got {type(values).__name__}")
+    if values.get("status") not in ("done", "failed"):
+        raise ValueError(f"status must be 'done' or 'failed', got {values.get('status')!r}")
+    parsed = {}
+    for key, value in values.items():
+        kind = COLUMN_TYPES.get(key) if key not in _PENDING_EXCLUDED else None
+        if kind is None:
+            raise ValueError(f"unknown result field {key!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, _SQL_TYPES[kind])):
+            raise ValueError(f"field {key!r} must be {kind.lower()}, got {type(value).__name__}")
+        if key in JSON_COLUMNS and value is not None:
+            json.loads(value)  # stored as JSON text: must decode (ValueError otherwise)
+        parsed[key] = value
+    return parsed
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
