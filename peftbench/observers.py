@@ -11,10 +11,13 @@ its loop.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .hookspecs import hookimpl
@@ -56,6 +59,21 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+@contextmanager
+def forked_rng() -> Iterator[None]:
+    """Run a block with the training random generators forked (torch's, CUDA's where in use, numpy's global one
+    and Python's ``random``, all of which the trainer seeds): what an observer draws never changes training,
+    as evaluations draw nothing from it either."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 @contextmanager

@@ -365,7 +365,10 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         raise ConfigError(f"results store {str(path)!r} does not exist" if not path.exists()
                           else f"results store {str(path)!r} is not a file")
     last: Exception | None = None
-    for flags in ("mode=ro", "mode=ro&immutable=1"):
+    # A WAL-mode file with no ``-wal`` beside it has no writer and nothing uncheckpointed: read it as immutable,
+    # since SQLite's ``mode=ro`` would create ``-wal`` / ``-shm`` files there and leave them behind.
+    quiet = _wal_mode(path) and not path.with_name(path.name + "-wal").exists()
+    for flags in ("mode=ro&immutable=1",) if quiet else ("mode=ro", "mode=ro&immutable=1"):
         db = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
@@ -379,6 +382,16 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
             raise ConfigError(f"{path}: not a peftbench results store (no runs table with peftbench's columns)")
         return db
     raise ConfigError(f"{path}: not a peftbench results store, or not readable ({last})")
+
+
+def _wal_mode(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` is in WAL mode (header bytes 18-19 are 2 there)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -21,11 +21,13 @@ import importlib
 import importlib.util
 import inspect
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from .hookspecs import hookimpl
+from .observers import forked_rng
 
 
 class Tracker:
@@ -102,8 +104,9 @@ class Tracker:
         if self.broken or (what != "start" and not self.started):
             return
         try:
-            call()
-        except Exception as exc:  # a tracker never fails a run
+            with forked_rng():  # whatever the tracker draws, training's random streams stay as they were
+                call()
+        except (Exception, SystemExit) as exc:  # a tracker never fails a run, nor ends the sweep
             self.broken = True
             warnings.warn(f"peftbench: tracker {self.name!r} failed in {what} ({type(exc).__name__}: {exc}); run "
                           f"{getattr(self.spec, 'run_id', '?')} goes on without it", RuntimeWarning, stacklevel=2)
@@ -126,6 +129,11 @@ class AccelerateTracker(Tracker):
                   "experiment_name": self.spec.sweep, "logging_dir": str(self.run_dir)}
         if self.name == "tensorboard":
             kwargs["run_name"] = "tensorboard"  # its folder under the run's own: <output.dir>/<run_id>/tensorboard
+            # its writer thread fails later with a thread traceback on a folder it cannot write: fail here instead
+            folder = self.run_dir / "tensorboard"
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot write the TensorBoard folder {folder}")
         self.tracker = cls(**{k: v for k, v in kwargs.items() if k in accepted})
         if hasattr(self.tracker, "start"):  # accelerate >= 1.2 opens the run in start()
             self.tracker.start()
@@ -193,8 +201,11 @@ def run_trackers(spec: Any) -> list[Tracker]:
     run_dir = Path(spec.out_dir or "results/runs") / spec.run_id
     for name in getattr(spec, "trackers", None) or ():
         try:
-            made.append(_import(name)(spec, run_dir) if ":" in name else AccelerateTracker(spec, run_dir, name))
-        except Exception as exc:
+            tracker = _import(name)(spec, run_dir) if ":" in name else AccelerateTracker(spec, run_dir, name)
+            if tracker.name == Tracker.name:  # a third party's class without a name of its own: its module:Class
+                tracker.name = name
+            made.append(tracker)
+        except (Exception, SystemExit) as exc:
             warnings.warn(f"peftbench: tracker {name!r} could not be made ({type(exc).__name__}: {exc}); run "
                           f"{spec.run_id} goes on without it", RuntimeWarning, stacklevel=2)
     return made

@@ -5,10 +5,17 @@ of the round: commands people type, with the exit code and message each must giv
 from __future__ import annotations
 
 import json
+import random
+import warnings
 
+import numpy as np
 import pytest
+import torch
 
+from peftbench.runner import make_host, run_sweep
 from peftbench.store import Store, _parse_pending
+from peftbench.testing import tiny_config, tiny_model_config
+from peftbench.trackers import AccelerateTracker, Tracker
 
 
 def _store_with_runs(tmp_path) -> Store:
@@ -61,3 +68,57 @@ def test_parse_pending_checks_types():
         "status": "failed", "error": "x", "traceback": None}
     with pytest.raises(ValueError, match="best_step"):
         _parse_pending({"status": "done", "best_step": True})
+
+
+# -- 4, 14. trackers: what they draw, raise or exit with never reaches training or the sweep ---------------
+
+class DrawingTracker(Tracker):
+    """Draws from every global generator the trainer seeds, at every log point."""
+
+    def log_metrics(self, values, step):
+        torch.rand(7)
+        np.random.rand(3)
+        random.random()
+
+
+class ExitingTracker(Tracker):
+    def log_metrics(self, values, step):
+        raise SystemExit(3)
+
+
+def _tracked_sweep(tmp_path, trackers):
+    model = tiny_model_config()
+    model["config_overrides"]["hidden_dropout_prob"] = 0.1  # training draws from torch's generator
+    config = tiny_config(tmp_path, model=model, output={"trackers": trackers})
+    with Store(config.output.db) as store:
+        summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
+        return summary, store.runs(None)
+
+
+def test_a_tracker_drawing_random_numbers_changes_no_training(tmp_path):
+    _, (plain,) = _tracked_sweep(tmp_path / "plain", [])
+    _, (drawn,) = _tracked_sweep(tmp_path / "drawn", ["test_reliability_round3:DrawingTracker"])
+    assert drawn["run_id"] == plain["run_id"] and drawn["history"] == plain["history"]
+
+
+def test_a_tracker_raising_system_exit_is_contained_and_named(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary, (run,) = _tracked_sweep(tmp_path, ["test_reliability_round3:ExitingTracker"])
+    assert summary.ok and run["status"] == "done"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("tracker 'test_reliability_round3:ExitingTracker' failed in log (SystemExit: 3)" in m for m in messages)
+
+
+def test_tensorboard_in_an_unwritable_folder_is_one_warning(tmp_path, capfd):
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    (tmp_path / "tensorboard").write_text("a file where the log folder goes")
+    spec = SimpleNamespace(run_id="r1", sweep="s", label="lora", task="toy", seed=0, identity=lambda: {})
+    tracker = AccelerateTracker(spec, tmp_path, "tensorboard")
+    with pytest.warns(RuntimeWarning, match="tracker 'tensorboard' failed in start"):
+        tracker.peftbench_train_start(SimpleNamespace(accelerator=None))
+    tracker._metrics({"train/loss": 1.0}, 1)
+    tracker.close()
+    assert "Traceback" not in capfd.readouterr().err
