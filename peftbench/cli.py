@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluate a stored causal-LM run's exported adapter with lm-evaluation-harness")
     p.add_argument("run_id", help="run id (or a unique prefix)")
     p.add_argument("--harness", required=True, metavar="TASKS", help="comma-separated lm-eval task names")
-    p.add_argument("--limit", type=int, help="at most this many examples per task (a quick look)")
+    p.add_argument("--limit", type=_positive_int, help="at most this many examples per task (a quick look; stored "
+                                                        "apart from full results, as TASK@limit=N)")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (local tasks)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -153,6 +154,27 @@ def _gpu_gb(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a GPU memory size in GiB (a positive number), got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _output_folder(path: str, flag: str) -> None:
+    """``path`` can be made and written as an output folder; else bad input naming ``flag``."""
+    from .errors import ConfigError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path!r} is a file; give a folder")
+    problem = _unwritable_dir(Path(path))
+    if problem:
+        raise ConfigError(f"{flag} {path!r}: {problem}")
 
 
 def _load(args):
@@ -419,25 +441,39 @@ def _stored_runs(args, status: str | None = "done"):
 
 
 def cmd_plot(args) -> int:
+    from .errors import ConfigError
     from .host import Host
     from .plots import plot_all
     from .tuning import is_tuning_run
 
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("peftbench plot needs matplotlib: pip install 'peftbench[plot]'") from None
     rows = [row for row in _stored_runs(args) if not is_tuning_run(row)]
-    written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
+    _output_folder(args.out_dir, "--out-dir")
+    try:
+        written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
+    except OSError as exc:
+        raise ConfigError(f"--out-dir {args.out_dir!r}: cannot write the figures ({exc})") from None
     print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))
     return 0
 
 
 def cmd_report(args) -> int:
+    from .errors import ConfigError
     from .host import Host
     from .report import write_report
 
     stored = _stored_runs(args, status=None)  # also the unfinished runs: the page lists them as such
     rows = [row for row in stored if row["status"] == "done"]
-    page = write_report(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out,
-                        unfinished=[row for row in stored if row["status"] != "done"], source=args.db,
-                        title=args.title)
+    _output_folder(args.out, "--out")
+    try:
+        page = write_report(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out,
+                            unfinished=[row for row in stored if row["status"] != "done"], source=args.db,
+                            title=args.title)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out!r}: cannot write the report ({exc})") from None
     print(f"peftbench: wrote {page} ({len(rows)} finished run(s))")
     return 0
 
@@ -482,6 +518,8 @@ def cmd_evaluate(args) -> int:
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
     results = evaluate_run(run, Host(plugins=args.plugins), args.harness.split(","), args.limit, args.include_path,
                            args.batch_size, args.device)
+    if args.limit is not None:  # a quick look on part of a task never replaces its full result
+        results = {f"{task}@limit={args.limit}": metrics for task, metrics in results.items()}
     with Store(db) as store:
         store.set_harness(run["run_id"], results)
     for task, metrics in results.items():

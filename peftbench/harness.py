@@ -44,13 +44,23 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
     if spec_model.get("random_init") or not Path(base).exists() and base in modeling.BUILTIN_CONFIGS:
         raise ConfigError(f"run {run['run_id']}: its base model {base!r} was built with random weights; the harness "
                           "loads a saved model (a local folder or a hub id)")
-    adapter = Path(adapter_dir or tempfile.mkdtemp(prefix="peftbench-harness-"))
-    export_run(run, adapter, host)
-    model_args = {"pretrained": base, "peft": str(adapter), "dtype": "float32"}
-    if spec_model.get("tokenizer"):
-        model_args["tokenizer"] = modeling.resolve_name(spec_model["tokenizer"])
-    out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), limit=limit,
-                          task_manager=TaskManager(include_path=include_path), batch_size=batch_size, device=device)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be a positive number of examples, got {limit}")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path {include_path!r} is not a folder of lm-eval task YAMLs")
+    manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"--harness: unknown lm-eval task(s) {', '.join(map(repr, unknown))} (`lm-eval ls tasks` "
+                          "lists them; local YAML tasks need --include-path)")
+    with tempfile.TemporaryDirectory(prefix="peftbench-harness-") as scratch:  # removed however the run ends
+        adapter = Path(adapter_dir or scratch)
+        export_run(run, adapter, host)
+        model_args = {"pretrained": base, "peft": str(adapter), "dtype": "float32"}
+        if spec_model.get("tokenizer"):
+            model_args["tokenizer"] = modeling.resolve_name(spec_model["tokenizer"])
+        out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), limit=limit,
+                              task_manager=manager, batch_size=batch_size, device=device)
     return harness_metrics(out["results"])
 
 

