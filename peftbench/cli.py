@@ -494,12 +494,28 @@ def cmd_export(args) -> int:
     store.close()
     if run is None or run["status"] != "done":
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r} (ids are listed by `peftbench run`)")
+    if args.check and run["method"] != "full":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("--check loads the export with HF PEFT, which is not installed here: pip install peft "
+                              "(or pip install -e '.[dev]')") from None
     host = Host(plugins=args.plugins)
     out = export_run(run, args.out_dir, host)
-    print(f"peftbench: exported run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) to {out}")
+    what = "the trained model (full fine-tuning: config.json, model.safetensors)" if run["method"] == "full" \
+        else "the adapter"
+    print(f"peftbench: exported {what} of run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) "
+          f"to {out}")
     if args.check:
-        diff, agree = check_export(run, out, host, args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR"))
-        print(f"peftbench: HF PEFT reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
+        data_dir = args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR")
+        try:
+            diff, agree = check_export(run, out, host, data_dir)
+        except ConfigError as exc:
+            if data_dir:
+                raise
+            raise ConfigError(f"{exc}\n--check reads the run's dev data: give its folder with --data-dir FOLDER "
+                              "(or set PEFTBENCH_GLUE_DIR)") from None
+        print(f"peftbench: {'transformers' if run['method'] == 'full' else 'HF PEFT'} reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
     return 0
 
 

@@ -10,6 +10,7 @@ training, like PrunedLoRA's shrunk ranks, takes the saved shape itself: ``peftbe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,19 @@ def adapter_file_bytes(model: nn.Module, targets, head: list[str], host: Host) -
 
 
 def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
+    """Write ``run``'s best adapter in HF PEFT's format into ``out_dir``; a run that trained every weight (full
+    fine-tuning) has no adapter: its trained model is written as a plain transformers model instead
+    (``config.json`` and ``model.safetensors``, loaded by ``from_pretrained(DIR)``)."""
     model, targets, head, method = rebuild(run, host)
     with host.activate(method):
         exported = peft_adapter(model, targets, head, host)
+    out = Path(out_dir)
+    if exported is None and all(p.requires_grad for p in model.parameters()):
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        _readable(out / "model.safetensors")
+        _write_run_file(run, out)
+        return out
     if exported is None:
         raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
                           "in HF PEFT format")
@@ -112,25 +123,39 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
               "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}
     if host.task(run["task"]).kind == "causal_lm":  # PeftModel.from_pretrained then gives a PeftModelForCausalLM
         config["task_type"] = "CAUSAL_LM"
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
     save_file(state, str(out / "adapter_model.safetensors"))
+    _readable(out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (out / "peftbench_run.json").write_text(json.dumps(
-        {k: run.get(k) for k in ("run_id", "label", "method", "task", "seed", "best", "best_step", "spec")},
-        indent=2, default=str))
+    _write_run_file(run, out)
     return out
 
 
-def load_with_peft(run: dict[str, Any], directory: str | Path, host: Host) -> nn.Module:
-    """The base model of ``run`` (rebuilt, no adapters) with the exported adapter loaded by HF PEFT."""
-    from peft import PeftModel
+def _write_run_file(run: dict[str, Any], out: Path) -> None:
+    (out / "peftbench_run.json").write_text(json.dumps(
+        {k: run.get(k) for k in ("run_id", "label", "method", "task", "seed", "best", "best_step", "spec")},
+        indent=2, default=str))
 
+
+def _readable(path: Path) -> None:
+    """Give ``path`` the mode the other exported files get (the umask's): safetensors may create it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def load_with_peft(run: dict[str, Any], directory: str | Path, host: Host) -> nn.Module:
+    """The base model of ``run`` (rebuilt, no adapters) with the exported adapter loaded by HF PEFT; for an
+    exported full fine-tuning run (no adapter), its model class loading the folder with ``from_pretrained``."""
     spec = run["spec"]
     model_config = from_dict(ModelConfig, spec["model"], "spec.model")
     train = from_dict(TrainConfig, spec["train"], "spec.train")
     task = host.task(spec["task"])
     base = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout, kind=task.kind)
+    if not (Path(directory) / "adapter_config.json").exists() and (Path(directory) / "config.json").exists():
+        return type(base).from_pretrained(str(directory)).eval()
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, str(directory)).eval()

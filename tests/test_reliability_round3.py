@@ -5,7 +5,9 @@ of the round: commands people type, with the exit code and message each must giv
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -187,3 +189,57 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
     assert set(stored) == {"tiny_yesno", "tiny_yesno@limit=2"}
     assert not list(scratch.glob("peftbench-harness-*"))
+
+
+TOY = ["--plugin", "peftbench.testing"]  # the toy task of the stored runs
+
+
+# -- a trained store for the commands that read one ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A store with one LoRA and one full fine-tuning run on the toy task, and the config file that made it."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, "full"])
+    with Store(config.output.db) as store:
+        assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).ok
+        runs = {run["label"]: run for run in store.runs()}
+    return tmp_path, config, runs
+
+
+# -- 17, 18, 20. export: what to install, full fine-tuning as plain weights, readable files -----------------
+
+def test_export_check_without_peft_says_what_to_install_before_writing(trained, tmp_path, monkeypatch, capsys):
+    _, config, runs = trained
+    monkeypatch.setitem(sys.modules, "peft", None)  # the README's first install has no peft
+    out = tmp_path / "adapter"
+    assert main(["export", runs["lora"]["run_id"], str(out), "--db", config.output.db, "--check", *TOY]) == 2
+    assert "pip install peft" in capsys.readouterr().err and not out.exists()
+
+
+def test_full_fine_tuning_exports_as_plain_weights_that_transformers_loads(trained, tmp_path, capsys):
+    from peftbench.export import load_with_peft, rebuild
+    from peftbench.host import Host
+
+    _, config, runs = trained
+    out = tmp_path / "full"
+    assert main(["export", runs["full"]["run_id"], str(out), "--db", config.output.db, "--check", *TOY]) == 0
+    printed = capsys.readouterr().out
+    assert "full fine-tuning" in printed and "transformers reload: max |Δlogit| 0.00e+00" in printed
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    host = Host(plugins=["peftbench.testing"])
+    ours, theirs = rebuild(runs["full"], host)[0], load_with_peft(runs["full"], out, host)
+    inputs = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=0)
+
+
+def test_exported_files_share_one_mode(trained, tmp_path):
+    _, config, runs = trained
+    old = os.umask(0o022)
+    try:
+        assert main(["export", runs["lora"]["run_id"], str(tmp_path / "a"), "--db", config.output.db, *TOY]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
