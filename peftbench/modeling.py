@@ -355,6 +355,13 @@ def check_max_length(config) -> None:
                 raise ConfigError(f"{config.where('train.max_length')}: train.max_length {length} ({method.label} on "
                                   f"{task}) exceeds the {limit}-token position limit of {config.model.name_or_path!r} "
                                   f"(its max_position_embeddings); set train.max_length to at most {limit}")
+    for task, options in config.task_options.items():  # generation caps: past the positions it never stops sanely
+        for key in ("max_new_tokens", "max_total_length"):
+            value = (options or {}).get(key)
+            if isinstance(value, int) and value > limit:
+                raise ConfigError(f"{config.locate(('task_options', task, key))}task_options.{task}.{key} {value:,} "
+                                  f"exceeds the {limit}-token position limit of {config.model.name_or_path!r}; set "
+                                  f"it to at most {limit}")
 
 
 def preflight(mc: ModelConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from peftbench.cli import main
+from peftbench.errors import DataError
 from peftbench.runner import make_host, run_sweep
 from peftbench.store import Store, _parse_pending
 from peftbench.testing import tiny_config, tiny_model_config
@@ -191,6 +193,7 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     assert not list(scratch.glob("peftbench-harness-*"))
 
 
+REPO = Path(__file__).resolve().parent.parent
 TOY = ["--plugin", "peftbench.testing"]  # the toy task of the stored runs
 
 
@@ -243,3 +246,40 @@ def test_exported_files_share_one_mode(trained, tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# -- 7. generation caps bounded by the model's positions ---------------------------------------------------
+
+@pytest.mark.parametrize("key", ["max_new_tokens", "max_total_length"])
+def test_generation_caps_past_the_positions_are_exit_2_naming_key_and_line(tmp_path, capsys, key):
+    text = (REPO / "configs" / "tiny_gsm8k.yaml").read_text()
+    config = tmp_path / "caps.yaml"
+    config.write_text(re.sub(rf"{key}: \d+", f"{key}: 100000000", text, count=1))
+    line = next(i for i, row in enumerate(config.read_text().splitlines(), 1) if "100000000" in row)
+    assert main(["run", str(config), "--no-progress", "--db", str(tmp_path / "r.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:{line}: task_options.gsm8k.{key} 100,000,000 exceeds the 1024-token position limit" in err
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+# -- 8. data errors name the file and the line, or the key -------------------------------------------------
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 2"}\n',
+     r"train\.jsonl:2: not UTF-8 text"),
+    (b'[{"question": "q", "answer": "#### 1"},\n {"question": "q2", "answer": }]',
+     r"train\.jsonl:2: not valid JSON \(Expecting value"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": 42, "answer": "#### 2"}\n',
+     r"train\.jsonl:2: field\(s\) 'question' is int, not text"),
+])
+def test_jsonl_errors_name_the_file_and_line(tmp_path, host, content, expected):
+    (tmp_path / "train.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=expected):
+        host.task("gsm8k").with_options({"val_size": 1}).load("train", str(tmp_path))
+
+
+def test_val_size_leaving_no_training_data_names_the_key(tmp_path, host):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n' * 3)
+    with pytest.raises(DataError, match=r"task_options\.gsm8k\.val_size \(.*train\.jsonl\) 3 leaves no training "
+                                        r"data from 3 rows; set it below 3"):
+        host.task("gsm8k").with_options({"val_size": 3}).load("train", str(tmp_path))

@@ -89,9 +89,18 @@ def is_formatted(generation: str | None) -> bool:
 
 def read_rows(path: Path, fields: tuple[str, str]) -> list[tuple[str, str]]:
     """``(field0, field1)`` of every row of a JSONL file (or a JSON list); a row without them names its line."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: "
+                        f"{exc.reason}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):  # MetaMathQA ships one JSON list
-        records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+        try:
+            records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     else:
         records = []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -102,7 +111,12 @@ def read_rows(path: Path, fields: tuple[str, str]) -> list[tuple[str, str]]:
                     raise DataError(f"{path}:{line_no}: not a JSON object ({exc.msg})") from None
     rows = []
     for line_no, record in records:
-        missing = [f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        wrong = {f: type(record[f]).__name__ for f in fields if isinstance(record, dict) and f in record
+                 and not isinstance(record[f], str)}
+        if wrong:
+            raise DataError(f"{path}:{line_no}: field(s) {', '.join(f'{f!r} is {t}' for f, t in wrong.items())}, "
+                            "not text")
+        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{line_no}: row lacks the text field(s) {missing}; found {found}")
@@ -126,10 +140,10 @@ def hub_rows(name: str, config: str | None, split: str, fields: tuple[str, str])
     return list(zip(ds[fields[0]], ds[fields[1]]))
 
 
-def validation_sample(n: int, size: int, seed: int) -> np.ndarray:
-    """Indices of the fixed validation sample of ``n`` training rows (sorted)."""
+def validation_sample(n: int, size: int, seed: int, key: str = "val_size") -> np.ndarray:
+    """Indices of the fixed validation sample of ``n`` training rows (sorted); ``key``: the option, for errors."""
     if size >= n:
-        raise DataError(f"val_size {size} leaves no training data from {n} rows")
+        raise DataError(f"{key} {size:,} leaves no training data from {n:,} rows; set it below {n:,}")
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
 
 
@@ -156,7 +170,8 @@ class Gsm8kTask(GenerationTask):
         else:
             rows, source = self._gsm8k("test" if split == "test" else "train", data_dir)
             if split != "test":
-                held = validation_sample(len(rows), self.options.val_size, self.options.val_seed)
+                held = validation_sample(len(rows), self.options.val_size, self.options.val_seed,
+                                         f"task_options.{self.name}.val_size ({source})")
                 keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
                 rows, source = [rows[i] for i in keep], f"{source}[{split}]"
         if split == "train" and self.options.response == "final":
@@ -227,7 +242,7 @@ class InstructTask(GenerationTask):
             raise ConfigError(f"task_options.{self.name}.{key}: {path} does not exist")
         rows = read_rows(path, (o.prompt_field, o.response_field))
         if split != "test" and not o.dev_file:
-            held = validation_sample(len(rows), o.val_size, o.val_seed)
+            held = validation_sample(len(rows), o.val_size, o.val_seed, f"task_options.{self.name}.val_size ({path})")
             keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
             rows = [rows[i] for i in keep]
         return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), str(path))
