@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -399,8 +400,10 @@ def cmd_table(args) -> int:
     rows = _stored_runs(args)
     main_metric = main_metrics(rows, Host(plugins=args.plugins))
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
-    print(build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
-                ablation=args.ablation, tuning=args.tuning, cost=args.cost))
+    text = build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
+                 ablation=args.ablation, tuning=args.tuning, cost=args.cost)
+    # a store written by an older peftbench may hold control characters in names: shown escaped, never raw
+    print(re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", lambda m: repr(m[0])[1:-1], text))
     if args.format in ("markdown", "plain") and any(r.get("harness") for r in rows):
         from tabulate import tabulate
 

@@ -532,6 +532,7 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
                               f"1..10000, got {seeds}")
         data["seeds"] = list(range(seeds))
     _check_labels(data, source)
+    _check_control_characters(data, source)
     config = from_dict(Config, data, "", f"{source}: ")
     config.source, config._data = source, data
     config.tasks = [t.lower() for t in config.tasks]
@@ -555,6 +556,38 @@ def _check_labels(data: dict, source: str) -> None:
                               f"already methods[{seen[label]}]'s; give each variant a unique `label`")
         if isinstance(label, str):
             seen[label] = i
+
+
+#: control characters: none in a name (sweep, method, label, task), only tab and newlines in other text
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_control_characters(data: dict, source: str) -> None:
+    """YAML's reader refuses raw control characters, but a quoted string's escapes (``"lo\\x00ra"``) and
+    ``--set`` values pass it: refuse them here, naming the key and its line (a NUL in a label reaches tables)."""
+    def walk(value: Any, steps: tuple) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                if isinstance(key, str) and _NAME_CONTROL.search(key):
+                    refuse(steps, key, "key")
+                walk(sub, (*steps, key))
+        elif isinstance(value, list):
+            for i, sub in enumerate(value):
+                walk(sub, (*steps, i))
+        elif isinstance(value, str):
+            name = steps == ("name",) or steps[:1] == ("tasks",) or \
+                (len(steps) == 3 and steps[0] == "methods" and steps[2] in ("name", "label"))
+            if (_NAME_CONTROL if name else _CONTROL).search(value):
+                refuse(steps, value, "name" if name else "value")
+
+    def refuse(steps: tuple, text: str, what: str) -> None:
+        char = (_NAME_CONTROL if what != "value" else _CONTROL).search(text)[0]
+        key = ".".join(f"[{s}]" if isinstance(s, int) else str(s) for s in steps).replace(".[", "[") or "(top)"
+        raise ConfigError(f"{locate(data, steps, f'{source}: ')}{key}: control character {char!r} (code "
+                          f"{ord(char):#x}) is not allowed in a {what} ({text!r})")
+
+    walk(data, ())
 
 
 def _spelled_out(data: dict) -> Located:

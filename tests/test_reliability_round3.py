@@ -283,3 +283,36 @@ def test_val_size_leaving_no_training_data_names_the_key(tmp_path, host):
     with pytest.raises(DataError, match=r"task_options\.gsm8k\.val_size \(.*train\.jsonl\) 3 leaves no training "
                                         r"data from 3 rows; set it below 3"):
         host.task("gsm8k").with_options({"val_size": 3}).load("train", str(tmp_path))
+
+
+# -- 10. escaped control characters in names are refused, and never printed raw ---------------------------
+
+@pytest.mark.parametrize("line,key", [
+    ('methods: [{name: lora, label: "lo\\x00ra"}]', "methods[0].label"),
+    ('methods: [lora]\ntasks: ["toy\\e[31m"]', "tasks[0]"),
+    ('name: "sweep\\x07"\nmethods: [lora]', "name"),
+    ('methods: [lora]\ntrain: {lr: "1e-3\\x00"}', "train.lr"),
+])
+def test_escaped_control_characters_are_exit_2_with_key_and_line(tmp_path, capsys, line, key):
+    config = tmp_path / "c.yaml"
+    config.write_text("plugins: [peftbench.testing]\n" + line + ("\ntasks: [toy]\n" if "tasks:" not in line else "\n"))
+    number = next(i for i, row in enumerate(config.read_text().splitlines(), 1) if "\\" in row)
+    assert main(["budget", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:{number}: {key}: control character" in err and "Traceback" not in err
+
+
+def test_a_prompt_template_keeps_its_newlines(tmp_path):
+    from peftbench.config import parse_config
+
+    parse_config({"tasks": ["gsm8k"], "methods": ["lora"],
+                  "task_options": {"gsm8k": {"prompt_template": "Q: {query}\n\tA:"}}})
+
+
+def test_table_never_prints_a_raw_control_character(tmp_path, capsys):
+    with Store(tmp_path / "r.sqlite", log=lambda *_: None) as store:  # as an older peftbench could write it
+        store.claim("r1", {"sweep": "s", "label": "lo\x00ra", "method": "lora", "task": "toy\x1b[31m", "seed": 0})
+        store.finish("r1", "done", {"best": {"accuracy": 0.5}, "final": {"accuracy": 0.5}})
+    assert main(["table", str(tmp_path / "r.sqlite"), "--format", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "\x00" not in out and "\x1b" not in out and "lo\\x00ra" in out
