@@ -383,8 +383,10 @@ def _memory_plan(config, host, shapes, solved, gpu_gb: float) -> None:
 
     longest, notes = longest_batches(config, host, config.tasks)
     rows = plan(config, solved, shapes, longest, gpu_gb)
+    auto = any(config.train_for(m, t).precision == "auto" for m in config.methods for t in config.tasks)
     print(f"\npredicted peak training memory on a {gpu_gb:g} GiB GPU (weights, gradients, AdamW state and "
-          "activations at the longest batch; precision auto taken as bf16; see peftbench/memory.py)")
+          f"activations at the longest batch; {'precision auto taken as bf16; ' if auto else ''}see "
+          "peftbench/memory.py)")
     for note in notes:
         print(f"note: {note}")
     print(tabulate(rows, headers=MEMORY_HEADERS, tablefmt="simple", disable_numparse=True))

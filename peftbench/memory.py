@@ -153,8 +153,9 @@ def longest_batches(config: Any, host: Any, tasks: list[str]) -> tuple[dict[str,
     try:
         tokenizer = load_tokenizer(config.model)
     except Exception as exc:  # offline, gated, missing backend: plan from max_length
-        return {task: None for task in tasks}, [f"tokenizer not available ({type(exc).__name__}): every batch "
-                                                "taken as long as train.max_length"]
+        why = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        return {task: None for task in tasks}, [f"tokenizer not available ({why}): every batch taken as long as "
+                                                "train.max_length"]
     longest, missing = {}, []
     for task in tasks:
         cap = max(config.train_for(m, task).max_length for m in config.methods)

@@ -90,17 +90,25 @@ def resolve_name(name_or_path: str) -> str:
     return name_or_path
 
 
-@functools.cache
 def _hub_unreachable() -> bool:
-    """True when the hub's host name does not even resolve (an offline machine): loaders then look in the local
-    cache only, instead of retrying the network for most of a minute before failing."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    """True when ``HF_HUB_OFFLINE`` is set (read now, not when the hub library was imported) or the hub cannot be
+    reached (its name does not resolve, or no connection opens within seconds; probed once per process):
+    loaders then look in the local cache only, instead of retrying the network for minutes before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
+    return _hub_probe_failed()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_probe_failed() -> bool:
     try:
-        socket.getaddrinfo("huggingface.co", 443)
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError:
         return True
     return False
+
+
+_hub_unreachable.cache_clear = _hub_probe_failed.cache_clear  # forget the probe (tests)
 
 
 def _hub_kwargs(name: str) -> dict:

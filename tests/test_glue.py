@@ -57,6 +57,7 @@ def test_missing_task_names_both_places(tasks, tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("peftbench.modeling._hub_unreachable", lambda: False)  # a hub that answers
     with pytest.raises(DataError) as err:
         tasks["qqp"].obj.load("train", str(tmp_path))
     message = str(err.value)

@@ -316,3 +316,46 @@ def test_table_never_prints_a_raw_control_character(tmp_path, capsys):
     assert main(["table", str(tmp_path / "r.sqlite"), "--format", "plain"]) == 0
     out = capsys.readouterr().out
     assert "\x00" not in out and "\x1b" not in out and "lo\\x00ra" in out
+
+
+# -- 16. an unreachable hub is found out once, never retried per asset -------------------------------------
+
+def test_an_unreachable_hub_is_not_asked_for_glue_data(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import datasets
+
+    from peftbench import modeling
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append(a) or 1 / 0)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a newcomer's shell: the variable is not set
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no DNS")))
+    modeling._hub_unreachable.cache_clear()
+    monkeypatch.setenv("PEFTBENCH_GLUE_DIR", str(tmp_path))  # no data here
+    try:
+        assert main(["budget", str(REPO / "configs" / "glue_matched_budget.yaml"), "--set", "tasks=[rte]"]) == 0
+    finally:
+        modeling._hub_unreachable.cache_clear()
+    assert asked == [] and "no training data for rte" in capsys.readouterr().out
+
+
+def test_hub_offline_set_late_still_counts(monkeypatch):
+    from peftbench import modeling
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # after huggingface_hub read its settings at import
+    assert modeling._hub_unreachable()
+
+
+# -- 19. budget --memory says what it assumed, and why a tokenizer is missing ------------------------------
+
+def test_budget_memory_states_precision_and_why_no_tokenizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFTBENCH_GLUE_DIR", str(tmp_path))
+    config = str(REPO / "configs" / "glue_matched_budget.yaml")
+    assert main(["budget", config, "--set", "tasks=[rte]", "--memory", "24"]) == 0  # train.precision: fp32
+    out = capsys.readouterr().out
+    assert "precision auto taken as bf16" not in out
+    assert "note: tokenizer not available (model 'microsoft/deberta-v3-base' could not be loaded: it is neither a " \
+           "local folder nor reachable on the Hugging Face hub): every batch" in out
+    assert main(["budget", config, "--set", "tasks=[rte]", "--set", "train.precision=auto", "--memory", "24"]) == 0
+    assert "precision auto taken as bf16" in capsys.readouterr().out

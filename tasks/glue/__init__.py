@@ -66,11 +66,16 @@ class GlueTask(Task):
             tried.append(f"{path} (missing)")
         else:
             tried.append("no local folder (config data_dir and $PEFTBENCH_GLUE_DIR unset)")
-        try:
-            return self.load_hub(split)
-        except Exception as exc:  # offline, unknown split, ...
-            tried.append(f'datasets.load_dataset("{hub.GLUE}", "{self.hub_name}") ({type(exc).__name__}: '
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        from peftbench.modeling import _hub_unreachable
+
+        if _hub_unreachable():  # say so at once, not after minutes of the hub library's retries
+            tried.append(f'the hub ("{hub.GLUE}"): unreachable from this machine (or HF_HUB_OFFLINE is set)')
+        else:
+            try:
+                return self.load_hub(split)
+            except Exception as exc:  # unknown split, ...
+                tried.append(f'datasets.load_dataset("{hub.GLUE}", "{self.hub_name}") ({type(exc).__name__}: '
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})")
         raise DataError(f"task {self.name!r}: no {split!r} split found; looked in: " + "; ".join(tried)
                         + ". Set `data_dir` in the config or PEFTBENCH_GLUE_DIR to a GLUE folder.")
 
