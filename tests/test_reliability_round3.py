@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import sqlite3
 import sys
 import warnings
 from pathlib import Path
@@ -202,8 +203,18 @@ TOY = ["--plugin", "peftbench.testing"]  # the toy task of the stored runs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A store with one LoRA and one full fine-tuning run on the toy task, and the config file that made it."""
+    import yaml
+
+    from peftbench.config import load_config
+
     tmp_path = tmp_path_factory.mktemp("trained")
-    config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, "full"])
+    data = {"name": "tiny", "model": tiny_model_config(), "tasks": ["toy"], "seeds": [0],
+            "methods": [{"name": "lora", "params": {"r": 4, "alpha": 8}}, "full"],
+            "budget": {"lora_rank": 4, "min_evaluations": 1}, "plugins": ["peftbench.testing"],
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32, "num_threads": 1},
+            "output": {"db": str(tmp_path / "results.sqlite"), "dir": str(tmp_path / "runs")}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    config = load_config(str(tmp_path / "tiny.yaml"))  # config.source: the file, for `peftbench run` probes
     with Store(config.output.db) as store:
         assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).ok
         runs = {run["label"]: run for run in store.runs()}
@@ -359,3 +370,89 @@ def test_budget_memory_states_precision_and_why_no_tokenizer(tmp_path, monkeypat
            "local folder nor reachable on the Hugging Face hub): every batch" in out
     assert main(["budget", config, "--set", "tasks=[rte]", "--set", "train.precision=auto", "--memory", "24"]) == 0
     assert "precision auto taken as bf16" in capsys.readouterr().out
+
+
+# -- 11, 12, 15. readers: output paths, a missing plotting library, nothing created beside the store --------
+
+def test_plot_without_matplotlib_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
+    _, config, _ = trained
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the README's first install has no matplotlib
+    assert main(["plot", config.output.db, "--out-dir", str(tmp_path / "plots"), *TOY]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'peftbench[plot]'" in err and "Traceback" not in err
+
+
+def test_readers_create_nothing_beside_a_store_or_a_foreign_wal_database(trained, tmp_path):
+    _, config, _ = trained
+    db = Path(config.output.db)
+    before = sorted(p.name for p in db.parent.iterdir())
+    assert main(["table", str(db), *TOY]) == 0
+    assert main(["report", str(db), "--out", str(tmp_path / "report"), *TOY]) == 0
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+    foreign = tmp_path / "wal.sqlite"
+    other = sqlite3.connect(foreign)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("CREATE TABLE notes (x TEXT)")
+    other.commit()
+    other.close()
+    assert main(["table", str(foreign)]) == 2
+    assert not (tmp_path / "wal.sqlite-wal").exists() and not (tmp_path / "wal.sqlite-shm").exists()
+
+
+# -- the probe list of this round: commands people type, the exit code and a fragment of what they print ---
+
+def _pending_sql_key(tmp, runs, db):
+    """A file under <store>.pending/ whose key is SQL (item 1)."""
+    pending = Path(db + ".pending")
+    pending.mkdir(exist_ok=True)
+    (pending / f"{runs['lora']['run_id']}.json").write_text(
+        json.dumps({"status": "done", "best = ? WHERE run_id != ? --": "{\"accuracy\": 0.999}"}))
+
+
+def _control_config(tmp, runs, db):
+    (tmp / "ctrl.yaml").write_text('plugins: [peftbench.testing]\ntasks: [toy]\nmethods: [{name: lora, label: "lo\\x00ra"}]\n')
+
+
+def _caps_config(tmp, runs, db):
+    text = (REPO / "configs" / "tiny_gsm8k.yaml").read_text()
+    (tmp / "caps.yaml").write_text(re.sub(r"max_total_length: \d+", "max_total_length: 100000000", text))
+
+
+PROBES = [  # (command, setup, exit code, fragment of stdout + stderr); {db}, {cfg}, {tmp}, {lora}, {full}, {file}
+    ("run {cfg} --no-progress", _pending_sql_key, 0, "not importing"),  # 1
+    ("table {db} --format plain", None, 0, "lora"),  # 1: nothing rewritten (checked after the table)
+    ("budget {tmp}/ctrl.yaml", _control_config, 2, "methods[0].label: control character"),  # 10
+    ("run {tmp}/caps.yaml --db {tmp}/caps.sqlite", _caps_config, 2,
+     "task_options.gsm8k.max_total_length 100,000,000 exceeds the 1024-token position limit"),  # 7
+    ("report {db} --out {file}", None, 2, "is a file; give a folder"),  # 11
+    ("report {db} --out {file}/sub", None, 2, "is a file, not a folder"),  # 11
+    ("plot {db} --out-dir {file}", None, 2, "is a file; give a folder"),  # 11
+    ("plot {db} --out-dir {file}/sub", None, 2, "is a file, not a folder"),  # 11
+    ("evaluate {lora} --db {db} --harness gsm8k --limit -5", None, 2, "positive whole number"),  # 13
+    ("evaluate {lora} --db {db} --harness gsm8k --limit 0", None, 2, "positive whole number"),  # 13
+    ("evaluate {lora} --db {db} --harness gsm8k", None, 2, "classification run"),  # 13
+    ("export {full} {tmp}/full --db {db}", None, 0, "full fine-tuning"),  # 18
+    ("export {lora} {tmp}/lora --db {db}", None, 0, "exported the adapter"),  # 20
+    ("table {db} --cost --format plain", None, 0, "full fine-tuning: all weights"),  # 18: now true
+]
+
+
+@pytest.mark.parametrize("command,setup,code,fragment", PROBES, ids=[p[0].split()[0] + f"-{i}" for i, p in
+                                                                       enumerate(PROBES)])
+def test_probe(trained, tmp_path, capsys, command, setup, code, fragment):
+    _, config, runs = trained
+    (tmp_path / "afile").write_text("x")
+    names = {"db": config.output.db, "cfg": config.source, "tmp": tmp_path, "lora": runs["lora"]["run_id"],
+             "full": runs["full"]["run_id"], "file": tmp_path / "afile"}
+    if setup is not None:
+        setup(tmp_path, runs, config.output.db)
+    argv = [part.format(**names) for part in command.split()]
+    try:
+        got = main([*argv, *TOY] if argv[0] not in ("run", "budget") else argv)
+    except SystemExit as exc:  # argparse's usage errors
+        got = exc.code
+    out = capsys.readouterr()
+    assert got == code and fragment in out.out + out.err, (got, out.out[-2000:], out.err[-2000:])
+    assert "Traceback" not in out.err
+    with Store(config.output.db, readonly=True) as store:  # no probe rewrites a stored result
+        assert {r["label"]: r["best"] for r in store.runs()} == {k: r["best"] for k, r in runs.items()}
