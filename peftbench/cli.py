@@ -484,7 +484,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .errors import ConfigError
+    from .errors import ConfigError, DataError
     from .export import export_run
     from .host import Host
     from .store import Store
@@ -515,11 +515,11 @@ def cmd_export(args) -> int:
         data_dir = args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR")
         try:
             diff, agree = check_export(run, out, host, data_dir)
-        except ConfigError as exc:
+        except (ConfigError, DataError) as exc:
             if data_dir:
                 raise
-            raise ConfigError(f"{exc}\n--check reads the run's dev data: give its folder with --data-dir FOLDER "
-                              "(or set PEFTBENCH_GLUE_DIR)") from None
+            raise type(exc)(f"{exc}\n--check reads the run's dev data: give its folder with --data-dir FOLDER "
+                            "(or set PEFTBENCH_GLUE_DIR)") from None
         print(f"peftbench: {'transformers' if run['method'] == 'full' else 'HF PEFT'} reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
     return 0
 

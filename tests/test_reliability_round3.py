@@ -495,3 +495,23 @@ def test_quickstart_config_and_readme_give_the_same_time():
     config = (REPO / "configs" / "quickstart.yaml").read_text()
     (readme_time,) = re.findall(r"trained\s+25 runs \(5 methods × 5 tasks × 1 seed\) in (\d+ min \d+ s)", readme)
     assert re.findall(r"\d+ min \d+ s", config.split("name:", 1)[0]) == [readme_time]
+
+
+def test_export_check_names_data_dir_when_the_dev_data_is_not_found(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("peft")
+    from test_reliability_round2 import _config_file, _rte_folder
+
+    _rte_folder(tmp_path / "glue")
+    config = _config_file(tmp_path)
+    assert main(["run", config, "--no-progress"]) == 0
+    with Store(tmp_path / "results.sqlite", readonly=True) as store:
+        (run,) = store.runs()
+    monkeypatch.delenv("PEFTBENCH_GLUE_DIR", raising=False)
+    capsys.readouterr()
+    assert main(["export", run["run_id"], str(tmp_path / "out"), "--db", str(tmp_path / "results.sqlite"),
+                 "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "give its folder with --data-dir FOLDER" in err and "Traceback" not in err
+    assert main(["export", run["run_id"], str(tmp_path / "out2"), "--db", str(tmp_path / "results.sqlite"),
+                 "--check", "--data-dir", str(tmp_path / "glue")]) == 0
+    assert "dev predictions agree on 100.00%" in capsys.readouterr().out
