@@ -17,7 +17,7 @@ everywhere. What differs is only where :func:`peftbench.sweep.train_outcome` run
   trains, and returns the result fields and the best trainable weights as safetensors bytes; it never opens
   the store. The driver writes the store and the artifacts as results stream back (``ray.wait``), so the
   nodes need no shared file system. A run whose worker process dies (killed for memory, a crash, a lost
-  node) is started again once, from its checkpoint with ``output.checkpoint``, then stored as failed. Ctrl-C
+  node) is started again once (:data:`WORKER_RETRIES`), then stored as failed. Ctrl-C
   (or SIGTERM) cancels the outstanding tasks and stores their runs as interrupted, and a driver killed outright
   leaves its runs ``running`` under its dead pid: either way rerunning the command redoes exactly those.
 """
@@ -217,9 +217,9 @@ def _follow(sweep: Sweep, spec: RunSpec, outcome: Outcome) -> bool:
 # -- Ray --------------------------------------------------------------------------------------------------
 
 #: how many times a run whose Ray worker process died (killed by the kernel's OOM killer or Ray's memory
-#: monitor, a crash, its node lost) is started again, from its checkpoint with ``output.checkpoint``. Once: a
-#: lost node is survived, while a crash that repeats costs one more run, not Ray's default of three more;
-#: rerunning the command redoes a run that failed so.
+#: monitor, a crash, its node lost) is started again (from its checkpoint with ``output.checkpoint``, where the
+#: new task lands on the same node). Once: a lost node is survived, while a crash that repeats costs one more
+#: run, not Ray's default of three more; rerunning the command redoes a run that failed so.
 WORKER_RETRIES = 1
 
 
