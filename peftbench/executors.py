@@ -17,9 +17,9 @@ everywhere. What differs is only where :func:`peftbench.sweep.train_outcome` run
   trains, and returns the result fields and the best trainable weights as safetensors bytes; it never opens
   the store. The driver writes the store and the artifacts as results stream back (``ray.wait``), so the
   nodes need no shared file system. A run whose worker process dies (killed for memory, a crash, a lost
-  node) is started again once (:data:`WORKER_RETRIES`), then stored as failed. Ctrl-C
-  (or SIGTERM) cancels the outstanding tasks and stores their runs as interrupted, and a driver killed outright
-  leaves its runs ``running`` under its dead pid: either way rerunning the command redoes exactly those.
+  node) is started again once (:data:`WORKER_RETRIES`), then stored as failed. Ctrl-C (or SIGTERM) cancels
+  the outstanding tasks and stores their runs as interrupted, and a driver killed outright leaves its runs
+  ``running`` under its dead pid: either way rerunning the command redoes exactly those.
 """
 
 from __future__ import annotations
