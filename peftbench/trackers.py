@@ -11,8 +11,10 @@ metrics at every evaluation; the best in-budget and the final metrics at the end
 ``<output.dir>/<run_id>/tensorboard``; the others go where their library is configured to (MLflow:
 ``MLFLOW_TRACKING_URI``; experiment = the sweep's name, run name = ``label/task/s<seed>``).
 
-A tracker never makes a run fail: its first error is a warning naming it, and it is then switched off for the
-rest of that run (its state is unknown after an error); the run goes on unchanged.
+A tracker never makes a run fail: its first error (``SystemExit`` included) is a warning naming it, and it is
+then switched off for the rest of that run (its state is unknown after an error); the run goes on unchanged.
+It runs with the training random generators forked (:func:`peftbench.observers.forked_rng`): what it draws
+never changes training.
 """
 
 from __future__ import annotations
