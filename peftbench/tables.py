@@ -36,6 +36,7 @@ SELECTIONS = {
     "best_any": "the best of all dev evaluations, over-budget ones included (NOT budget-matched: the old rule)",
 }
 
+
 def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
     the training settings and the method's params. Runs of one label are seeds of one setting only when
