@@ -341,8 +341,8 @@ def _in_budget_plan(config, host, solved) -> None:
                 missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
     print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
-          f"reported metric (the final one always does; fewer than budget.min_evaluations = "
-          f"{config.budget.min_evaluations} is a config error)")
+          f"reported metric (the final one always does); fewer in budget than the smaller of budget.min_evaluations "
+          f"= {config.budget.min_evaluations} and the run's number of evaluations is a config error")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
     if assumed:

@@ -145,7 +145,8 @@ class BudgetConfig:
     params: int | None = None
     tolerance: float = 0.01  #: accepted relative miss of a method's final trainable count
     #: dev evaluations of every run at which its method must be within budget (only those count toward the
-    #: reported metric; a schedule that leaves fewer is a config error)
+    #: reported metric): a schedule that leaves fewer than this, or than all of a run's evaluations when it has
+    #: fewer, is a config error
     min_evaluations: int = 3
 
     def __post_init__(self):
