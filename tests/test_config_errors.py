@@ -334,3 +334,21 @@ def test_duplicate_label_names_the_line_of_its_second_use(tmp_path):
                     "  - name: lora\n    params: {r: 4}\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml:6: methods\[2\]: label 'lora' is already methods\[0\]'s"):
         load_config(str(path))
+
+
+def test_shared_method_params_are_declared_once():
+    """Every built-in method's ``dropout`` (and rank, where it has an integer one) is peftbench.fields' type: one
+    declaration, one check, one message for all of them."""
+    import typing
+
+    from peftbench.fields import Dropout, Rank
+    from peftbench.host import Host
+    from peftbench.schema import from_dict
+
+    host = Host()
+    for name in ("lora", "adalora", "prilora", "prunedlora"):
+        hints = typing.get_type_hints(host.method(name).Params, include_extras=True)
+        assert hints["dropout"] == Dropout, name
+    assert typing.get_type_hints(host.method("lora").Params, include_extras=True)["r"] == Rank
+    with pytest.raises(ConfigError, match=r"^methods\[0\]\.params\.dropout: must be in \[0, 1\), got 1$"):
+        from_dict(host.method("prunedlora").Params, {"dropout": 1}, "methods[0].params")
