@@ -364,8 +364,8 @@ def _in_budget_plan(config, host, solved) -> None:
                 missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
     print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
-          f"reported metric (the final one always does; fewer than budget.min_evaluations = "
-          f"{config.budget.min_evaluations} is a config error)")
+          f"reported metric (the final one always does); fewer in budget than the smaller of budget.min_evaluations "
+          f"= {config.budget.min_evaluations} and the run's number of evaluations is a config error")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
     if assumed:
@@ -485,8 +485,7 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from .errors import ConfigError, DataError
-    from .export import export_run
-    from .host import Host
+    from .export import export_run, run_host
     from .store import Store
 
     db = args.db or DEFAULT_DB
@@ -505,7 +504,7 @@ def cmd_export(args) -> int:
         except ImportError:
             raise ConfigError("--check loads the export with HF PEFT, which is not installed here: pip install peft "
                               "(or pip install -e '.[dev]')") from None
-    host = Host(plugins=args.plugins)
+    host = run_host(run, args.plugins)
     out = export_run(run, args.out_dir, host)
     what = "the trained model (full fine-tuning: config.json, model.safetensors)" if run["method"] == "full" \
         else "the adapter"
@@ -526,8 +525,8 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .errors import ConfigError
+    from .export import run_host
     from .harness import evaluate_run
-    from .host import Host
     from .store import Store
 
     db = args.db or DEFAULT_DB
@@ -537,7 +536,7 @@ def cmd_evaluate(args) -> int:
         run = store.get(args.run_id)
     if run is None or run["status"] != "done":
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
-    results = evaluate_run(run, Host(plugins=args.plugins), args.harness.split(","), args.limit, args.include_path,
+    results = evaluate_run(run, run_host(run, args.plugins), args.harness.split(","), args.limit, args.include_path,
                            args.batch_size, args.device)
     if args.limit is not None:  # a quick look on part of a task never replaces its full result
         results = {f"{task}@limit={args.limit}": metrics for task, metrics in results.items()}

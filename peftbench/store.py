@@ -33,55 +33,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import record
 from .atomic import atomic_write
 from .errors import ConfigError, PeftbenchError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    sweep TEXT, label TEXT, method TEXT, task TEXT, seed INTEGER, model TEXT,
-    status TEXT NOT NULL,            -- running | done | failed
-    spec TEXT,                       -- JSON: everything that determines the result
-    budget TEXT,                     -- JSON: target and solved counts
-    trainable TEXT,                  -- JSON: measured counts
-    best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
-    best_any TEXT, best_any_step INTEGER,  -- best of every evaluation, over-budget ones included (information)
-    in_budget_from INTEGER, evaluations INTEGER, in_budget_evals INTEGER,
-    wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
-    error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
-    adapter_bytes INTEGER,           -- size of the exported adapter file (peftbench export)
-    mem_stats TEXT,                  -- JSON: average and 99th percentile of the memory in use (same kind as the peak)
-    audit TEXT                       -- JSON: measured final count vs the budget (peftbench.audit)
-);
+#: the ``runs`` table is the run record's fields (:mod:`peftbench.record`); this is what else the store holds
+EXTRA_SCHEMA = """
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
 CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (sweep, run_id));
 """
-
-#: columns added after the first release, with their type: older stores get them on open
-ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
-                 "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER", "audit": "TEXT", "mem_stats": "TEXT",
-                 "eval_s": "REAL", "harness": "TEXT"}
-
-def _column_types() -> dict[str, str]:
-    """Every ``runs`` column with its SQL type, from ``SCHEMA`` and ``ADDED_COLUMNS``."""
-    body = SCHEMA.split("CREATE TABLE IF NOT EXISTS runs (", 1)[1].split(");", 1)[0]
-    types: dict[str, str] = {}
-    for line in body.splitlines():
-        line = line.split("--", 1)[0]
-        for part in line.split(","):
-            words = part.split()
-            if len(words) >= 2:
-                types[words[0]] = words[1]
-    return {**types, **ADDED_COLUMNS}
-
-
-COLUMN_TYPES = _column_types()
-
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
-                "harness", "mem_stats")
 
 
 def process_start(pid: int) -> int | None:
@@ -139,7 +100,7 @@ class Store:
             self._check_foreign()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-            self.db.executescript(SCHEMA)
+            self.db.executescript(record.create_table() + EXTRA_SCHEMA)
             self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             self.db.close()
@@ -153,8 +114,9 @@ class Store:
             raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])}) and no runs table")
 
     def _add_missing_columns(self) -> None:
+        """A store made before a record field existed gets its column (the values of older runs: ``NULL``)."""
         have = {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}
-        for name, kind in ADDED_COLUMNS.items():
+        for name, kind in record.column_types().items():
             if name not in have:
                 try:
                     self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
@@ -346,12 +308,12 @@ def _parse_pending(values: Any) -> dict[str, Any]:
         raise ValueError(f"status must be 'done' or 'failed', got {values.get('status')!r}")
     parsed = {}
     for key, value in values.items():
-        kind = COLUMN_TYPES.get(key) if key not in _PENDING_EXCLUDED else None
+        kind = record.column_types().get(key) if key not in _PENDING_EXCLUDED else None
         if kind is None:
             raise ValueError(f"unknown result field {key!r}")
         if value is not None and (isinstance(value, bool) or not isinstance(value, _SQL_TYPES[kind])):
             raise ValueError(f"field {key!r} must be {kind.lower()}, got {type(value).__name__}")
-        if key in JSON_COLUMNS and value is not None:
+        if key in record.json_columns() and value is not None:
             json.loads(value)  # stored as JSON text: must decode (ValueError otherwise)
         parsed[key] = value
     return parsed
@@ -399,7 +361,8 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: json.dumps(v, default=_json_default) if k in JSON_COLUMNS else v for k, v in fields.items()}
+    json_columns = record.json_columns()
+    return {k: json.dumps(v, default=_json_default) if k in json_columns else v for k, v in fields.items()}
 
 
 def _json_default(obj: Any) -> Any:
@@ -412,7 +375,7 @@ def _json_default(obj: Any) -> Any:
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
-    for key in JSON_COLUMNS:
+    for key in record.json_columns():
         if out.get(key) is not None:
             out[key] = json.loads(out[key])
     return out

@@ -155,7 +155,8 @@ def test_old_results_are_not_taken_as_in_budget(tmp_path):
 def test_budget_command_shows_the_plan(tmp_path, capsys):
     from peftbench.cli import main
 
-    config = tiny_config(tmp_path, methods=["lora", "adalora"], train={"epochs": 2, "eval_every": 4})
+    config = tiny_config(tmp_path, methods=["lora", "adalora"], train={"epochs": 2, "eval_every": 4},
+                         budget={"min_evaluations": 3})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     assert main(["budget", str(path)]) == 0
@@ -164,6 +165,9 @@ def test_budget_command_shows_the_plan(tmp_path, capsys):
     plan = out[out.index("in budget from step"):]
     line = next(line for line in plan.splitlines() if line.startswith("adalora"))
     assert line.split() == ["adalora", "toy", "32", "18", "4", "of", "8"]  # tfinal 0.47: mask frozen after 17
+    # the rule the sweep applies (check_in_budget): a run with 2 evaluations needs 2 in budget, not 3
+    assert ("fewer in budget than the smaller of budget.min_evaluations = 3 and the run's number of evaluations "
+            "is a config error") in " ".join(out.split())
 
 
 def test_evaluating_leaves_training_unchanged(tmp_path):
