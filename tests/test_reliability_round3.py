@@ -24,6 +24,8 @@ from peftbench.store import Store, _parse_pending
 from peftbench.testing import tiny_config, tiny_model_config
 from peftbench.trackers import Tracker
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def _store_with_runs(tmp_path) -> Store:
     store = Store(tmp_path / "results.sqlite", log=lambda *_: None)
@@ -218,7 +220,6 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     assert not list(scratch.glob("peftbench-harness-*"))
 
 
-REPO = Path(__file__).resolve().parent.parent
 TOY = ["--plugin", "peftbench.testing"]  # the toy task of the stored runs
 
 
