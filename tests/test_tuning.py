@@ -142,7 +142,7 @@ tune:
     ("null", "train.lrr", "[1.0e-4]", 14, "unknown training key 'lrr' (did you mean 'lr'"),
     ("null", "train.lr", "[fast]", 14, "'fast'"),
     ("{train.lr: [1.0e-5]}", "params.alpah", "[8]", 14, "lora has no param 'alpah' (did you mean 'alpha'"),
-    ("{train.lr: [1.0e-5, 2.0e-5]}", "params.r", "[4, 2]", 14, "changes lora's trainable count"),
+    ("{train.lr: [1.0e-5, 2.0e-5]}", "params.r", "[4, 2]", 14, "lora's budget solver sets what this value"),
 ])
 def test_bad_grids_exit_2_naming_the_line(tmp_path, capsys, full_grid, key, values, line, message):
     path = _write(tmp_path, CONFIG.format(full_grid=full_grid, key=key, values=values))
