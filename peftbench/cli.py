@@ -449,16 +449,18 @@ def cmd_plot(args) -> int:
     from .errors import ConfigError
     from .host import Host
     from .plots import plot_all
-    from .tuning import is_tuning_run
+    from .tuning import current_choices, is_tuning_run
 
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("peftbench plot needs matplotlib: pip install 'peftbench[plot]'") from None
-    rows = [row for row in _stored_runs(args) if not is_tuning_run(row)]
+    stored = _stored_runs(args)
+    metrics = main_metrics(stored, Host(plugins=args.plugins))
+    rows = [row for row in current_choices(stored, metrics) if not is_tuning_run(row)]
     _output_folder(args.out_dir, "--out-dir")
     try:
-        written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
+        written = plot_all(rows, metrics, args.out_dir)
     except OSError as exc:
         raise ConfigError(f"--out-dir {args.out_dir!r}: cannot write the figures ({exc})") from None
     print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))

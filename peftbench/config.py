@@ -230,13 +230,20 @@ class Config:
     def check_train(self) -> None:
         """Check the resolved training hyperparameters of every (method, task) against the model: half-precision
         weights train under autocast of their own dtype. (Each key's value was checked where it is written.)"""
-        for method in self.methods:
+        if self.model.dtype == "fp32":
+            return
+        for i, method in enumerate(self.methods):
+            # a tuning grid's precision values run too: each is checked where it is written
+            grid = [(("model", "dtype"), None), *(((*self.grid_steps(i), "train.precision"), value)
+                                                  for value in self.grid_for(method).get("train.precision", []))]
             for task in self.tasks:
-                train = self.train_for(method, task)
-                if self.model.dtype != "fp32" and train.precision not in ("auto", self.model.dtype):
-                    raise ConfigError(f"{locate(self._data, ('model', 'dtype'), f'{self.source}: ')}model.dtype: "
-                                      f"{self.model.dtype} weights train under autocast of their dtype: "
-                                      f"train.precision must be {self.model.dtype} or auto, not {train.precision} "
+                for steps, value in grid:
+                    precision = value or self.train_for(method, task).precision
+                    if precision in ("auto", self.model.dtype):
+                        continue
+                    raise ConfigError(f"{self.locate(steps)}{key_path('', steps)}: {self.model.dtype} weights "
+                                      f"(model.dtype) train under autocast of their dtype: "
+                                      f"train.precision must be {self.model.dtype} or auto, not {precision} "
                                       f"(method {method.label or method.name}, task {task})")
 
     def grid_for(self, method: MethodConfig) -> dict[str, list[Any]]:
@@ -276,6 +283,9 @@ class Config:
             raise ConfigError(f"{where_}: a grid key is train.<key> or params.<key> (the method's params)")
         if not values:
             raise ConfigError(f"{where_}: no values")
+        repeated = sorted({repr(v) for v in values if sum(repr(w) == repr(v) for w in values) > 1})
+        if repeated:  # the same point trained twice, and counted twice in the equal-search rule
+            raise ConfigError(f"{where_}: {', '.join(repeated)} listed more than once")
         if section == "params":
             return
         if name not in {f.name for f in dataclasses.fields(TrainConfig)}:

@@ -31,7 +31,7 @@ from .record import result_fields
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan
 from .store import Store
-from .tuning import point_text
+from .tuning import check_holdout, point_text
 
 
 @dataclass
@@ -230,6 +230,7 @@ def check_sweep_data(config: Config, host: Host, solved: dict[tuple[str, str], S
     leave enough evaluations in budget (a reported metric comes only from those). The splits' fingerprints."""
     sizes: dict[str, int] = {}
     data = check_data(config, host, config.tasks, sizes)
+    check_holdout(config, host, sizes)
     check_in_budget(config, in_budget_plans(config, host, solved, sizes))
     return data
 

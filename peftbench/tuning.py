@@ -79,29 +79,38 @@ class Choice:
     finished: int
     total: int
 
+    @property
+    def complete(self) -> bool:
+        """Every tuning run finished (a diverged one counts, as the grid's worst point)."""
+        return self.point is not None and self.finished == self.total
+
     def line(self) -> str:
         if self.point is None:
             return (f"tuned {self.label} {self.task}: none of its {self.total} tuning run(s) finished; its final "
                     "runs are not started (rerun the same command to retry the failed tuning runs)")
-        partial = f", from {self.finished} of {self.total} tuning runs (the others failed)" \
-            if self.finished < self.total else ""
-        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{partial})"
+        if not self.complete:  # a choice from part of the grid is no equal search: not reported
+            return (f"tuned {self.label} {self.task}: {self.total - self.finished} of its {self.total} tuning "
+                    "runs failed; its final runs are not started until the whole grid has run (rerun the same "
+                    f"command to retry them; so far the best is {point_text(self.point)}, held-out "
+                    f"{self.score:.4f})")
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f})"
 
 
 def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | None]]) -> dict[tuple[str, str], Choice]:
     """Per (label, task), from ``(label, task, point index, point, held-out score or None)`` of every tuning
-    run (``None``: not finished): the point with the best mean score, the earlier point on ties."""
+    run (``None``: not finished; ``-inf``: diverged, a finished run at the worst score): the point with the best
+    mean score, the earlier point on ties."""
     by_point: dict[tuple[str, str], dict[int, tuple[dict, list[float]]]] = {}
     totals: dict[tuple[str, str], int] = {}
     for label, task, index, point, score in scored:
         key = (label, task)
         totals[key] = totals.get(key, 0) + 1
         scores = by_point.setdefault(key, {}).setdefault(index, (point, []))[1]
-        if score is not None and math.isfinite(score):
-            scores.append(score)
+        if score is not None and not math.isnan(score):
+            scores.append(score)  # -inf: diverged, finished at the worst score
     choices = {}
     for key, points in by_point.items():
-        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s}
+        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s and max(s) > -math.inf}
         best = max(sorted(means), key=lambda i: means[i][0], default=None)  # max keeps the first of ties
         choices[key] = Choice(*key, means[best][1] if best is not None else None,
                               means[best][0] if best is not None else None,
@@ -115,6 +124,8 @@ def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str]) -
     for spec in runs:
         row = store.get(spec.run_id) or {}
         score = (row.get("best") or {}).get(main_metric[spec.task]) if row.get("status") == "done" else None
+        if row.get("status") == "failed" and str(row.get("error") or "").startswith("Diverged"):
+            score = -math.inf  # the learning rate is too large: an outcome of the search, not a failure
         scored.append((spec.label, spec.task, spec.tuning["index"], spec.tuning["point"],
                        None if score is None else float(score)))
     return choose(scored)
@@ -128,7 +139,7 @@ def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | N
     grids = {m.label: config.grid_for(m) for m in config.methods}
     for spec in expand(config, solved, data):
         choice = choices.get((spec.label, spec.task))
-        if choice is None or choice.point is None:
+        if choice is None or not choice.complete:
             continue
         train, params = apply_point(spec.train, spec.params, choice.point)
         runs.append(dataclasses.replace(spec, train=train, params=params, tuned={
@@ -138,24 +149,55 @@ def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | N
 
 
 def check_grid_counts(config: Config, host, solved: dict, shapes) -> None:
-    """Params in a grid must leave a method's trainable count as solved (``alpha`` may vary, ``r`` may not):
-    else the search would compare methods of other sizes. Counted on the meta model, like the budgets."""
-    from .budget import solve_method
+    """Params in a grid must reach the run and leave a method's trainable count as solved (``alpha`` may vary,
+    ``r`` may not): else the search would compare methods of other sizes, or train the same point twice under
+    two names. Each point is solved again from the params as written, as the budgets are (on the meta model):
+    a count that moves (final or peak), or a value the solver replaces (PrunedLoRA's ``init_ratio``, which only
+    feeds the solved ``init_r``), is refused naming the key."""
+    from .budget import solve_method, target_count
 
+    target = target_count(config, shapes.targets)
     for i, method in enumerate(config.methods):
         cls = host.method(method.name)
         for point in grid_points(config.grid_for(method)):
             changed = {k: v for k, v in point.items() if k.startswith("params.")}
             for task in config.tasks if changed else ():
                 before = solved[(method.label, task)]
-                _, params = apply_point(config.train, before.params, changed)
-                _, counts = solve_method(host, cls, params, shapes, 0, 0.0, solve=False)
+                _, written = apply_point(config.train, config.params_of(method, task), changed)
+                _, applied = apply_point(config.train, before.params, changed)  # what a tuning run trains
+                params, counts = solve_method(host, cls, written, shapes, target, config.budget.tolerance,
+                                              method.match_budget)
+                steps = (*config.grid_steps(i), next(iter(changed)))
+                where = f"{config.locate(steps)}{key_path('', steps[:-1])}: {point_text(changed)}"
                 if (counts.final, counts.peak) != (before.counts.final, before.counts.peak):
-                    steps = (*config.grid_steps(i), next(iter(changed)))
                     raise ConfigError(
-                        f"{config.locate(steps)}{key_path('', steps[:-1])}: {point_text(changed)} changes "
-                        f"{method.label}'s trainable count ({before.counts.final:,} → {counts.final:,} on {task}); "
-                        "tune only params that keep the count (e.g. alpha, dropout), not size hyperparameters")
+                        f"{where} changes {method.label}'s trainable count ({before.counts.final:,} → "
+                        f"{counts.final:,}, peak {before.counts.peak:,} → {counts.peak:,} on {task}); tune only "
+                        "params that keep the count (e.g. alpha, dropout), not size hyperparameters")
+                if params != applied:
+                    raise ConfigError(f"{where}: {method.label}'s budget solver sets what this value would change, "
+                                      "so every grid point would train the same run; tune another key")
+
+
+def check_holdout(config: Config, host, sizes: dict[str, int]) -> None:
+    """Before any training: ``tune.holdout`` of each task's training set (``sizes``, after
+    ``max_train_samples``) must leave both parts non-empty, and, for classification (split stratified by label),
+    room for every class in each part: what :func:`peftbench.data.holdout_split` needs (sizes as scikit-learn
+    rounds them: the held-out part is ``ceil(holdout × n)``)."""
+    if config.tune is None:
+        return
+    fraction = config.tune.holdout
+    for method in config.methods:
+        for task, size in sizes.items():
+            n = min(size, config.train_for(method, task).max_train_samples or size)
+            held = math.ceil(fraction * n)
+            spec = host.task(task)
+            need = max(1, spec.num_labels)  # causal-LM and regression tasks: not stratified
+            if min(held, n - held) < need:
+                raise ConfigError(
+                    f"{config.locate(('tune', 'holdout'))}tune.holdout: {fraction:g} of {task}'s {n} training "
+                    f"examples holds out {held} and trains on {n - held}; each part needs at least {need}"
+                    f"{' (one per class: the split is stratified by label)' if need > 1 else ''}")
 
 
 def tuning_note(runs: list[dict[str, Any]]) -> str:
@@ -184,10 +226,32 @@ def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
             for label, by_values in chosen.items()]
 
 
+def current_choices(runs: list[dict[str, Any]], main_metric: dict[str, str]) -> list[dict[str, Any]]:
+    """``runs`` less the final runs trained at a point that the stored tuning runs no longer choose (a choice an
+    earlier peftbench made on an incomplete grid, superseded once the grid completed): one setting per tuned
+    label and task. Untuned runs, and tuning runs, pass through."""
+    scored = []
+    for run in runs:
+        tuning = (run.get("spec") or {}).get("tuning")
+        if tuning and run.get("status", "done") == "done" and run["task"] in main_metric:
+            score = (run.get("best") or {}).get(main_metric[run["task"]])
+            scored.append((run["label"], run["task"], tuning["index"], tuning["point"],
+                           None if score is None else float(score)))
+    choices = choose(scored)
+    keep = []
+    for run in runs:
+        tuned = (run.get("spec") or {}).get("tuned")
+        choice = choices.get((run["label"], run["task"]))
+        if tuned and choice is not None and choice.point is not None and tuned["values"] != choice.point:
+            continue
+        keep.append(run)
+    return keep
+
+
 def is_tuning_run(run: dict[str, Any]) -> bool:
     """A stored run of phase 1 (trained and evaluated on parts of the training set)."""
     return bool((run.get("spec") or {}).get("tuning"))
 
 
 __all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "Choice", "choose", "choose_from_store",
-           "final_runs", "check_grid_counts", "tuning_note", "chosen_lines", "is_tuning_run"]
+           "final_runs", "check_grid_counts", "check_holdout", "tuning_note", "chosen_lines", "current_choices", "is_tuning_run"]
