@@ -2,7 +2,8 @@
 
 The run is exported as a PEFT adapter (:func:`peftbench.export.export_run`) and evaluated by lm-eval's own
 ``hf`` model with ``peft=`` (the harness loads the base model and the adapter itself, so its numbers are those
-any user of the exported adapter gets). Every numeric metric lands in the run's ``harness`` column
+any user of the exported adapter gets); a full fine-tuning run is exported as its trained model and evaluated
+as it is. Every numeric metric lands in the run's ``harness`` column
 (``{task: {metric: value}}``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
 ``pip install 'peftbench[harness]'``.
 """
@@ -57,6 +58,8 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
         adapter = Path(adapter_dir or scratch)
         export_run(run, adapter, host)
         model_args = {"pretrained": base, "peft": str(adapter), "dtype": "float32"}
+        if not (adapter / "adapter_config.json").exists():  # full fine-tuning: the exported model itself
+            model_args = {"pretrained": str(adapter), "tokenizer": base, "dtype": "float32"}
         if spec_model.get("tokenizer"):
             model_args["tokenizer"] = modeling.resolve_name(spec_model["tokenizer"])
         out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), limit=limit,

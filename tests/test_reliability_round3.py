@@ -187,15 +187,15 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     config = parse_config({
         "name": "harness", "model": {"name_or_path": str(base)}, "tasks": ["gsm8k"],
         "task_options": {"gsm8k": {"val_size": 2, "max_new_tokens": 2, "max_total_length": 256}},
-        "methods": [{"name": "lora", "params": {"r": 2, "alpha": 4}}], "seeds": [0],
+        "methods": [{"name": "lora", "params": {"r": 2, "alpha": 4}}, "full"], "seeds": [0],
         "budget": {"lora_rank": 2, "min_evaluations": 1},
         "train": {"epochs": 1, "batch_size": 4, "max_length": 256, "max_train_samples": 4, "max_eval_samples": 2,
                   "precision": "fp32", "num_threads": 1},
         "data_dir": str(GSM8K), "output": {"db": str(tmp_path / "r.sqlite"), "dir": str(tmp_path / "runs")},
     }, "<harness>")
     with Store(config.output.db) as store:
-        assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 1
-        (run,) = store.runs()
+        assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 2
+        run, full = sorted(store.runs(), key=lambda r: r["label"] != "lora")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
@@ -217,6 +217,10 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     assert main([*common, "--harness", "tiny_yesno", "--include-path", str(tasks), "--limit", "2"]) == 0
     stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
     assert set(stored) == {"tiny_yesno", "tiny_yesno@limit=2"}
+    # a full fine-tuning run: its exported model evaluated as it is (no adapter)
+    assert main(["evaluate", full["run_id"], "--db", config.output.db, "--batch-size", "2", "--harness", "tiny_yesno",
+                 "--include-path", str(tasks), "--limit", "2"]) == 0
+    assert "tiny_yesno@limit=2" in Store(config.output.db, readonly=True).get(full["run_id"])["harness"]
     assert not list(scratch.glob("peftbench-harness-*"))
 
 
