@@ -228,9 +228,11 @@ def cmd_run(args) -> int:
     if args.dry_run:
         from tabulate import tabulate
 
+        from .modeling import check_max_length
         from .runs import expand
         from .sweep import check_sweep_data
 
+        check_max_length(config)
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
         data = check_sweep_data(config, host, solved)

@@ -219,6 +219,16 @@ class Config:
         keys += [("methods", i, "per_task", task) for i, m in enumerate(self.methods) for task in m.per_task]
         return keys
 
+    def where_train(self, method: MethodConfig, task: str, key: str) -> str:
+        """``file:line: key.path: `` of the layer that sets ``train.<key>`` for (method, task), the most specific
+        first (method per-task, method, per-task, global); the ``train:`` section's line for a default."""
+        i = self.methods.index(method)
+        for steps in (("methods", i, "per_task", task, "train", key), ("methods", i, "train", key),
+                      ("per_task", task, key), ("train", key)):
+            if _has_path(self._data, steps):
+                return f"{self.locate(steps)}{key_path('', steps)}: "
+        return f"{self.locate(('train',))}train.{key}: "
+
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
         train = self.train
@@ -350,6 +360,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _has_path(data: Any, steps: tuple) -> bool:
+    node = data
+    for step in steps:
+        if node is None or not _has(node, step):
+            return False
+        node = node[step]
+    return True
 
 
 def _has(node: dict | list, step: Any) -> bool:
