@@ -453,6 +453,7 @@ PROBES = [  # (command, setup, exit code, fragment of stdout + stderr); {db}, {c
     ("budget {tmp}/ctrl.yaml", _control_config, 2, "methods[0].label: control character"),  # 10
     ("run {tmp}/caps.yaml --db {tmp}/caps.sqlite", _caps_config, 2,
      "task_options.gsm8k.max_total_length 100,000,000 exceeds the 1024-token position limit"),  # 7
+    ("run {tmp}/caps.yaml --dry-run", _caps_config, 2, "task_options.gsm8k.max_total_length 100,000,000"),  # 7
     ("report {db} --out {file}", None, 2, "is a file; give a folder"),  # 11
     ("report {db} --out {file}/sub", None, 2, "is a file, not a folder"),  # 11
     ("plot {db} --out-dir {file}", None, 2, "is a file; give a folder"),  # 11
