@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from peftbench import data as data_module
 from peftbench import sweep as sweep_module
-from peftbench import trainer
 from peftbench.cli import main
 from peftbench.data import Encoded, holdout_split
 from peftbench.runner import make_host, run_sweep, solve_budgets
@@ -98,15 +98,15 @@ def test_holdout_split_is_stratified_seeded_and_disjoint():
 
 def test_tuning_runs_train_on_the_rest_and_evaluate_on_the_held_out_part(tmp_path, monkeypatch):
     sizes = []
-    real_loaders = trainer._loaders
+    real_loaders = data_module.task_loaders
 
-    def loaders(spec, task, tokenizer, processes):
-        train_loader, dev_loaders = real_loaders(spec, task, tokenizer, processes)
+    def loaders(spec, task, tokenizer):
+        train_loader, dev_loaders = real_loaders(spec, task, tokenizer)
         sizes.append((spec.tuning is not None, len(train_loader.dataset),
                       {split: len(loader.dataset) for split, loader in dev_loaders.items()}))
         return train_loader, dev_loaders
 
-    monkeypatch.setattr(trainer, "_loaders", loaders)
+    monkeypatch.setattr(data_module, "task_loaders", loaders)
     summary, _, _ = _sweep(_tuned(tmp_path))
     assert summary.ok
     # the toy task: 256 training examples (128 positive), 128 dev examples
