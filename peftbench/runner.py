@@ -1,6 +1,8 @@
 """Running a sweep: the plugin host, the budgets, then every pending run, every result in the store.
 
-:func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
+:func:`resolve` decides everything before training, the same for ``peftbench run``, its ``--dry-run`` and
+:func:`run_sweep`: preflight (model, ``train.max_length``, a writable store), budgets, the data check and the
+run specs. :func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
 artifacts, log lines) to an executor (:mod:`peftbench.executors`: here, as Ray tasks, or on all processes of
 an ``accelerate launch``); :func:`print_summary` says what happened.
 
