@@ -44,7 +44,7 @@ def assemble(mc: ModelConfig, task: Task, host: Host, seed: int, classifier_drop
 
     ``seed`` seeds the new head (and ``random_init`` weights); the method's own initialisation follows from it.
     ``inject=False``: the base as loaded, with its targets and head, nothing frozen or injected (what budgets
-    count on, with ``meta=True``: shapes only, no memory). ``checkpointing``: activation checkpointing of
+    count on, with ``meta=True``: shapes only, no memory; ``host`` is not used then). ``checkpointing``: activation checkpointing of
     every layer (``train.gradient_checkpointing``)."""
     model = task.load_model(mc, seed, classifier_dropout, meta=meta)
     head = modeling.head_modules(mc, model)

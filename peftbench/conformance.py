@@ -172,9 +172,9 @@ class Conformance:
         built = self._assemble(meta=meta, inject=False)
         return built.model, built.targets, built.head
 
-    def _inject(self, params: Any = None, adapter_seed: int | None = None) -> _Injected:
+    def _inject(self, params: Any = None) -> _Injected:
         method = self.cls(self.params if params is None else params)
-        base = _BaseRecorder(adapter_seed)
+        base = _BaseRecorder()
         with self.host.activate(method), observing(self.host, base):
             built = self._assemble()
         head_names = built.head_names
@@ -248,8 +248,8 @@ class Conformance:
         if self.trains_base:
             return
         injected = self._inject()
-        head = {id(p) for n, p in injected.model.named_parameters()
-                if n in modeling.head_parameter_names(injected.model, injected.head)}  # trained by every method
+        head_names = modeling.head_parameter_names(injected.model, injected.head)
+        head = {id(p) for n, p in injected.model.named_parameters() if n in head_names}  # every method trains it
         unfrozen = _unfrozen_base(injected.model, injected.base_ids, head)
         if unfrozen:
             raise _Fail(f"after peftbench_inject {len(unfrozen)} base parameter(s) are trainable, e.g. "
@@ -569,16 +569,13 @@ class _StateRecorder:
 
 
 class _BaseRecorder:
-    """Records the base model's parameters right before injection (and seeds the generators first, given a
-    seed: another adapter initialisation)."""
+    """Records the base model's parameters (by identity) right before the method injects its adapters."""
 
-    def __init__(self, seed: int | None = None):
-        self.seed, self.ids = seed, {}
+    def __init__(self):
+        self.ids: dict[int, str] = {}
 
     @hookimpl(tryfirst=True)
     def peftbench_inject(self, model):
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         self.ids = {id(p): name for name, p in model.named_parameters()}
 
 
