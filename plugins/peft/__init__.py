@@ -13,7 +13,8 @@ bridge does not support is refused there with the reason.
 * **Counting** is PEFT's own: the tuner is injected into a meta-device copy of the model (no memory, no
   values: ``low_cpu_mem_usage``) and the trainable parameters counted, so ``peftbench budget`` works offline on
   DeBERTaV3-base or Llama-3.2-3B shapes. A tuner whose initialisation needs weight values (SHiRA's random
-  mask) is counted on one real ``nn.Linear`` per distinct target shape instead.
+  mask) or builds buffers from values (BOFT's permutations) is counted on one real ``nn.Linear`` per distinct
+  target shape instead.
 * **Budgets**: each tuner has a size hyperparameter (:attr:`Tuner.size_key`; ``size_key:`` overrides it), solved
   by a monotone search over its valid values for the count nearest the target. Where PEFT takes per-module sizes
   (``rank_pattern``, ``n_frequency_pattern``, ``block_size_pattern``), the modules whose next size brings the
@@ -82,7 +83,8 @@ TUNERS: dict[str, Tuner] = {
                        "size far below a LoRA r=8 budget on every model; the bridge's default is 2 (a 2x2 factor "
                        "times a rank-r d/2 x d/2 one)"),
     "OFT": Tuner("oft_block_size", values="divisor", fixed={"r": 0}),
-    "BOFT": Tuner("boft_block_size", values="divisor", fixed={"boft_block_num": 0}),
+    "BOFT": Tuner("boft_block_size", values="divisor", fixed={"boft_block_num": 0}, count="shapes",
+                  note="builds dense in x in permutation buffers per module (values, not on the meta device)"),
     "VERA": Tuner("r", note="the shared random projections are buffers (regenerated from projection_prng_key), "
                             "not trained: only the per-module scaling vectors count"),
     "FOURIERFT": Tuner("n_frequency", "n_frequency_pattern"),
@@ -304,8 +306,9 @@ class PeftTuner(Method):
             by_shape = {(t.in_features, t.out_features): per_shape[t.name] for t in shape_targets}
             per = {t.name: by_shape[(t.in_features, t.out_features)] for t in targets}
             return sum(per.values()), per
-        clone = meta_clone(model)
-        self._attach(clone, targets, params, meta=True)
+        with torch.device("meta"):  # what PEFT creates outside its parameters (VeRA's projections) too
+            clone = meta_clone(model)
+            self._attach(clone, targets, params, meta=True)
         return _per_module(clone, [t.name for t in targets])
 
     @hookimpl
