@@ -2,7 +2,8 @@
 size key, and whether its solved size meets a LoRA r=8 budget (1 % tolerance) on MiniLM, DeBERTaV3-base and
 Llama-3.2-3B shapes, counted offline on the meta device as ``peftbench budget`` does.
 
-    python -m benchmarks.peft_matrix > /tmp/matrix.md     # minutes on 2 CPU cores (Llama's meta model per count)
+    python -m benchmarks.peft_matrix > /tmp/matrix.md     # ~15 min on 2 busy CPU cores (a meta Llama per count)
+    python -m benchmarks.peft_matrix LOHA OFT             # those rows only
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import sys
 import warnings
 
+from peftbench.plugins.peft import TUNERS, UNSUPPORTED, _config_class
+
 from peftbench import modeling
 from peftbench.config import ModelConfig
 from peftbench.errors import PeftbenchError
 from peftbench.host import Host
 from peftbench.lora import rank_cost
-from peftbench.plugins.peft import TUNERS, UNSUPPORTED, _config_class
 
 MODELS = {"MiniLM": ("minilm", "classification"), "DeBERTaV3-base": ("microsoft/deberta-v3-base", "classification"),
           "Llama-3.2-3B": ("meta-llama/Llama-3.2-3B", "causal_lm")}
@@ -58,7 +60,8 @@ def main() -> None:
     print("|---|---|---|---|" + "---|" * len(MODELS))
     import peft
 
-    for peft_type in (t.value for t in peft.PeftType):
+    only = {t.upper() for t in sys.argv[1:]}  # a few types' rows (e.g. after a PEFT upgrade)
+    for peft_type in (t.value for t in peft.PeftType if not only or t.value in only):
         config = _config_class(peft_type).__name__
         if peft_type in UNSUPPORTED:
             print(f"| {peft_type} | {config} | no: {UNSUPPORTED[peft_type]} | — |" + " — |" * len(MODELS))

@@ -37,6 +37,10 @@ KIT = {
     "shira": {"params": {"r": 4}, "budget_ranks": (4, 8)},
     "c3a": {"params": {"block_size": 16}, "budget_ranks": (4,), "tolerance": 0.15},
     "road": {"params": {"group_size": 8}},
+    "psoft": {"params": {"r": 4}, "budget_ranks": (4,), "tolerance": 0.05},  # r <= 32: 6,720 at most
+    "pvera": {"params": {"r": 16}},
+    "tinylora": {"params": {"u": 8}},
+    "osf": {"params": {"effective_rank": 4}, "tolerance": 0.02},
 }
 
 

@@ -102,6 +102,12 @@ TUNERS: dict[str, Tuner] = {
     "LILY": Tuner("r"),
     "PEANUT": Tuner("r"),
     "DEFT": Tuner("r"),
+    "PSOFT": Tuner("r"),
+    "PVERA": Tuner("r", note="VeRA's shared projections, probabilistic scaling vectors"),
+    "TINYLORA": Tuner("u"),
+    "OSF": Tuner("effective_rank", note="a trainable low-rank part of each weight's SVD: the count grows with "
+                                        "effective_rank (PEFT's default: half of each weight's rank)"),
+    "SUPERTUNING": Tuner("r"),
     "IA3": Tuner(None),
     "LN_TUNING": Tuner(None, targets="norms",
                        note="trains copies of the model's normalisation layers (outside the head), not the sweep's "
@@ -124,15 +130,12 @@ UNSUPPORTED: dict[str, str] = {
     "POLY": "multi-task routing: needs task ids with every batch",
     "TRAINABLE_TOKENS": "trains embedding rows of chosen token ids, not an adapter on the target modules",
     "SHADOW": "trains a separate shadow network (PEFT refuses to inject it into a model)",
-    "ADAMSS": "its SVD initialisation needs the base weights, so it cannot be counted on the meta device, and its "
-              "rank changes during training (ASA)",
-    "OSF": "trains a subspace of the base weights themselves (no separate adapter tensors)",
-    "FROD": "sparse fine-tuning of the base weights, selected from their values",
-    "PVERA": "samples its projections at every forward pass (a probabilistic VeRA): not deterministic under the seed",
-    "UNILORA": "a shared vector indexed by random projections that PEFT keeps outside the state dict",
-    "TINYLORA": "its projections are drawn at injection from state PEFT keeps on the tuner, outside the model",
-    "PSOFT": "its SVD initialisation needs the base weights (not on the meta device)",
-    "SUPERTUNING": "selects base weights to train from their values (sparse fine-tuning of the base model)",
+    "ADAMSS": "its initialisation (an SVD of the base weights) cannot run on the meta device, where budgets are "
+              "counted",
+    "FROD": "its joint decomposition of the base weights across layers needs their values: not countable on the "
+            "meta device",
+    "UNILORA": "its initialisation (a bincount over random indices shared by all modules) has no meta-device "
+               "kernel, so budgets cannot be counted",
 }
 
 #: config fields the bridge sets itself: the targets are the sweep's, and nothing else of the base trains
