@@ -29,9 +29,9 @@ def cell(host: Host, name: str, shapes) -> str:
     cls = host.method(name)
     target = 8 * rank_cost(targets)
     try:
-        with host.activate(cls()):
-            counts = host.hook.peftbench_count_trainable(model=model, targets=targets, head=head)
         if not cls.matches_budget:
+            with host.activate(cls()):
+                counts = host.hook.peftbench_count_trainable(model=model, targets=targets, head=head)
             return f"reference ({counts.final:,})"
         with host.activate(cls()):
             solved = host.hook.peftbench_solve_budget(model=model, targets=targets, head=head, target=target,
