@@ -121,8 +121,10 @@ class MethodConfig:
     params: dict[str, Any] = field(default_factory=dict)  #: checked by :meth:`Config.check_params`
     train: TrainOverrides = field(default_factory=dict)  #: training overrides for this method
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
-    #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations)
-    match_budget: bool = True
+    #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations;
+    #: ``nearest``: solve them for the size nearest the budget, and list the run as an unmatched reference, for a
+    #: method whose size moves in steps larger than the tolerance)
+    match_budget: bool | Literal["nearest"] = True
     #: this method's own tuning grid (e.g. the ranges of its paper), replacing ``tune.grid``: the same keys as
     #: ``tune.grid`` and the same number of points as every other method's grid
     tune: dict[str, list[Any]] | None = None

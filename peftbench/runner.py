@@ -1,6 +1,8 @@
 """Running a sweep: the plugin host, the budgets, then every pending run, every result in the store.
 
-:func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
+:func:`resolve` decides everything before training, the same for ``peftbench run``, its ``--dry-run`` and
+:func:`run_sweep`: preflight (model, ``train.max_length``, a writable store), budgets, the data check and the
+run specs. :func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
 artifacts, log lines) to an executor (:mod:`peftbench.executors`: here, as Ray tasks, or on all processes of
 an ``accelerate launch``); :func:`print_summary` says what happened.
 
@@ -20,16 +22,22 @@ What can go wrong, and what happens then:
 
 from __future__ import annotations
 
+import functools
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .budget import Shapes, Solved, model_shapes, solve_all, task_kind
-from .config import Config
-from .errors import ConfigError, PeftbenchError, PluginError
+from . import modeling
+from .budget import Shapes, Solved, model_shapes, solve_all
+from .config import Config, data_dir_for
+from .errors import ConfigError, DataError, PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
+from .runs import RunSpec, expand
 from .schema import key_path
 from .store import Store
 from .sweep import Sweep, SweepSummary, check_sweep_data, raised_at
@@ -73,7 +81,7 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
     """:func:`peftbench.budget.solve_all`, with a plugin that raises in a budget hook reported as bad input
     (nothing can run without budgets) naming the plugin code that raised."""
     try:
-        shapes = shapes or model_shapes(config, kind=task_kind(config, host))
+        shapes = shapes or model_shapes(config, host)
         solved = solve_all(config, host, shapes)
         if config.tune is not None:  # a grid's params must not change a method's size
             check_grid_counts(config, host, solved, shapes)
@@ -85,29 +93,110 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
                           f"(raised at {raised_at(exc)})") from exc
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A sweep as it is decided before any training (:func:`resolve`)."""
+
+    solved: dict[tuple[str, str], Solved]  #: each (method label, task)'s budget-solved params
+    data: dict[str, dict[str, str]]  #: each task's split fingerprints (every split read and checked)
+    #: the runs to train first: the sweep's, or with ``tune:`` those of the tuning phase (the final phase's
+    #: follow from its choices: :func:`peftbench.tuning.final_runs`)
+    runs: list[RunSpec]
+
+
+def resolve(config: Config, host: Host, solved: dict[tuple[str, str], Solved] | None = None,
+            db: str | None = None) -> Resolved:
+    """Everything a sweep decides before training, the same for every entry point (``peftbench run``, its
+    ``--dry-run``, :func:`run_sweep`): the model and tokenizer found, ``train.max_length`` within the model's
+    positions, the store (``db``, default ``output.db``) and output folder writable, the budgets solved
+    (``solved``: already), every split read and checked, and the run specs of the first phase."""
+    modeling.preflight(config.model)
+    modeling.check_max_length(config)
+    check_writable(db or config.output.db, config.output.dir)  # before any training, not after it
+    solved = solved or solve_budgets(config, host)
+    data = check_sweep_data(config, host, solved)  # every split and every in-budget plan, before any training
+    check_fits(config, host)
+    runs = tuning_runs(config, solved, data) if config.tune is not None else expand(config, solved, data)
+    return Resolved(solved, data, runs)
+
+
+def check_fits(config: Config, host: Host) -> None:
+    """Every example of every task fits each run's ``train.max_length`` (a generation task's prompts must leave
+    room for a response): a config error naming the key's line, before any training."""
+    tokenizer = functools.cache(lambda: modeling.load_tokenizer(config.model))  # only for tasks that need it
+    checked = set()
+    for method in config.methods:
+        for name in config.tasks:
+            max_length = config.train_for(method, name).max_length
+            if (name, max_length) in checked:
+                continue
+            checked.add((name, max_length))
+            try:
+                task = host.task(name).with_options(config.task_options.get(name))
+                task.check_fits(data_dir_for(config), tokenizer, max_length)
+            except DataError as exc:
+                raise ConfigError(f"{config.where_train(method, name, 'max_length')}{max_length} is too short "
+                                  f"for task {name}: {exc}") from None
+
+
+def check_writable(db: str, output_dir: str) -> None:
+    """The store and the output folder can be written: checked before training, so that a sweep never trains
+    runs whose results it then cannot keep."""
+    db_path = Path(db)
+    if db_path.is_dir():
+        raise ConfigError(f"--db / output.db {db!r} is a directory; give the path of a results file")
+    problem = _unwritable_dir(db_path.parent)
+    if problem:
+        raise ConfigError(f"--db / output.db {db!r}: {problem}")
+    if db_path.exists():
+        try:
+            with open(db_path, "r+b"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--db / output.db {db!r}: the store cannot be written ({exc.strerror})") from None
+    problem = _unwritable_dir(Path(output_dir))
+    if problem:
+        raise ConfigError(f"output.dir {output_dir!r}: {problem}")
+
+
+def _unwritable_dir(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder``, or ``None``: tried (a temporary file in the nearest folder that
+    exists), not guessed from permission bits; nothing is left behind, no folder is made."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".peftbench-write-test-"):
+            pass
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
+    return None
+
+
 def run_sweep(config: Config, host: Host, store: Store | None, fail_fast: bool = False, progress: bool = True,
               log=print, summary: SweepSummary | None = None,
-              solved: dict[tuple[str, str], Solved] | None = None, executor=None) -> SweepSummary:
+              solved: dict[tuple[str, str], Solved] | None = None, executor=None,
+              resolved: Resolved | None = None) -> SweepSummary:
     """Run every pending run of ``config``; returns (and fills ``summary`` with) what happened.
-    ``solved``: the budgets, if already solved (:func:`solve_budgets`). ``executor``: where the runs train
-    (:mod:`peftbench.executors`; default: one after another in this process). ``store`` is ``None`` only on
-    the non-main processes of a distributed run."""
+    ``solved``: the budgets, if already solved (:func:`solve_budgets`); ``resolved``: the whole sweep, if
+    already resolved (:func:`resolve`). ``executor``: where the runs train (:mod:`peftbench.executors`;
+    default: one after another in this process). ``store`` is ``None`` only on the non-main processes of a
+    distributed run."""
     summary = summary if summary is not None else SweepSummary()
-    solved = solved or solve_budgets(config, host)
+    resolved = resolved or resolve(config, host, solved, db=str(store.path) if store is not None else None)
     executor = executor or LocalExecutor(progress=progress)
     if config.tune is not None:
-        run_tuned(config, host, store, solved, summary, log, executor, fail_fast)
+        run_tuned(config, host, store, resolved, summary, log, executor, fail_fast)
         return summary
-    executor.run(Sweep(config, host, store, solved, summary, log), fail_fast=fail_fast)
+    executor.run(Sweep(config, host, store, resolved.solved, summary, log, runs=resolved.runs), fail_fast=fail_fast)
     return summary
 
 
-def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tuple[str, str], Solved],
+def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolved,
               summary: SweepSummary, log, executor, fail_fast: bool) -> None:
     """A sweep with ``tune:`` (:mod:`peftbench.tuning`): the tuning runs on held-out training data, the choice
     per (method label, task), then the sweep's runs at the chosen points."""
-    data = check_sweep_data(config, host, solved)  # every split and every in-budget plan, before any training
-    phase = tuning_runs(config, solved, data)
+    solved, phase = resolved.solved, resolved.runs
     points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
     executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(
         f"tuning: {len(config.methods)} methods × {len(config.tasks)} tasks × {points} grid points × "
@@ -123,7 +212,8 @@ def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tupl
         log(f"peftbench: {choice.line()}")
         if choice.point is None:
             summary.not_started.append(choice.line())
-    executor.run(Sweep(config, host, store, solved, summary, log, runs=final_runs(config, solved, data, choices),
+    executor.run(Sweep(config, host, store, solved, summary, log,
+                       runs=final_runs(config, solved, resolved.data, choices),
                        what=f"at the tuned settings: {len(config.methods)} methods × {len(config.tasks)} tasks × "
                             f"{len(config.seeds)} seeds"), fail_fast=fail_fast)
 
@@ -145,4 +235,5 @@ def print_summary(summary: SweepSummary, started: float, out=None) -> None:
         print("  (tracebacks are stored with each run; rerun the same command to redo failed runs)", file=out)
 
 
-__all__ = ["make_host", "solve_budgets", "run_sweep", "run_tuned", "print_summary"]
+__all__ = ["make_host", "solve_budgets", "Resolved", "resolve", "check_writable", "run_sweep", "run_tuned",
+           "print_summary"]
