@@ -180,7 +180,7 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     base = tmp_path / "tiny-llama"
     mc = from_dict(ModelConfig, tiny_llama_config())
-    modeling.load_model(mc, 0, seed=0, kind="causal_lm").save_pretrained(base)
+    modeling.load_model(mc, 0, seed=0, causal_lm=True).save_pretrained(base)
     tokenizer = modeling.load_tokenizer(mc)
     tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
     tokenizer.save_pretrained(base)
