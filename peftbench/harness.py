@@ -40,7 +40,7 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
         raise ConfigError(f"run {run['run_id']} is a {run['task']!r} classification run: the harness evaluates "
                           "causal language models")
     spec_model = run["spec"]["model"]
-    base = modeling.resolve_name(spec_model["name_or_path"])
+    base = modeling.resolve_name(spec_model["name_or_path"], spec_model.get("gguf_file"))
     if spec_model.get("random_init") or not Path(base).exists() and base in modeling.BUILTIN_CONFIGS:
         raise ConfigError(f"run {run['run_id']}: its base model {base!r} was built with random weights; the harness "
                           "loads a saved model (a local folder or a hub id)")

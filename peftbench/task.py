@@ -29,6 +29,9 @@ class Task:
     #: how the trainer builds the model and evaluates it: ``classification`` (a sequence-classification head,
     #: scored on logits) or ``causal_lm`` (:class:`GenerationTask`: a causal LM, scored on generations)
     kind: ClassVar[str] = "classification"
+    #: the version of the task's scoring, in its runs' identity when set: results scored another way (an
+    #: earlier metric) are other runs, retrained rather than mixed with these in a table
+    scoring: ClassVar[str | None] = None
 
     name: str  #: lower-case id used in configs, e.g. ``"rte"``
     text_fields: tuple[str, ...]  #: column names of the one or two input texts
