@@ -484,8 +484,9 @@ def cmd_evaluate(args) -> int:
                            args.batch_size, args.device)
     with Store(db) as store:
         store.set_harness(run["run_id"], results)
-    for task, metrics in results.items():
-        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
+    for task, entry in results.items():
+        print(f"{task} ({entry['samples']} documents): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if "stderr" not in k))
     return 0
 
 
