@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import sys
 import traceback
@@ -374,7 +375,9 @@ def release_memory() -> None:
 def _spec_fields(spec: RunSpec, budget: Solved) -> dict[str, Any]:
     return {
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
-        "model": spec.model.name_or_path, "spec": spec.identity(),
+        "model": spec.model.name_or_path,
+        # where the data was read, for `peftbench export --check` (beside the identity, which has its content)
+        "spec": {**spec.identity(), "data_dir": os.path.abspath(spec.data_dir) if spec.data_dir else None},
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
                    "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
                    "estimate": budget.counts.estimate},
