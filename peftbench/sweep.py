@@ -219,10 +219,10 @@ def check_data(config: Config, host: Host, tasks: list[str],
                                 f"{exc} (raised at {raised_at(exc)})") from exc
             _check_split(task, split, data)
             fingerprints.setdefault(name, {})[split] = content_fingerprint(data)
-        if task.scoring is not None:  # how its results are scored is part of them, like the data they come from
-            fingerprints[name]["scoring"] = task.scoring
             if split == "train" and sizes is not None:
                 sizes[name] = len(data.labels)
+        if task.scoring is not None:  # how its results are scored is part of them, like the data they come from
+            fingerprints[name]["scoring"] = task.scoring
     return fingerprints
 
 
