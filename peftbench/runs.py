@@ -50,7 +50,9 @@ class RunSpec:
         path: its content is in ``data``)."""
         # training keys added later are left out at their default: older runs keep their ids
         train = {k: v for k, v in to_dict(self.train).items() if k not in ADDED_TRAIN_KEYS or v != ADDED_TRAIN_KEYS[k]}
-        model = {k: v for k, v in to_dict(self.model).items() if k not in ADDED_MODEL_KEYS or v != ADDED_MODEL_KEYS[k]}
+        model = to_dict(self.model)
+        if isinstance(model, dict):
+            model = {k: v for k, v in model.items() if k not in ADDED_MODEL_KEYS or v != ADDED_MODEL_KEYS[k]}
         identity = {
             "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
             "model": model, "train": train, "label": self.label,
