@@ -41,7 +41,7 @@ def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
     the training settings and the method's params. Runs of one label are seeds of one setting only when
     these are equal."""
-    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label", "plugins")}
+    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label", "plugins", "data_dir")}  # where, not what
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 

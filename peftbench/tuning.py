@@ -56,7 +56,8 @@ def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | 
     """Phase 1: every method × task × tuning seed × grid point, on the training set only (its fingerprint
     alone in the identity: the dev splits play no part in a tuning run)."""
     tune, grids = config.tune, {m.label: config.grid_for(m) for m in config.methods}
-    train_only = {task: {"train": splits["train"]} for task, splits in (data or {}).items() if "train" in splits}
+    train_only = {task: {k: v for k, v in splits.items() if k in ("train", "scoring")}
+                  for task, splits in (data or {}).items() if "train" in splits}
     runs = []
     for spec in expand(config, solved, train_only, seeds=tune.seeds):
         for index, point in enumerate(grid_points(grids[spec.label])):
