@@ -480,10 +480,11 @@ def cmd_export(args) -> int:
         try:
             diff, agree = check_export(run, out, host, data_dir)
         except (ConfigError, DataError) as exc:
-            if data_dir:
+            if args.data_dir:
                 raise
-            raise type(exc)(f"{exc}\n--check reads the run's dev data: give its folder with --data-dir FOLDER "
-                            "(or set PEFTBENCH_GLUE_DIR)") from None
+            where = f" (the run read it from {data_dir})" if data_dir else ""
+            raise type(exc)(f"{exc}\n--check reads the run's dev data{where}: give its folder with --data-dir "
+                            "FOLDER") from None
         print(f"peftbench: {'transformers' if run['method'] == 'full' else 'HF PEFT'} reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
     return 0
 

@@ -513,11 +513,13 @@ def test_export_check_names_data_dir_when_the_dev_data_is_not_found(tmp_path, mo
     with Store(tmp_path / "results.sqlite", readonly=True) as store:
         (run,) = store.runs()
     monkeypatch.delenv("PEFTBENCH_GLUE_DIR", raising=False)
+    db = str(tmp_path / "results.sqlite")
+    assert main(["export", run["run_id"], str(tmp_path / "out0"), "--db", db, "--check"]) == 0  # the run's folder
+    (tmp_path / "glue").rename(tmp_path / "moved")
     capsys.readouterr()
-    assert main(["export", run["run_id"], str(tmp_path / "out"), "--db", str(tmp_path / "results.sqlite"),
-                 "--check"]) == 2
+    assert main(["export", run["run_id"], str(tmp_path / "out"), "--db", db, "--check"]) == 2
     err = capsys.readouterr().err
     assert "give its folder with --data-dir FOLDER" in err and "Traceback" not in err
-    assert main(["export", run["run_id"], str(tmp_path / "out2"), "--db", str(tmp_path / "results.sqlite"),
-                 "--check", "--data-dir", str(tmp_path / "glue")]) == 0
+    assert main(["export", run["run_id"], str(tmp_path / "out2"), "--db", db, "--check",
+                 "--data-dir", str(tmp_path / "moved")]) == 0
     assert "dev predictions agree on 100.00%" in capsys.readouterr().out
