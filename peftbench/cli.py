@@ -210,12 +210,13 @@ def cmd_run(args) -> int:
 
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
-        data = check_sweep_data(config, host, solved)
+        sizes: dict[str, int] = {}
+        data = check_sweep_data(config, host, solved, sizes)
         if config.tune is not None:  # the tuning runs' ids; the final runs' ids depend on the choice
             from .tuning import point_text, tuning_runs
 
             print(f"phase 1, tuning on {100 * config.tune.holdout:g}% of the training set held out:")
-            for spec in tuning_runs(config, solved, data):
+            for spec in tuning_runs(config, solved, data, sizes):
                 print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed} {point_text(spec.tuning['point'])}")
             print("phase 2, at each method's chosen point per task, on the full training set:")
         for spec in expand(config, solved, data):  # the ids a run will use
@@ -340,17 +341,35 @@ def _in_budget_plan(config, host, solved) -> None:
             else:
                 missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
-    print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
-          f"reported metric (the final one always does; fewer than budget.min_evaluations = "
+    print(f"\nin-budget evaluations: only evaluations at which a method is within its budget choose its reported "
+          f"checkpoint (the final one always counts; fewer than budget.min_evaluations = "
           f"{config.budget.min_evaluations} is a config error)")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
     if assumed:
         print(f"note: no training data for {', '.join(assumed)}")
-    rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}"]
-            for (label, task), p in plans.items()]
-    print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted"],
-                   tablefmt="simple", disable_numparse=True))
+    rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}",
+             *_rates(config, label, task)] for (label, task), p in plans.items()]
+    print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted", "lr",
+                                  "head lr"], tablefmt="simple", disable_numparse=True))
+    print(f"checkpoint: {_SELECT_RULES[config.train.select]}; head lr: the same rule for every method (the sweep's "
+          "train.lr unless train.head_lr is set; a grid's train.lr does not move it)")
+
+
+_SELECT_RULES = {
+    "validation": "the best in-budget evaluation on a validation split held out of the training data "
+                  "(train.validation_size), dev scored once at it",
+    "final": "the final model, dev scored once",
+    "dev": "the best of the dev evaluations (reproduces papers; not a fair protocol)",
+}
+
+
+def _rates(config, label: str, task: str) -> list[str]:
+    """The adapter's and the head's learning rate of (label, task), or ``tuned`` where its grid sets it."""
+    method = next(m for m in config.methods if m.label == label)
+    train, grid = config.train_for(method, task), config.grid_for(method)
+    return [f"tuned ({len(grid[key])} values)" if key in grid else f"{getattr(train, key[6:]):g}"
+            for key in ("train.lr", "train.head_lr")]
 
 
 def _memory_plan(config, host, shapes, solved, gpu_gb: float) -> None:

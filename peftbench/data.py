@@ -137,19 +137,22 @@ def subsample(encoded: Encoded, n: int | None, seed: int = 0) -> Encoded:
     return encoded.subset(indices)
 
 
-def holdout_split(encoded: Encoded, fraction: float, seed: int, stratify: bool) -> tuple[Encoded, Encoded]:
-    """``encoded`` split into (train part, held-out part) with ``fraction`` of the examples held out, seeded,
-    stratified by label for classification (each class keeps its share in both parts)."""
+def holdout_split(encoded: Encoded, fraction: float, seed: int, stratify: bool,
+                  key: str = "tune.holdout") -> tuple[Encoded, Encoded]:
+    """``encoded`` split into (train part, held-out part) with ``fraction`` of the examples held out (a number of
+    them if >= 1), seeded, stratified by label for classification (each class keeps its share in both parts);
+    ``key``: the config key named by an error."""
     from sklearn.model_selection import train_test_split
 
     from .errors import DataError
 
     indices = np.arange(len(encoded))
     try:
-        train, held_out = train_test_split(indices, test_size=fraction, random_state=seed, shuffle=True,
+        train, held_out = train_test_split(indices, test_size=fraction if fraction < 1 else int(fraction),
+                                           random_state=seed, shuffle=True,
                                            stratify=encoded.labels if stratify else None)
     except ValueError as exc:  # too few examples, or a class too rare to be in both parts
-        raise DataError(f"tune.holdout: cannot hold out {fraction:g} of {len(encoded)} training examples"
+        raise DataError(f"{key}: cannot hold out {fraction:g} of {len(encoded)} training examples"
                         f"{' stratified by label' if stratify else ''}: {exc}") from None
     return encoded.subset(np.sort(train)), encoded.subset(np.sort(held_out))
 

@@ -15,8 +15,11 @@ SELECTION = "in_budget"
 #: how evaluations sit in training: at most one per step, drawing nothing from the training RNG (earlier, each
 #: one drew a DataLoader seed, so ``eval_every`` changed the dropout noise of later steps)
 EVALUATION = "once_per_step_rng_isolated"
+#: how the reported split is scored: once per run, at the checkpoint ``train.select`` chose (earlier, ``best`` was
+#: the best of every dev evaluation: the reported split chose the checkpoint)
+SCORING = "dev_once_at_selected"
 #: constants of this version in a run's identity, not :class:`RunSpec` fields
-IDENTITY_CONSTANTS = ("selection", "evaluation")
+IDENTITY_CONSTANTS = ("selection", "evaluation", "scoring")
 
 
 @dataclass
@@ -57,6 +60,9 @@ class RunSpec:
             "selection": SELECTION,
             # a run trained before evaluations stopped touching the training RNG is retrained too
             "evaluation": EVALUATION,
+            # a run that reported its best of N dev evaluations (and trained the head at the method's rate) is
+            # retrained too
+            "scoring": SCORING,
         }
         if self.data:
             identity["data"] = dict(self.data)

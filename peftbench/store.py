@@ -63,10 +63,10 @@ CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL
 ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
                  "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
                  "adapter_bytes": "INTEGER", "audit": "TEXT", "mem_stats": "TEXT",
-                 "eval_s": "REAL", "harness": "TEXT"}
+                 "eval_s": "REAL", "harness": "TEXT", "dev_predictions": "TEXT"}
 
 JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
-                "harness", "mem_stats")
+                "harness", "mem_stats", "dev_predictions")
 
 
 def process_start(pid: int) -> int | None:

@@ -40,10 +40,16 @@ class Diverged(RuntimeError):
 
 @dataclass
 class RunResult:
-    best: dict[str, float]  #: dev metrics at the best in-budget evaluation (by the task's main metric): reported
-    final: dict[str, float]  #: dev metrics after the last step
-    best_step: int
-    best_any: dict[str, float]  #: dev metrics at the best of all evaluations, over budget ones included (info)
+    #: the reported dev metrics, at the selected checkpoint (``train.select``): the best in-budget evaluation on
+    #: the validation split (by the task's main metric), the final model, or the best in-budget dev evaluation
+    best: dict[str, float]
+    #: dev metrics after the last step (``select: validation``: only when that is the selected checkpoint, else
+    #: empty: dev is scored once)
+    final: dict[str, float]
+    best_step: int  #: the selected checkpoint's step
+    #: dev metrics at the best of all evaluations, over-budget ones included (information; ``select: validation``:
+    #: only when that is the selected checkpoint, else empty)
+    best_any: dict[str, float]
     best_any_step: int
     in_budget_from: int  #: completed steps from which evaluations count (:func:`peftbench_in_budget_from`)
     evaluations: int  #: dev evaluations in the run
@@ -66,6 +72,9 @@ class RunResult:
     #: a causal-LM task: the final evaluation's generations, one ``{split, index, reference, generation}`` each
     #: (``generation`` ``None``: ran into a length cap), written to the run's ``generations.jsonl``
     generations: list[dict[str, Any]] = field(default_factory=list)
+    #: per-example predictions of the reported dev scoring, per split: ``{"predictions": [...], "labels": [...]}``
+    #: (regression: values; classification: label ids; causal LM: correctness 0/1 against labels of 1)
+    dev_predictions: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +90,9 @@ class LoopState(TrainState):
     best_score: float = -math.inf  #: the task's main dev metric at the best in-budget evaluation so far
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
-    best_weights: dict[str, torch.Tensor] | None = None  #: trainable weights at the best in-budget evaluation (CPU)
+    #: trainable weights at the best in-budget evaluation (CPU), in its evaluated form (PRILoRA: pruned)
+    best_weights: dict[str, torch.Tensor] | None = None
+    best_predictions: dict[str, dict[str, list]] = field(default_factory=dict)  #: ``select: dev``: the best's
     best_any_score: float = -math.inf  #: the same over every evaluation, over-budget ones included (information)
     best_any_metrics: dict[str, float] = field(default_factory=dict)
     best_any_step: int = 0
@@ -150,6 +161,9 @@ class Run:
     references: dict[str, list[str]] = field(default_factory=dict)
     tokenizer: Any = None
     generations: list[dict[str, Any]] = field(default_factory=list)  #: of the final evaluation (:class:`RunResult`)
+    #: the loaders whose evaluations choose the checkpoint (``train.select``): the validation split, the dev
+    #: splits themselves (``dev``), or none (``final``)
+    select_loaders: dict[str, Any] = field(default_factory=dict)
 
 
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
@@ -221,14 +235,14 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
             state.step_times.append(time.perf_counter() - last_step_end)
             if state.step % cfg.log_every == 0 or state.step == state.total_steps:
                 log(run, host)
-            if evaluates_every(cfg, state.step) and state.step < state.total_steps:
+            if evaluates_every(cfg, state.step) and state.step < state.total_steps and run.select_loaders:
                 evaluate(run, host)
             last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
             if state.step >= state.total_steps:
                 break
         state.epoch += 1
         if state.step < state.total_steps:  # epoch end (the last one is evaluated after train_end below)
-            if not evaluates_every(cfg, state.step):  # else evaluated at this step already
+            if not evaluates_every(cfg, state.step) and run.select_loaders:  # else evaluated at this step already
                 evaluate(run, host)
             if checkpoint:  # on every process (totals over processes are collectives); the main one writes
                 checkpoint.save(raw_model, state, host)
@@ -237,12 +251,13 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
 
     if "peftbench_train_end" in has:
         hook.peftbench_train_end(model=raw_model, state=state)
-    final = evaluate(run, host, final=True)  # train_end left every method in its final form: always counts
+    # train_end left every method in its final form: the final evaluation always counts
+    final = evaluate(run, host, final=True) if run.select_loaders else {}
     report: dict[str, Any] = {}
     if "peftbench_report" in has:
         for part in hook.peftbench_report(model=raw_model, state=state):
             report.update(part or {})
-    return result(run, final, report, train_s, host)
+    return result(run, final, score_reported(run, host), report, train_s, host)
 
 
 def log(run: Run, host: Host) -> None:
@@ -262,34 +277,37 @@ def log(run: Run, host: Host) -> None:
 
 
 def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
-    """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best in-budget
-    evaluation so far (the reported one) and the best of all (information only).
+    """An evaluation of the splits that choose the checkpoint (``run.select_loaders``, the first unprefixed),
+    into the history; keeps the best in-budget evaluation so far (the selected one) and the best of all
+    (information only).
 
     It draws nothing from the training RNG (a DataLoader iterator takes a seed from it): training is the same
     whether and how often it evaluates."""
-    state, task = run.state, run.task
-    undo = []
-    if "peftbench_before_evaluate" in run.hooks:  # the adapter as the method reports it (PRILoRA: pruned)
-        undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=state) if u]
+    state, select = run.state, run.spec.train.select
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            metrics = {}
-            for i, (split, loader) in enumerate(run.dev_loaders.items()):
-                prefix = "" if i == 0 else f"{split}_"
-                metrics.update({prefix + k: v for k, v in score_split(run, split, loader, final).items()})
-            for split, loader in run.final_loaders.items() if final else ():  # a test set, evaluated once
-                metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final).items()})
-        finally:
-            for restore in reversed(undo):
-                restore()
+    metrics, examples = {}, {}
+    with evaluated_form(run, host), torch.random.fork_rng(devices=[]):
+        for i, (split, loader) in enumerate(run.select_loaders.items()):
+            prefix = "" if i == 0 else f"{split}_"
+            scored, examples[split] = score_split(run, split, loader, final and select == "dev")
+            metrics.update({prefix + k: v for k, v in scored.items()})
+        for split, loader in run.final_loaders.items() if final and select == "dev" else ():  # a test set, once
+            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final)[0].items()})
+        in_budget = final or state.step >= state.in_budget_from
+        keep_best(run, metrics, in_budget, examples)  # its weights in the evaluated form (PRILoRA: pruned)
     state.eval_s += time.perf_counter() - started
-    in_budget = final or state.step >= state.in_budget_from
-    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
-                          **state.logs})
+    state.history.append({"step": state.step, "epoch": state.epoch, "split": next(iter(run.select_loaders)),
+                          **metrics, "in_budget": in_budget, **state.logs})
     if "peftbench_on_evaluate" in run.hooks:
         host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics, in_budget=in_budget)
-    score = metrics[task.main_metric]
+    run.model.train()
+    return metrics
+
+
+def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: dict[str, Any]) -> None:
+    """Count an evaluation and keep it if it is the best so far (of all; of the in-budget ones, with the trainable
+    weights as they were evaluated, needed to score dev at it and to export it)."""
+    state, score = run.state, metrics[run.task.main_metric]
     state.evaluations += 1
     if score > state.best_any_score:
         state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
@@ -297,27 +315,91 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
         state.in_budget_evals += 1
         if score > state.best_score:
             state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
+            keep = run.spec.save_adapters or run.spec.train.select == "validation"
+            state.best_weights = trainable_state(run.raw_model) if keep else None
+            state.best_predictions = examples if run.spec.train.select == "dev" else {}
+
+
+def score_reported(run: Run, host: Host) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    """The reported metrics and per-example predictions. ``select: validation`` and ``final``: every dev split
+    (and a causal-LM task's final splits) scored once, here, with the selected checkpoint's weights in place,
+    in the method's evaluated form; ``select: dev``: the best in-budget dev evaluation's."""
+    state, select = run.state, run.spec.train.select
+    if select == "dev":
+        return state.best_metrics, state.best_predictions
+    started = time.perf_counter()
+    metrics, examples = {}, {}
+    best = state.best_weights if select == "validation" else None
+    with swapped_in(run.raw_model, best), evaluated_form(run, host), torch.random.fork_rng(devices=[]):
+        if select == "final":  # the only candidate: the final model, in budget by construction
+            state.best_step = state.best_any_step = state.step
+            state.evaluations = state.in_budget_evals = 1
             state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
-    run.model.train()
-    return metrics
+        for i, (split, loader) in enumerate(run.dev_loaders.items()):
+            prefix = "" if i == 0 else f"{split}_"
+            scored, examples[split] = score_split(run, split, loader, True)
+            metrics.update({prefix + k: v for k, v in scored.items()})
+        for split, loader in run.final_loaders.items():  # a test set, scored once like dev
+            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, True)[0].items()})
+    state.eval_s += time.perf_counter() - started
+    return metrics, {split: e for split, e in examples.items() if e is not None}
 
 
-def score_split(run: Run, split: str, loader, keep_generations: bool = False) -> dict[str, float]:
-    """One split's metrics: of logits for a classification task, of greedy generations for a causal-LM task
-    (kept in ``run.generations`` with ``keep_generations``)."""
-    if run.task.kind == "causal_lm":
+@contextmanager
+def evaluated_form(run: Run, host: Host):
+    """The adapter as the method reports it while the block runs (``peftbench_before_evaluate``: PRILoRA with its
+    pruning mask applied), as it was before after it."""
+    undo = []
+    if "peftbench_before_evaluate" in run.hooks:
+        undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=run.state) if u]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+@contextmanager
+def swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None):
+    """``weights`` (trainable weights saved by :func:`trainable_state`) in ``model`` while the block runs, its own
+    after it (nothing changes with ``None``). A pruned layer takes the saved rank (``peftbench_resizable``)."""
+    if weights is None:
+        yield
+        return
+    own = trainable_state(model)
+    model.load_state_dict(weights, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(own, strict=False)
+
+
+def score_split(run: Run, split: str, loader, keep_generations: bool = False
+                ) -> tuple[dict[str, float], dict[str, list] | None]:
+    """One split's metrics and per-example predictions: of logits for a classification task, of greedy
+    generations for a causal-LM task (correct or not; kept in ``run.generations`` with ``keep_generations``)."""
+    task = run.task
+    if task.kind == "causal_lm":
         references = run.references[split]
-        metrics, texts = generate_and_score(run.model, loader, run.task, run.accelerator, run.tokenizer, references)
+        metrics, texts = generate_and_score(run.model, loader, task, run.accelerator, run.tokenizer, references)
         if keep_generations:
             run.generations += [{"split": split, "index": i, "reference": references[i], "generation": text}
                                 for i, text in texts.items()]
-        return metrics
-    return predict_and_score(run.model, loader, run.task, run.accelerator)
+        right = [float(task.score([text], [references[i]])[task.main_metric]) for i, text in texts.items()]
+        return metrics, {"predictions": right, "labels": [1.0] * len(right)}
+    return predict_and_score(run.model, loader, task, run.accelerator)
 
 
-def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float, host: Host) -> RunResult:
-    """The run's :class:`RunResult`: measured counts, throughput, peak memory and the exported adapter's size."""
+def result(run: Run, final: dict[str, float], reported: tuple[dict[str, float], dict], report: dict[str, Any],
+           train_s: float, host: Host) -> RunResult:
+    """The run's :class:`RunResult`: the reported metrics (:func:`score_reported`), measured counts, throughput,
+    peak memory and the exported adapter's size."""
     state, raw_model = run.state, run.raw_model
+    best, predictions = reported
+    best_any = state.best_any_metrics
+    if run.spec.train.select != "dev":  # dev was scored once, at the selected checkpoint
+        final = best if state.best_step == state.step else {}
+        best_any = best if state.best_any_step == state.best_step else {}
     tokens = state.count_tokens()
     adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in run.head_names]
     trainable = {
@@ -330,14 +412,14 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
     memory = run.memory or PeakMemory(cpu=run.use_cpu)
     peak, mem_kind = memory.peak()
     return RunResult(
-        best=state.best_metrics, final=final, best_step=state.best_step, best_any=state.best_any_metrics,
+        best=best, final=final, best_step=state.best_step, best_any=best_any,
         best_any_step=state.best_any_step, in_budget_from=state.in_budget_from, evaluations=state.evaluations,
         in_budget_evals=state.in_budget_evals, history=state.history,
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
         adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s, mem_stats=memory.stats(),
-        generations=run.generations,
+        generations=run.generations, dev_predictions=predictions,
     )
 
 
@@ -347,21 +429,15 @@ def exported_bytes(run: Run, host: Host) -> int | None:
     ``trainable.safetensors`` holds them; the final weights stay for observers), or of the final weights
     without ``output.save_adapters``. ``None`` if the method cannot be exported, or its export fails: a
     measurement never fails a trained run."""
-    model, best = run.raw_model, run.state.best_weights
-    final = trainable_state(model) if best is not None else None
     try:
-        if best is not None:
-            model.load_state_dict(best, strict=False)  # a pruned layer takes the saved rank (peftbench_resizable)
-        return adapter_file_bytes(model, run.targets, run.head, host)
+        with swapped_in(run.raw_model, run.state.best_weights):
+            return adapter_file_bytes(run.raw_model, run.targets, run.head, host)
     except Exception as exc:  # e.g. every rank pruned to 0: `peftbench export` fails too
         import warnings
 
         warnings.warn(f"the exported adapter's size of run {run.spec.run_id} is unknown: {type(exc).__name__}: {exc}",
                       stacklevel=2)
         return None
-    finally:
-        if final is not None:
-            model.load_state_dict(final, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,11 +453,11 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     accelerator, use_cpu = _accelerator(spec)
     model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
     if task.kind == "causal_lm":
-        train_loader, dev_loaders, final_loaders, references = lm_loaders(
+        train_loader, dev_loaders, final_loaders, references, select_loaders = lm_loaders(
             spec, task, tokenizer, trim_logits=modeling.takes_logits_to_keep(model))
         train_loader = _multi_process(train_loader, accelerator.num_processes)
     else:
-        train_loader, dev_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
+        train_loader, dev_loaders, select_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
         final_loaders, references = {}, {}
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
@@ -395,6 +471,8 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
     final_loaders = {split: accelerator.prepare(loader) for split, loader in final_loaders.items()}
+    select_loaders = dev_loaders if cfg.select == "dev" else {
+        split: accelerator.prepare(loader) for split, loader in select_loaders.items()}
     if cfg.compile:
         # in place, not torch.compile's wrapper: parameter names, counts, method reports and exports stay those
         # of an uncompiled run; a fresh dynamo cache per run (graphs of an earlier run's model would be reused)
@@ -412,7 +490,7 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
                dev_loaders, head_names, head_count, hooks, state, use_cpu, started, targets, head, memory,
-               final_loaders=final_loaders, references=references, tokenizer=tokenizer)
+               final_loaders=final_loaders, references=references, tokenizer=tokenizer, select_loaders=select_loaders)
 
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)
@@ -487,8 +565,9 @@ def _enable_checkpointing(model) -> None:
 
 
 def _loaders(spec: RunSpec, task, tokenizer, processes: int):
-    """The shuffled train loader and one dev loader per dev split (a tuning run: one loader of the held-out
-    part of the training set instead, and the dev splits are never read)."""
+    """The shuffled train loader, one dev loader per dev split (a tuning run: one loader of the held-out
+    part of the training set instead, and the dev splits are never read), and the selection split's loader
+    (:func:`selection_split`)."""
     cfg = spec.train
     train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
     if spec.tuning:
@@ -498,13 +577,32 @@ def _loaders(spec: RunSpec, task, tokenizer, processes: int):
     else:
         dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length,
                                           cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select_data = selection_split(spec, train_data, stratify=not task.is_regression)
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
                                task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
     train_loader = _multi_process(train_loader, processes)
-    dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
-                   for split, data in dev_data.items()}
-    return train_loader, dev_loaders
+    def loaders(splits):
+        return {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
+                for split, data in splits.items()}
+
+    return train_loader, loaders(dev_data), loaders(select_data)
+
+
+#: seed of the selection split (``train.select: validation``): one split for every method and seed
+VALIDATION_SEED = 0
+
+
+def selection_split(spec: RunSpec, train_data, stratify: bool):
+    """The training data less the selection split of ``train.select: validation`` (``train.validation_size`` of
+    it, seeded alike for every method and seed, stratified by label for classification), and ``{"validation":
+    that split}`` (``{}`` for the other rules). A tuning run's comes out of its own training part."""
+    cfg = spec.train
+    if cfg.select != "validation":
+        return train_data, {}
+    train_data, held_out = holdout_split(train_data, cfg.validation_size, VALIDATION_SEED, stratify,
+                                         "train.validation_size")
+    return train_data, {"validation": held_out}
 
 
 def _multi_process(train_loader, processes: int):
@@ -517,7 +615,8 @@ def _multi_process(train_loader, processes: int):
 
 def lm_loaders(spec: RunSpec, task, tokenizer, trim_logits: bool = False):
     """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
-    evaluation split, the final-only ones apart; and each evaluation split's references (its responses).
+    evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
+    selection split's loader (:func:`selection_split`, from the training prompts).
     ``trim_logits``: training batches ask for logits of the response part only (:class:`lm_data.LMCollator`)."""
     cfg, pad = spec.train, lm_data.pad_id(tokenizer)
 
@@ -532,6 +631,10 @@ def lm_loaders(spec: RunSpec, task, tokenizer, trim_logits: bool = False):
         dev = {"holdout": (held_out, train_refs)}
     else:
         dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select = selection_split(spec, train_data, stratify=False)  # generates from its prompts
+    for held_out in select.values():
+        held_out.ids, held_out.offsets = _prompts_only(held_out)
+    select = {split: (data, train_refs) for split, data in select.items()}
     # a tuning run reads neither dev nor test
     final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = lm_data.make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
@@ -542,8 +645,8 @@ def lm_loaders(spec: RunSpec, task, tokenizer, trim_logits: bool = False):
         return {split: lm_data.make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
                 for split, (data, _) in splits.items()}
 
-    references = {split: refs for split, (_, refs) in {**dev, **final}.items()}
-    return train_loader, loaders(dev), loaders(final), references
+    references = {split: refs for split, (_, refs) in {**dev, **final, **select}.items()}
+    return train_loader, loaders(dev), loaders(final), references, loaders(select)
 
 
 def _prompts_only(encoded):
@@ -584,7 +687,9 @@ def param_groups(model: torch.nn.Module, cfg, head_names: set[str]) -> list[dict
 
 
 @torch.no_grad()
-def predict_and_score(model, loader, task, accelerator) -> dict[str, float]:
+def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float], dict[str, list]]:
+    """The task's metrics of the loader's examples, and their predictions with the gold labels (in the loader's
+    order: length-sorted, the same for every run of the task)."""
     model.eval()
     predictions, labels = [], []
     for batch in loader:
@@ -594,7 +699,8 @@ def predict_and_score(model, loader, task, accelerator) -> dict[str, float]:
         labels.append(batch_labels)
     preds = torch.cat(predictions).cpu().numpy()
     gold = torch.cat(labels).cpu().numpy()
-    return task.compute_metrics(preds, gold.astype(np.float64) if task.is_regression else gold)
+    gold = gold.astype(np.float64) if task.is_regression else gold
+    return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
