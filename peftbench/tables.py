@@ -33,6 +33,36 @@ SELECTIONS = {
     "best_any": "the best of all dev evaluations, over-budget ones included (NOT budget-matched: the old rule)",
 }
 
+def selection_text(runs: list[dict[str, Any]], metric: str) -> str:
+    """What the table's numbers are, by the runs' ``train.select`` (a run stored without one: ``dev``)."""
+    if metric != "best":
+        once = any(_select(run) != "dev" for run in runs)
+        return SELECTIONS.get(metric, metric) + (
+            " (a run that scored dev once, at its selected checkpoint, only where that checkpoint is this one)"
+            if once else "")
+    texts = []
+    for rule in sorted({_select(run) for run in runs}):
+        if rule == "dev":
+            counts = sorted({run.get("in_budget_evals") or 0 for run in runs if _select(run) == "dev"})
+            n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+            texts.append(f"the best of {n} dev evaluations (reproduces papers; not a fair protocol), in-budget ones "
+                         "only")
+        else:
+            texts.append(RULES[rule])
+    return " / ".join(texts)
+
+
+def _select(run: dict[str, Any]) -> str:
+    return (((run.get("spec") or {}).get("train") or {}).get("select")) or "dev"
+
+
+#: what ``best`` is under each checkpoint rule (``train.select``) but ``dev`` (:func:`selection_text`)
+RULES = {
+    "validation": "dev scored once, at the best in-budget evaluation on a validation split held out of the training "
+                  "data (in-budget selection off the reported split)",
+    "final": "dev scored once, on the final model",
+}
+
 #: run fields that ``--format json`` leaves out (long, or the store's bookkeeping)
 JSON_SKIP = ("history", "traceback", "host", "pid", "proc_start")
 
@@ -297,7 +327,7 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         rows = [row + cost_cells[label] for row, label in zip(rows, labels)]
         cost_notes.append(cost_note)
     seeds = sorted({len(v) for v in values.values()})
-    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
+    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {selection_text(runs, metric)}, "
             f"{', '.join(map(str, seeds))} seed(s), ×100")
     if p_values:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"

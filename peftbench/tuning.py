@@ -84,7 +84,7 @@ def ordered_points(grid: dict[str, list[Any]], extended_grid: dict[str, list[Any
     """The points of ``grid``, then those that ``extended_grid`` adds: a point keeps its index (and its
     tuning runs their ids) when a grid is extended."""
     points = grid_points(grid)
-    return points + [p for p in grid_points(extended_grid or {}) if p not in points]
+    return points + [p for p in grid_points(extended_grid) if p not in points] if extended_grid else points
 
 
 def _numeric(values: list[Any]) -> bool:
