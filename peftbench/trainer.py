@@ -296,8 +296,8 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
         in_budget = final or state.step >= state.in_budget_from
         keep_best(run, metrics, in_budget, examples)  # its weights in the evaluated form (PRILoRA: pruned)
     state.eval_s += time.perf_counter() - started
-    state.history.append({"step": state.step, "epoch": state.epoch, "split": next(iter(run.select_loaders)),
-                          **metrics, "in_budget": in_budget, **state.logs})
+    # of the selection split (``train.select``: the validation split, or dev)
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget, **state.logs})
     if "peftbench_on_evaluate" in run.hooks:
         host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics, in_budget=in_budget)
     run.model.train()

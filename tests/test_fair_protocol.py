@@ -47,7 +47,7 @@ def test_flipping_the_dev_labels_changes_no_selected_checkpoint_and_dev_is_score
     assert len(runs) == 6 and scored.count("dev") == 6  # once per run
     assert scored.count("validation") == sum(r["evaluations"] for r in runs) > 6 * 3
     for run in runs:
-        evals = [h for h in run["history"] if h.get("split") == "validation"]
+        evals = [h for h in run["history"] if "in_budget" in h]  # of the validation split
         assert len(evals) == run["evaluations"] and not any("dev" in str(k) for h in evals for k in h)
         counted = [h for h in evals if h["in_budget"]]
         assert run["best_step"] == max(counted, key=lambda h: h["accuracy"])["step"]  # the first of ties
