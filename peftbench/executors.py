@@ -16,8 +16,10 @@ everywhere. What differs is only where :func:`peftbench.sweep.train_outcome` run
   cluster has GPUs). A task gets the run as plain data plus the plugin specs, builds the same plugin host,
   trains, and returns the result fields and the best trainable weights as safetensors bytes; it never opens
   the store. The driver writes the store and the artifacts as results stream back (``ray.wait``), so the
-  nodes need no shared file system. Ctrl-C (or SIGTERM) cancels the outstanding tasks and stores their runs
-  as interrupted, so rerunning the command redoes exactly those.
+  nodes need no shared file system. A run whose worker process dies (killed for memory, a crash, a lost
+  node) is started again once (:data:`WORKER_RETRIES`), then stored as failed. Ctrl-C (or SIGTERM) cancels
+  the outstanding tasks and stores their runs as interrupted, and a driver killed outright leaves its runs
+  ``running`` under its dead pid: either way rerunning the command redoes exactly those.
 """
 
 from __future__ import annotations
@@ -214,6 +216,12 @@ def _follow(sweep: Sweep, spec: RunSpec, outcome: Outcome) -> bool:
 
 # -- Ray --------------------------------------------------------------------------------------------------
 
+#: how many times a run whose Ray worker process died (killed by the kernel's OOM killer or Ray's memory
+#: monitor, a crash, its node lost) is started again (from its checkpoint with ``output.checkpoint``, where the
+#: new task lands on the same node). Once: a lost node is survived, while a crash that repeats costs one more
+#: run, not Ray's default of three more; rerunning the command redoes a run that failed so.
+WORKER_RETRIES = 1
+
 
 class RayExecutor:
     """Each claimed run as a Ray task; results stream back to this process, which alone writes the store.
@@ -256,24 +264,36 @@ class RayExecutor:
                       f"{gpus:g} GPU(s) of one task; the runs wait until such a node joins")
         task = ray.remote(train_on_worker)
         plugins = worker_plugins(sweep.host)
-        in_flight: dict[Any, tuple[RunSpec, str]] = {}
+        in_flight: dict[Any, tuple[RunSpec, str, dict, int]] = {}  # a task: its run, log tag, payload, attempt
+
+        def submit(spec: RunSpec, tag: str, payload: dict, attempt: int) -> None:
+            # max_retries=0: a task whose worker died is started again below, where the log can say so
+            ref = task.options(num_cpus=self.cpus_per_run, num_gpus=gpus, max_retries=0,
+                               name=f"peftbench {spec.label} {spec.task} seed={spec.seed}").remote(payload)
+            in_flight[ref] = (spec, tag, payload, attempt)
+
         try:
             for i, spec in enumerate(sweep.runs, start=1):
                 tag = sweep.claim(i, spec)
                 if tag is None:
                     continue
                 checkpoint = sweep.checkpoint(spec, tag)
-                payload = {"run_id": spec.run_id, "spec": spec_payload(spec), "plugins": plugins,
-                           "checkpoint": str(checkpoint.path.resolve()) if checkpoint else None}
-                ref = task.options(num_cpus=self.cpus_per_run, num_gpus=gpus,
-                                   name=f"peftbench {spec.label} {spec.task} seed={spec.seed}").remote(payload)
-                in_flight[ref] = (spec, tag)
+                submit(spec, tag, {"run_id": spec.run_id, "spec": spec_payload(spec), "plugins": plugins,
+                                   "checkpoint": str(checkpoint.path.resolve()) if checkpoint else None}, 1)
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)  # timeout: Ctrl-C gets through
                 if not ready:
                     continue
-                spec, tag = in_flight.pop(ready[0])
-                if not sweep.record(spec, tag, self._fetch(ray, ready[0], tag, sweep.log)) and fail_fast:
+                spec, tag, payload, attempt = in_flight.pop(ready[0])
+                outcome, died = self._fetch(ray, ready[0], tag, sweep.log)
+                if died and attempt <= WORKER_RETRIES:  # killed, crashed or its node lost: once more (from its checkpoint)
+                    sweep.log(f"{tag}: {outcome.reason}; starting the run again (attempt {attempt + 1} of "
+                              f"{1 + WORKER_RETRIES})")
+                    submit(spec, tag, payload, attempt + 1)
+                    continue
+                if died and attempt > 1:
+                    outcome.reason += f" (started {attempt} times: its worker process died each time)"
+                if not sweep.record(spec, tag, outcome) and fail_fast:
                     _cancel(ray, in_flight, sweep, "cancelled: --fail-fast stopped the sweep after a failed run")
         except PeftbenchError:
             _cancel(ray, in_flight, sweep, "cancelled: the sweep stopped on bad input")
@@ -283,7 +303,8 @@ class RayExecutor:
             raise
 
     @staticmethod
-    def _fetch(ray, ref, tag: str, log) -> Outcome:
+    def _fetch(ray, ref, tag: str, log) -> tuple[Outcome, bool]:
+        """The task's outcome, and whether its worker process died (rather than the run failing in it)."""
         try:
             payload = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the worker died: killed for memory, node lost, cancelled
@@ -292,17 +313,19 @@ class RayExecutor:
             if isinstance(exc, ray.exceptions.OutOfMemoryError):
                 reason += ("; lower train.batch_size or train.max_length, or run fewer runs per node "
                            "(a larger --cpus-per-run)")
-            return Outcome(reason=reason, traceback=text)
+            died = isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                                    ray.exceptions.OutOfMemoryError))
+            return Outcome(reason=reason, traceback=text), died
         for message in payload["log"]:
             log(f"{tag}: {message} (on {payload['host']})")
         error = payload["error"]
         return Outcome(fields=payload["fields"], weights=payload["weights"], reason=payload["reason"],
-                       traceback=payload["traceback"], error=None if error is None else rebuild_error(*error))
+                       traceback=payload["traceback"], error=None if error is None else rebuild_error(*error)), False
 
 
 def _cancel(ray, in_flight: dict, sweep: Sweep, reason: str) -> None:
     """Cancel the outstanding tasks and store their runs as failed with ``reason``: rerunning redoes them."""
-    for ref, (spec, tag) in in_flight.items():
+    for ref, (spec, tag, *_) in in_flight.items():
         try:
             ray.cancel(ref)  # a KeyboardInterrupt in the task: its worker process (torch imported) stays for reuse
         except Exception:  # finished meanwhile, or Ray is shutting down: the run is still redone

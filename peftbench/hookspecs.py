@@ -14,7 +14,7 @@ peftbench is a pluggy host (project name ``"peftbench"``). Everything is a plugi
   recorder): it is called for every run. The built-in progress bar is one
   (:class:`peftbench.observers.ProgressBar`, registered for a run unless ``--no-progress``). Observers
   implement the hooks called once per run, per log point or per evaluation (``peftbench_train_start``,
-  ``peftbench_on_log``, ``peftbench_on_evaluate``, ``peftbench_train_end``, ``peftbench_report``); the
+  ``peftbench_on_log``, ``peftbench_on_evaluate``, ``peftbench_train_end``, ``peftbench_run_end``); the
   per-step hooks are for methods.
 
 Pluggy passes arguments by name, so an implementation may accept any subset of a hook's arguments; pluggy
@@ -41,6 +41,7 @@ Call order for one run (the trainer, :mod:`peftbench.trainer`, reads top to bott
     peftbench_train_end                                  (once, before the final evaluation)
     peftbench_before_evaluate, peftbench_on_evaluate     (the final evaluation)
     peftbench_report                                     (once, merged into the stored run record)
+    peftbench_run_end                                    (once: the finished run's record, for observers)
     peftbench_export_peft                                (``peftbench export``: the adapter in PEFT format)
 
 In-budget selection (the fairness rule). A method that prunes or reallocates starts over its budget. An
@@ -74,6 +75,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
     from .method import Method
+    from .record import RunRecord
+    from .runs import RunSpec
     from .task import Task
 
 #: Major version of the plugin API: these hooks and the LoRA toolkit (:mod:`peftbench.lora`). Bumped only when
@@ -344,4 +347,19 @@ def peftbench_report(model: nn.Module, state: TrainState) -> dict[str, Any]:
     * ``rank_history``: ``[{"step": int, "ranks": {module_name: rank}}, ...]`` (methods that change ranks)
     * ``counts``: ``{"final": int, "peak": int, "nonzero": int}`` measured on the trained model
     * ``sparsity``: fraction of zero entries in the adapter (methods that prune entries)
+    """
+
+
+@hookspec
+def peftbench_run_end(spec: RunSpec, record: RunRecord) -> None:
+    """Called once when a run has finished training, after its final evaluation and ``peftbench_report``,
+    with the run (``spec``) and its :class:`peftbench.record.RunRecord`: the fields the store will keep of it,
+    as they will be stored: ``best`` (the reported, best in-budget dev metrics) and ``best_step``, ``final``,
+    ``steps``, the measured counts (``trainable``), the costs (``median_step_s``, ``tokens_per_s``,
+    ``peak_mem_bytes``, ``train_s``, ``adapter_bytes``...) and ``method_report``. The sweep adds ``budget``,
+    ``audit`` and ``artifacts`` when it stores the run (``None`` here).
+
+    For observers (trackers, loggers: :class:`peftbench.trackers.Tracker` logs ``best/`` and ``final/``
+    metrics here): read the record, never the trainer's state, whose other fields are not part of this
+    contract. Not called for a run that failed.
     """

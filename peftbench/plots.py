@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from . import record
 from .audit import measured_counts
 
 _LAYER = re.compile(r"\.(\d+)\.(.+)$")
@@ -162,13 +163,14 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
     return written
 
 
-#: the Pareto panels: (panel id, x axis label, the x value of a run, log scale)
-PARETO_PANELS = (
-    ("params", "final adapter parameters (measured)", lambda r: measured_counts(r)["final"], True),
-    ("memory", "peak memory (MiB)", lambda r: r["peak_mem_bytes"] / 2 ** 20 if r.get("peak_mem_bytes") else None,
-     False),
-    ("step", "median step time (ms)", lambda r: r["median_step_s"] * 1e3 if r.get("median_step_s") else None, False),
-)
+def pareto_panels() -> list[tuple[str, str, Any, bool]]:
+    """The Pareto panels: ``(panel id, x axis label, the x value of a run, log scale)``: the measured adapter
+    count, then every cost of the run record with a panel (:class:`peftbench.record.Cost`), in its unit."""
+    def cost_of(name: str, scale: float):
+        return lambda run: run[name] * scale if run.get(name) else None  # 0 or none measured: no point
+
+    return [("params", "final adapter parameters (measured)", lambda r: measured_counts(r)["final"], True),
+            *((cost.plot[0], cost.plot[1], cost_of(name, cost.scale), False) for name, cost in record.cost_panels())]
 
 
 def pareto_points(runs: list[dict[str, Any]], task: str, metric: str, x_of) -> dict[str, tuple[float, float, float]]:
@@ -189,8 +191,9 @@ def pareto(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path, f
     written = []
     for task in sorted({r["task"] for r in runs if r["task"] in main_metric}):
         metric = main_metric[task]
-        fig, axes = plt.subplots(1, len(PARETO_PANELS), figsize=(4.0 * len(PARETO_PANELS), 3.6), squeeze=False)
-        for ax, (panel, xlabel, x_of, log) in zip(axes[0], PARETO_PANELS):
+        panels = pareto_panels()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+        for ax, (panel, xlabel, x_of, log) in zip(axes[0], panels):
             for label, (x, y, std) in pareto_points(runs, task, metric, x_of).items():
                 bars = ax.errorbar([x], [y], yerr=[std], fmt="o", capsize=3, label=label)
                 bars.lines[0].set_gid(f"pareto-{panel}-{_safe(label)}")  # findable in the SVG (tests)

@@ -21,9 +21,11 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from . import record
 from .audit import MISS_MARK, stored_audit
 from .costs import MEM_KINDS
-from .tables import comparison, human_bytes, human_count, selection_text, tuning_table
+from .record import human_count
+from .tables import Cell, comparison, selection_text, tuning_table
 from .tuning import chosen_lines, is_tuning_run, point_text, tuning_note
 
 PAGE = Template("""<!DOCTYPE html>
@@ -144,21 +146,22 @@ def table_section(runs: list[dict[str, Any]], main_metric: dict[str, str]) -> st
     table = comparison(runs, main_metric, "markdown", cost=True)
     if table is None:
         return "<h2>Comparison</h2><p>No finished runs.</p>"
-    header, rows, notes = table
     return ("<h2>Comparison</h2>\n<p>Dev main metric ×100 per method and task (click a column to sort), with the "
             "trainable adapter parameters and the costs of each method.</p>\n"
-            + html_table(header, rows, cell=marked_cell, table_id="comparison")
-            + '<ul class="notes">' + "".join(f"<li>{e(note)}</li>" for note in notes if note) + "</ul>")
+            + html_table(table.header, table.rows, cell=html_cell, table_id="comparison")
+            + '<ul class="notes">' + "".join(f"<li>{e(note)}</li>" for note in table.footer("html") if note) + "</ul>")
 
 
-def marked_cell(text: str) -> str:
-    """A cell of :func:`peftbench.tables.comparison` (markdown marks) as HTML: best in bold, † and ‼ titled."""
-    out = e(text)
-    if out.startswith("**") and "**" in out[2:]:
-        end = out.index("**", 2)
-        out = f'<strong class="best">{out[2:end]}</strong>{out[end + 2:]}'
-    out = out.replace("†", '<span class="sig" title="paired t-test vs the baseline: p &lt; alpha">†</span>')
-    return out.replace(MISS_MARK, f'<span class="miss" title="missed its parameter budget">{MISS_MARK}</span>')
+def html_cell(cell: Cell) -> str:
+    """A cell of :func:`peftbench.tables.comparison` as HTML: the best in bold, † and ‼ titled."""
+    out = e(cell.value + (f"±{cell.std}" if cell.std is not None else ""))
+    if cell.best:
+        out = f'<strong class="best">{out}</strong>'
+    if cell.significant:
+        out += '<span class="sig" title="paired t-test vs the baseline: p &lt; alpha">†</span>'
+    if cell.missed:
+        out += f'<span class="miss" title="missed its parameter budget">{MISS_MARK}</span>'
+    return out
 
 
 def html_table(header: list[str], rows: list[list[str]], cell=e, table_id: str | None = None,
@@ -342,14 +345,37 @@ def _version(name: str) -> str:
 
 # -- every run ---------------------------------------------------------------------------------------------
 
-RUN_HEADER = ["run id", "method", "task", "seed", "best ×100", "best step", "final ×100", "best any ×100",
-              "evals in budget", "steps", "adapter params", "budget", "step ms", "peak mem", "train s", "sweep"]
+def _score(key: str):
+    """A stored metric of the run's task (its main one) ×100."""
+    def cell(run: dict[str, Any], metric: str | None) -> str:
+        value = (run.get(key) or {}).get(metric)
+        return f"{100 * value:.2f}" if value is not None else "—"
+    return cell
+
+
+def _verdict(run: dict[str, Any], metric: str | None) -> str:
+    checked = stored_audit(run)
+    return {True: "ok", False: f"{MISS_MARK} missed", None: "reference" if checked.get("reference") else "—"}[
+        checked.get("ok")]
+
+
+#: the table of every run: a run record field (shown with its header and format, :mod:`peftbench.record`) or a
+#: ``(header, cell of a stored run and its task's main metric)`` computed from several
+RUN_COLUMNS = (
+    "run_id", "label", "task", "seed", ("best ×100", _score("best")), "best_step", ("final ×100", _score("final")),
+    ("best any ×100", _score("best_any")),
+    ("evals in budget", lambda run, _: f"{run.get('in_budget_evals', '—')}/{run.get('evaluations', '—')}"),
+    "steps", ("adapter params", lambda run, _: human_count(stored_audit(run).get("final"))), ("budget", _verdict),
+    "median_step_s", "peak_mem_bytes", "train_s", "sweep",
+)
 
 
 def runs_section(runs: list[dict[str, Any]], unfinished: list[dict[str, Any]], main_metric: dict[str, str]) -> str:
-    rows = [_run_row(run, main_metric.get(run["task"])) for run in runs]
+    header = [column[0] if isinstance(column, tuple) else record.header(column) for column in RUN_COLUMNS]
+    rows = [[column[1](run, main_metric.get(run["task"])) if isinstance(column, tuple)
+             else record.display(column, run.get(column)) for column in RUN_COLUMNS] for run in runs]
     out = [f"<h2>Runs</h2><details><summary>Every finished run ({len(runs)})</summary>"
-           + html_table(RUN_HEADER, rows, text_columns=3) + "</details>"]
+           + html_table(header, rows, text_columns=3) + "</details>"]
     if unfinished:
         rows = [[r["run_id"], r["label"], r["task"], str(r["seed"]), r["status"], (r.get("error") or "")[:200]]
                 for r in unfinished]
@@ -357,21 +383,6 @@ def runs_section(runs: list[dict[str, Any]], unfinished: list[dict[str, Any]], m
                    + html_table(["run id", "method", "task", "seed", "status", "error"], rows, text_columns=3)
                    + "</details>")
     return "\n".join(out)
-
-
-def _run_row(run: dict[str, Any], metric: str | None) -> list[str]:
-    def score(key: str) -> str:
-        value = (run.get(key) or {}).get(metric)
-        return f"{100 * value:.2f}" if value is not None else "—"
-
-    checked = stored_audit(run)
-    verdict = {True: "ok", False: f"{MISS_MARK} missed", None: "reference" if checked.get("reference") else "—"}
-    step = run.get("median_step_s")
-    return [run["run_id"], run["label"], run["task"], str(run["seed"]), score("best"), str(run.get("best_step", "—")),
-            score("final"), score("best_any"), f"{run.get('in_budget_evals', '—')}/{run.get('evaluations', '—')}",
-            str(run.get("steps", "—")), human_count(checked.get("final")), verdict[checked.get("ok")],
-            f"{step * 1e3:,.1f}" if step else "—", human_bytes(run.get("peak_mem_bytes")),
-            f"{run['train_s']:,.1f}" if run.get("train_s") else "—", run.get("sweep") or "—"]
 
 
 __all__ = ["write_report"]

@@ -178,3 +178,66 @@ def holm(p_values: dict, alpha: float = 0.05) -> dict:
         running = max(running, min(1.0, (m - i) * p))
         adjusted[key] = running
     return adjusted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a table's comparisons
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _dev_predictions(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored per-example predictions and gold labels of the run's reported dev split (its first), if any."""
+    stored = run.get("dev_predictions") or {}
+    if not stored:
+        return None
+    split = next(iter(stored.values()))
+    return np.asarray(split["predictions"]), np.asarray(split["labels"])
+
+
+def compare_to_baseline(runs: list[dict], main_metric: dict[str, str], baseline: str, metric: str = "best",
+                        resamples: int = RESAMPLES) -> dict[tuple[str, str], Comparison]:
+    """Each (label, task)'s :class:`Comparison` with ``baseline`` over the seeds both ran: the paired bootstrap
+    where both stored per-example predictions of the same examples (and ``metric`` is the reported one), else
+    the seed-level permutation test (two or more common seeds), else none."""
+    by_seed: dict[tuple[str, str], dict[int, dict]] = {}
+    for run in runs:
+        by_seed.setdefault((run["label"], run["task"]), {})[run["seed"]] = run
+    comparisons = {}
+    for (label, task), mine in by_seed.items():
+        theirs = by_seed.get((baseline, task))
+        name = main_metric.get(task)
+        if label == baseline or not theirs or not name:
+            continue
+        seeds = sorted(set(mine) & set(theirs))
+        pairs = [(_dev_predictions(mine[s]), _dev_predictions(theirs[s])) for s in seeds]
+        usable = (metric == "best" and name in VECTORIZED and pairs
+                  and all(a is not None and b is not None and np.array_equal(a[1], b[1]) for a, b in pairs))
+        if usable:
+            gold = pairs[0][0][1]
+            if all(np.array_equal(a[1], gold) for a, _ in pairs):
+                comparisons[(label, task)] = paired_bootstrap([a[0] for a, _ in pairs], [b[0] for _, b in pairs],
+                                                              gold, name, resamples=resamples)
+                continue
+        scores = [(float((mine[s].get(metric) or {}).get(name, math.nan)),
+                   float((theirs[s].get(metric) or {}).get(name, math.nan))) for s in seeds]
+        scores = [(a, b) for a, b in scores if math.isfinite(a) and math.isfinite(b)]
+        if len(scores) >= 2:
+            comparisons[(label, task)] = seed_permutation_test([a for a, _ in scores], [b for _, b in scores])
+    return comparisons
+
+
+def significant(comparisons: dict, alpha: float = 0.05) -> tuple[dict, dict]:
+    """Holm-adjusted p-values of a table's comparisons, and which keys survive at ``alpha``."""
+    adjusted = holm({key: c.p for key, c in comparisons.items()})
+    return adjusted, {key: p < alpha for key, p in adjusted.items()}
+
+
+def footer(comparisons: dict, baseline: str, alpha: float = 0.05) -> str:
+    """The table's line on what its marks mean: which test, over what, how many comparisons corrected."""
+    if not comparisons:
+        return f"no comparison with {baseline}: it needs two seeds, or stored per-example predictions"
+    tests = sorted({c.test for c in comparisons.values()})
+    what = {"bootstrap": f"paired bootstrap over dev examples and seeds ({RESAMPLES} resamples, 95% CI)",
+            "seed-permutation": "exact sign-flip test over seeds (no per-example predictions stored)"}
+    return (f"† differs from {baseline}: " + "; ".join(what[t] for t in tests)
+            + f", Holm-corrected over the table's {len(comparisons)} comparisons, p < {alpha}")

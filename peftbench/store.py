@@ -33,40 +33,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import record
 from .atomic import atomic_write
 from .errors import ConfigError, PeftbenchError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    sweep TEXT, label TEXT, method TEXT, task TEXT, seed INTEGER, model TEXT,
-    status TEXT NOT NULL,            -- running | done | failed
-    spec TEXT,                       -- JSON: everything that determines the result
-    budget TEXT,                     -- JSON: target and solved counts
-    trainable TEXT,                  -- JSON: measured counts
-    best TEXT, final TEXT, best_step INTEGER, history TEXT, method_report TEXT,
-    best_any TEXT, best_any_step INTEGER,  -- best of every evaluation, over-budget ones included (information)
-    in_budget_from INTEGER, evaluations INTEGER, in_budget_evals INTEGER,
-    wall_s REAL, train_s REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, mem_kind TEXT, steps INTEGER, median_step_s REAL,
-    error TEXT, traceback TEXT,
-    host TEXT, pid INTEGER, proc_start INTEGER, started REAL, finished REAL, artifacts TEXT,
-    adapter_bytes INTEGER,           -- size of the exported adapter file (peftbench export)
-    mem_stats TEXT,                  -- JSON: average and 99th percentile of the memory in use (same kind as the peak)
-    audit TEXT                       -- JSON: measured final count vs the budget (peftbench.audit)
-);
+#: the ``runs`` table is the run record's fields (:mod:`peftbench.record`); this is what else the store holds
+EXTRA_SCHEMA = """
 CREATE INDEX IF NOT EXISTS runs_label_task ON runs(label, task);
 -- every sweep that asked for a run, also one that found it finished by another sweep (`table --sweep`)
 CREATE TABLE IF NOT EXISTS sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (sweep, run_id));
 """
-
-#: columns added after the first release, with their type: older stores get them on open
-ADDED_COLUMNS = {"proc_start": "INTEGER", "best_any": "TEXT", "best_any_step": "INTEGER",
-                 "in_budget_from": "INTEGER", "evaluations": "INTEGER", "in_budget_evals": "INTEGER",
-                 "adapter_bytes": "INTEGER", "audit": "TEXT", "mem_stats": "TEXT",
-                 "eval_s": "REAL", "harness": "TEXT", "dev_predictions": "TEXT"}
-
-JSON_COLUMNS = ("spec", "budget", "trainable", "best", "final", "history", "method_report", "best_any", "audit",
-                "harness", "mem_stats", "dev_predictions")
 
 
 def process_start(pid: int) -> int | None:
@@ -124,7 +100,7 @@ class Store:
             self._check_foreign()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-            self.db.executescript(SCHEMA)
+            self.db.executescript(record.create_table() + EXTRA_SCHEMA)
             self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             self.db.close()
@@ -138,8 +114,9 @@ class Store:
             raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])}) and no runs table")
 
     def _add_missing_columns(self) -> None:
+        """A store made before a record field existed gets its column (the values of older runs: ``NULL``)."""
         have = {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}
-        for name, kind in ADDED_COLUMNS.items():
+        for name, kind in record.column_types().items():
             if name not in have:
                 try:
                     self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
@@ -337,7 +314,8 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: json.dumps(v, default=_json_default) if k in JSON_COLUMNS else v for k, v in fields.items()}
+    json_columns = record.json_columns()
+    return {k: json.dumps(v, default=_json_default) if k in json_columns else v for k, v in fields.items()}
 
 
 def _json_default(obj: Any) -> Any:
@@ -350,7 +328,7 @@ def _json_default(obj: Any) -> Any:
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
-    for key in JSON_COLUMNS:
+    for key in record.json_columns():
         if out.get(key) is not None:
             out[key] = json.loads(out[key])
     return out

@@ -27,6 +27,7 @@ from .data import content_fingerprint
 from .errors import ConfigError, DataError, PeftbenchError
 from .history import write_generations, write_history
 from .host import Host
+from .record import result_fields
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan, train_examples
 from .store import Store
@@ -54,7 +55,7 @@ class SweepSummary:
 class Outcome:
     """What training one run gave, wherever it trained: its result, or why it failed."""
 
-    fields: dict[str, Any] | None = None  #: the result as stored (:func:`_result_fields`), when it finished
+    fields: dict[str, Any] | None = None  #: the result as stored (:func:`peftbench.record.result_fields`), when it finished
     weights: Any = None  #: best trainable weights: tensors, or safetensors bytes from a remote worker
     reason: str | None = None  #: one line, when it failed
     traceback: str = ""
@@ -354,7 +355,9 @@ def train_outcome(spec: RunSpec, host: Host, progress: bool = True, checkpoint=N
     if failure is not None:  # outside the except block: the traceback (and the run's tensors) are freed
         release_memory()
         return Outcome(reason=failure[0], traceback=failure[1])
-    return Outcome(fields=_result_fields(result, None), weights=result.best_state if spec.save_adapters else None)
+    # the record's result columns, and the generations for the run's folder (:meth:`Sweep._write_files`)
+    fields = {**result_fields(result), "generations": result.generations}
+    return Outcome(fields=fields, weights=result.best_state if spec.save_adapters else None)
 
 
 def run_one(spec: RunSpec, host: Host, progress: bool = True, checkpoint=None):
@@ -407,21 +410,6 @@ def _spec_fields(spec: RunSpec, budget: Solved) -> dict[str, Any]:
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
                    "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
                    "estimate": budget.counts.estimate},
-    }
-
-
-def _result_fields(result, artifacts: str | None) -> dict[str, Any]:
-    return {
-        "trainable": result.trainable, "best": result.best, "final": result.final, "best_step": result.best_step,
-        "best_any": result.best_any, "best_any_step": result.best_any_step, "in_budget_from": result.in_budget_from,
-        "evaluations": result.evaluations, "in_budget_evals": result.in_budget_evals,
-        "history": result.history, "method_report": result.method_report, "wall_s": result.wall_s,
-        "train_s": result.train_s, "tokens_per_s": result.tokens_per_s, "peak_mem_bytes": result.peak_mem_bytes,
-        "mem_kind": result.mem_kind, "steps": result.steps, "artifacts": artifacts,
-        "median_step_s": statistics.median(result.step_times) if result.step_times else None,
-        "adapter_bytes": result.adapter_bytes, "eval_s": result.eval_s, "mem_stats": result.mem_stats,
-        "generations": result.generations,  # written to the run's folder, not the store (:meth:`Sweep._write_files`)
-        "dev_predictions": result.dev_predictions,  # per example, for the tables' paired bootstrap
     }
 
 

@@ -16,12 +16,15 @@ import io
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tabulate import tabulate
 
+from . import record
 from .audit import MISS_MARK, missed, stored_audit
 from .costs import MEM_KINDS
+from .record import human_count
 from .tuning import choose, chosen_lines, is_tuning_run, point_text, tuning_note
 
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
@@ -63,8 +66,6 @@ RULES = {
     "final": "dev scored once, on the final model",
 }
 
-#: run fields that ``--format json`` leaves out (long, or the store's bookkeeping)
-JSON_SKIP = ("history", "traceback", "host", "pid", "proc_start")
 
 
 def settings_key(run: dict[str, Any]) -> str:
@@ -92,60 +93,35 @@ def separate_settings(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 
 def runs_json(runs: list[dict[str, Any]]) -> str:
-    """One JSON object per run: config (spec, with the data fingerprint), counts, metrics, costs."""
-    return json.dumps([{k: v for k, v in run.items() if k not in JSON_SKIP} for run in runs], indent=1, default=str)
-
-
-def human_count(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-#: the cost columns: (run field, CSV header, its scale for CSV, human header, human format)
-COSTS = (
-    ("median_step_s", "median_step_ms", 1e3, "step ms", lambda v: f"{v * 1e3:,.1f}"),
-    ("tokens_per_s", "tokens_per_s", 1, "tok/s", lambda v: f"{v:,.0f}"),
-    ("peak_mem_bytes", "peak_mem_mib", 2 ** -20, "peak mem", human_bytes),
-    ("train_s", "train_s", 1, "train s", lambda v: f"{v:,.1f}"),
-    ("adapter_bytes", "adapter_kib", 2 ** -10, "adapter", human_bytes),
-)
+    """One JSON object per run: config (spec, with the data fingerprint), counts, metrics, costs (the run
+    record's public fields, :mod:`peftbench.record`)."""
+    skip = record.private_columns()
+    return json.dumps([{k: v for k, v in run.items() if k not in skip} for run in runs], indent=1, default=str)
 
 
 def cost_columns(runs: list[dict[str, Any]], labels: list[str], fmt: str
                  ) -> tuple[list[str], dict[str, list[str]], str]:
-    """Each label's costs, the mean over its runs (every task and seed): headers, cells per label and a note.
-    CSV gets plain numbers in the units its headers name; the other formats human units."""
-    csv_format = fmt == "csv"
+    """Each label's costs (the run record's cost columns), the mean over its runs (every task and seed):
+    headers, cells per label and a note. CSV gets plain numbers in the units its headers name; the other
+    formats human units."""
+    csv_format, costs = fmt == "csv", record.costs()
     cells: dict[str, list[str]] = {}
     for label in labels:
         mine = [run for run in runs if run["label"] == label]
         row = []
-        for key, _, scale, _, human in COSTS:
-            values = [run[key] for run in mine if run.get(key) is not None]
+        for name, cost in costs:
+            values = [run[name] for run in mine if run.get(name) is not None]
             mean = statistics.fmean(values) if values else None
-            if mean is None:
-                row.append("" if csv_format else "—")
+            if csv_format:
+                row.append("" if mean is None else f"{mean * cost.scale:.6g}")
             else:
-                row.append(f"{mean * scale:.6g}" if csv_format else human(mean))
+                row.append(record.display(name, mean))
         cells[label] = row
     kinds = sorted({run["mem_kind"] for run in runs if run.get("mem_kind") and run.get("label") in cells})
-    note = ("costs: mean over each method's runs (all its tasks and seeds): median optimizer-step time, training "
-            "tokens/s, peak memory (" + (", ".join(MEM_KINDS.get(k, k) for k in kinds) or "not measured")
-            + "), training time, exported adapter file size (peftbench export; full fine-tuning: all weights)")
-    headers = [c[1] if csv_format else c[3] for c in COSTS]
+    mem_kinds = ", ".join(MEM_KINDS.get(k, k) for k in kinds) or "not measured"
+    note = ("costs: mean over each method's runs (all its tasks and seeds): "
+            + ", ".join(cost.note.format(mem_kinds=mem_kinds) for _, cost in costs))
+    headers = [cost.csv if csv_format else record.header(name) for name, cost in costs]
     return headers, cells, note
 
 
@@ -257,44 +233,94 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     if fmt == "json":
         return runs_json(runs)
     table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)
-    return _render(*table, fmt) if table else "(no finished runs match)"
+    return render(table, fmt) if table else "(no finished runs match)"
+
+
+def mark_best(text: str, fmt: str) -> str:
+    """A column's best, as ``fmt`` marks it: bold (markdown, LaTeX), else a trailing ``*``."""
+    return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
+
+
+def best_legend(fmt: str) -> str:
+    return "marked *" if fmt in ("plain", "csv") else "in bold"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a comparison table, before any format marks it: each renderer (:func:`render`, the HTML
+    report) shows the flags its own way."""
+
+    value: str  #: the mean ×100 (or the cell's text: a label, a count, a cost, "—")
+    std: str | None = None  #: the std over seeds (``None``: one seed, or no score)
+    best: bool = False  #: the column's best mean
+    significant: bool = False  #: ``†``: paired t-test against the baseline, p < alpha
+    missed: bool = False  #: ``‼``: a run of it missed its budget
+
+    def text(self, fmt: str) -> str:
+        """The cell as ``fmt`` shows it: ``mean±std``, marked when best, then ``†`` and ``‼``."""
+        pm = "$\\pm$" if fmt == "latex" else "±"
+        text = self.value + (f"{pm}{self.std}" if self.std is not None else "")
+        return ((mark_best(text, fmt) if self.best else text) + ("†" if self.significant else "")
+                + (MISS_MARK if self.missed else ""))
+
+
+DASH = Cell("—")
+
+
+@dataclass
+class Table:
+    """A comparison table: one row of :class:`Cell` per method label, and its footer (``note`` before the
+    legend of the best marks, which depends on the format, then ``notes``)."""
+
+    header: list[str]
+    rows: list[list[Cell]]
+    note: str
+    notes: list[str] = field(default_factory=list)
+
+    def footer(self, fmt: str) -> list[str]:
+        return [f"{self.note}; best per column {best_legend(fmt)}", *self.notes]
+
+
+def render(table: Table, fmt: str) -> str:
+    """``table`` as text in ``fmt`` (markdown, LaTeX, CSV, plain)."""
+    return _render(table.header, [[cell.text(fmt) for cell in row] for row in table.rows], table.footer(fmt), fmt)
+
+
+def _scores(values: dict[tuple[str, str], list[float]], labels: list[str], tasks: list[str], digits: int
+            ) -> dict[tuple[str, str], Cell]:
+    """``mean±std`` ×100 over seeds (the mean alone for one seed) per (label, task), the column's best marked."""
+    means = {key: _mean_std(xs) for key, xs in values.items()}
+    best = {t: max(means[(lbl, t)][0] for lbl in labels if (lbl, t) in means) for t in tasks}
+    return {(label, task): Cell(f"{mean:.{digits}f}", f"{std:.{digits}f}" if len(values[(label, task)]) > 1 else None,
+                                best=mean == best[task])
+            for (label, task), (mean, std) in means.items() if task in best}
+
+
+def _averages(cells: dict[tuple[str, str], Cell], values: dict[tuple[str, str], list[float]], labels: list[str],
+              tasks: list[str], digits: int) -> dict[str, Cell]:
+    """Each label's mean over the tasks (only a label with every task has one), the best marked."""
+    averages = {label: statistics.fmean(statistics.fmean(values[(label, t)]) for t in tasks)
+                for label in labels if all((label, t) in cells for t in tasks)}
+    best = max(averages.values()) if averages else None
+    return {label: Cell(f"{avg:.{digits}f}", best=avg == best) for label, avg in averages.items()}
 
 
 def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
                digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
-               cost: bool | None = None) -> tuple[list[str], list[list[str]], list[str]] | None:
-    """The comparison table of :func:`build` as ``(header, rows, notes)`` (``None``: no finished runs), its best
-    cells marked as ``fmt`` marks them (markdown: ``**...**``); for renderers of their own (the HTML report)."""
-    runs, notes = separate_settings(runs)
+               cost: bool | None = None) -> Table | None:
+    """The comparison table of :func:`build` as a :class:`Table` (``None``: no finished runs), for any renderer
+    (:func:`render`, the HTML report); ``fmt`` only decides the cost columns' units (CSV: plain numbers)."""
+    runs, setting_notes = separate_settings(runs)
     labels, tasks, values, params = collect(runs, main_metric, metric)
     p_values = paired_p_values(runs, main_metric, baseline, metric) if baseline else {}
     settings = varying_params(runs) if ablation else {}
     if not labels:
         return None
-    means = {key: _mean_std(xs) for key, xs in values.items()}
-    averages = {}
-    for label in labels:
-        if all((label, t) in means for t in tasks):
-            averages[label] = statistics.fmean(means[(label, t)][0] for t in tasks)
-    best = {t: max(means[(lbl, t)][0] for lbl in labels if (lbl, t) in means) for t in tasks}
-    best_avg = max(averages.values()) if averages else None
-
-    def mark(text: str, is_best: bool) -> str:
-        if not is_best:
-            return text
-        return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
-
-    pm = "$\\pm$" if fmt == "latex" else "±"
-
-    def cell(xs: list[float], best_mean: float) -> str:
-        """``mean±std`` over seeds (the mean alone for one seed), marked when it is the column's best."""
-        mean, std = _mean_std(xs)
-        return mark(f"{mean:.{digits}f}" + (f"{pm}{std:.{digits}f}" if len(xs) > 1 else ""), mean == best_mean)
-
+    dev = _scores(values, labels, tasks, digits)
+    averages = _averages(dev, values, labels, tasks, digits)
     test_values = collect_test(runs, main_metric, labels)
     test_tasks = [t for t in tasks if any(task == t for (_, task) in test_values)]
-    test_means = {key: _mean_std(xs) for key, xs in test_values.items()}
-    test_best = {t: max(test_means[(lbl, t)][0] for lbl in labels if (lbl, t) in test_means) for t in test_tasks}
+    test = _scores(test_values, labels, test_tasks, digits)
     header = ["method", *(["setting"] if ablation else []), "params", "peak",
               *[f"{t} ({main_metric[t]})" for t in tasks], "avg",
               *[f"{t} test ({main_metric[t]})" for t in test_tasks]]
@@ -302,43 +328,41 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
     misses = {(run["label"], run["task"]) for run in runs if missed(run)}
     rows = []
     for label in labels:
-        row = [label, *([settings.get(label, "")] if ablation else []),
-               human_count(params.get(label)) + (MISS_MARK if any(lbl == label for lbl, _ in misses) else ""),
-               human_count(peaks.get(label))]
-        for t in tasks:
-            if (label, t) not in means:
-                row.append("—")
-                continue
-            significant = p_values.get((label, t), 1.0) < alpha
-            row.append(cell(values[(label, t)], best[t]) + ("†" if significant else "")
-                       + (MISS_MARK if (label, t) in misses else ""))
-        avg = averages.get(label)
-        row.append(mark(f"{avg:.{digits}f}", avg == best_avg) if avg is not None else "—")
-        for t in test_tasks:
-            if (label, t) not in test_means:
-                row.append("—")
-                continue
-            row.append(cell(test_values[(label, t)], test_best[t]))
-        rows.append(row)
-    cost_notes = []
+        row = [Cell(label), *([Cell(settings.get(label, ""))] if ablation else []),
+               Cell(human_count(params.get(label)), missed=any(lbl == label for lbl, _ in misses)),
+               Cell(human_count(peaks.get(label)))]
+        row += [replace(dev[(label, t)], significant=p_values.get((label, t), 1.0) < alpha,
+                        missed=(label, t) in misses) if (label, t) in dev else DASH for t in tasks]
+        row.append(averages.get(label, DASH))
+        rows.append(row + [test.get((label, t), DASH) for t in test_tasks])
+    notes = []
     if cost or (cost is None and fmt == "csv"):
         cost_header, cost_cells, cost_note = cost_columns(runs, labels, fmt)
         header += cost_header
-        rows = [row + cost_cells[label] for row, label in zip(rows, labels)]
-        cost_notes.append(cost_note)
+        rows = [row + [Cell(text) for text in cost_cells[label]] for row, label in zip(rows, labels)]
+        notes.append(cost_note)
+    note = _note(values, selection_text(runs, metric), baseline if p_values else None, alpha, bool(misses),
+                 bool(test_tasks))
+    return Table(header, rows, "; ".join([note, *setting_notes]),
+                 [*notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
+
+
+def _note(values: dict[tuple[str, str], list[float]], selection: str, baseline: str | None, alpha: float,
+          misses: bool, test: bool) -> str:
+    """The footer's first line: what a cell is (``selection``: :func:`selection_text`), and its marks
+    (``baseline``: the t-test's, when there is one)."""
     seeds = sorted({len(v) for v in values.values()})
-    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {selection_text(runs, metric)}, "
+    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {selection}, "
             f"{', '.join(map(str, seeds))} seed(s), ×100")
-    if p_values:
+    if baseline:
         note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
     if misses:
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")
-    if test_tasks:
+    if test:
         note += ("; `test`: the task's test split, scored once at the end on the final model (always in budget), "
                  "not part of avg")
-    note = "; ".join([note, *notes]) + "; best per column " + ("marked *" if fmt in ("plain", "csv") else "in bold")
-    return header, rows, [note, *cost_notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))]
+    return note
 
 
 def _render(header: list[str], rows: list[list[str]], notes: list[str], fmt: str) -> str:
@@ -379,10 +403,9 @@ def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: s
             values = cells[(label, index)].get(task)
             chosen = choices[(label, task)].point == points[(label, index)] if values else False
             text = f"{statistics.fmean(values):.{digits}f}" if values else "—"
-            row.append({"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, f"{text}*")
-                       if chosen else text)
+            row.append(mark_best(text, fmt) if chosen else text)
         rows.append(row)
     header = ["method", "point", *[f"{t} (held-out {main_metric[t]})" for t in tasks]]
     note = ("tuning runs: held-out main metric ×100, mean over tuning seeds; the point chosen per method and task "
-            + ("marked *" if fmt in ("plain", "csv") else "in bold"))
+            + best_legend(fmt))
     return _render(header, rows, [note], fmt)

@@ -3,7 +3,8 @@
 A tracker is an observer (:mod:`peftbench.observers`) made for one run and registered for it next to the
 progress bar. It gets, through the run hooks: the run's resolved hyperparameters (its spec, flattened) at the
 start; the loss, learning rate and the method's ``logs`` (current budget, ranks) at every log point; the dev
-metrics at every evaluation; the best in-budget and the final metrics at the end.
+metrics at every evaluation; the best in-budget and the final metrics at the end, from the run's record
+(``peftbench_run_end``).
 
 ``output.trackers`` names each tracker: a name accelerate knows (``accelerate.tracking.LOGGER_TYPE_TO_CLASS``:
 ``tensorboard``, ``mlflow``, ``wandb``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ...) or
@@ -38,7 +39,6 @@ class Tracker:
         self.spec, self.run_dir = spec, run_dir
         self.broken = False
         self.started = False
-        self.last_eval: dict[str, float] = {}
 
     # -- what a tracker implements ---------------------------------------------------------------------
 
@@ -74,18 +74,15 @@ class Tracker:
 
     @hookimpl
     def peftbench_on_evaluate(self, state, metrics):
-        self.last_eval = dict(metrics)
         self._metrics({f"dev/{k}": v for k, v in metrics.items()}, state.step)
 
     @hookimpl
-    def peftbench_report(self, state):
-        """After the final evaluation: the reported (best in-budget) and the final metrics."""
-        best = getattr(state, "best_metrics", None) or {}  # the trainer's LoopState keeps the best in budget
-        values = {f"best/{k}": v for k, v in best.items()}
-        values.update({f"final/{k}": v for k, v in self.last_eval.items()})
-        if hasattr(state, "best_step"):
-            values["best/step"] = state.best_step
-        self._metrics(values, state.step)
+    def peftbench_run_end(self, record):
+        """The finished run's record: the reported (best in-budget) and the final metrics, at its last step."""
+        values = {f"best/{k}": v for k, v in (record.best or {}).items()}
+        values.update({f"final/{k}": v for k, v in (record.final or {}).items()})
+        values["best/step"] = record.best_step
+        self._metrics(values, record.steps)
 
     def close(self) -> None:
         """Called by :func:`peftbench.observers.observing` when the run ends, however it ended."""

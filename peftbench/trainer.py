@@ -29,6 +29,7 @@ from .hookspecs import TrainState
 from .host import Host
 from .method import Method
 from .observers import ProgressBar, observing
+from .record import RunRecord
 from .runs import RunSpec
 from .schedule import evaluates_every
 from .trackers import run_trackers
@@ -40,6 +41,10 @@ class Diverged(RuntimeError):
 
 @dataclass
 class RunResult:
+    """What training one run gives: the :class:`~peftbench.record.RunRecord` fields marked ``result`` (by
+    name, or computed from these: the median step time), and what the store does not keep (weights,
+    generations)."""
+
     #: the reported dev metrics, at the selected checkpoint (``train.select``): the best in-budget evaluation on
     #: the validation split (by the task's main metric), the final model, or the best in-budget dev evaluation
     best: dict[str, float]
@@ -178,7 +183,10 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
     tf32 = spec.train.tf32 and spec.train.device != "cpu" and torch.cuda.is_available()
     with (observing(host, *([bar] if progress else []), *run_trackers(spec)), tf32_matmuls(tf32),
           PeakMemory(cpu=_uses_cpu(spec.train)) as memory):
-        return loop(setup(spec, host, memory), host, checkpoint)
+        result = loop(setup(spec, host, memory), host, checkpoint)
+        if host.implemented("peftbench_run_end"):  # observers get the finished run as the store will keep it
+            host.hook.peftbench_run_end(spec=spec, record=RunRecord.from_result(spec, result))
+        return result
 
 
 @contextmanager

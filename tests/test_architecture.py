@@ -202,3 +202,64 @@ def test_the_checks_find_planted_cycles_long_functions_and_cross_plugin_imports(
     assert cycles(graph) == [("peftbench.a", "peftbench.b")]  # c <-> d only under TYPE_CHECKING: no cycle
     assert long_functions(modules) == {"peftbench.b.f": MAX_FUNCTION_LINES + 2}  # def, import, body
     assert cross_plugin_imports(graph) == {("peftbench.plugins.one", "peftbench.plugins.two")}
+
+
+# -- one run record --------------------------------------------------------------------------------------
+
+
+def _annotated_fields(path: Path, class_name: str) -> set[str]:
+    """The annotated attributes of class ``class_name`` in ``path`` (read from the source: no torch import)."""
+    (cls,) = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+              and node.name == class_name]
+    return {node.target.id for node in cls.body if isinstance(node, ast.AnnAssign)}
+
+
+def test_store_columns_are_the_run_records_fields(tmp_path):
+    """The store's runs table is generated from :class:`peftbench.record.RunRecord`: same names, order and types,
+    and no column list written by hand in the store; every result column the trainer's result provides."""
+    import sqlite3
+
+    from peftbench import record
+    from peftbench.store import Store
+
+    Store(tmp_path / "s.sqlite").close()
+    found = [(row[1], row[2]) for row in sqlite3.connect(tmp_path / "s.sqlite").execute("PRAGMA table_info(runs)")]
+    assert found == [(f.name, f.metadata["sql"]) for f in record.columns()]
+    assert "CREATE TABLE IF NOT EXISTS runs" not in (REPO / "peftbench" / "store.py").read_text()
+    by_name = {f.name for f in record.columns() if f.metadata["result"] is True}
+    assert by_name <= _annotated_fields(REPO / "peftbench" / "trainer.py", "RunResult")
+
+
+def test_a_field_added_to_the_record_is_a_store_column_and_a_cost_column(tmp_path, monkeypatch):
+    """Adding a cost is one field on the record: an existing store gets the column on open, a finished run
+    writes it, ``table --cost`` (human and CSV), the report's comparison and the Pareto plots show it."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from peftbench import plots, record, report
+    from peftbench.store import Store
+    from peftbench.tables import build
+
+    Store(tmp_path / "s.sqlite").close()  # a store made before the field existed
+
+    @dataclass
+    class Extended(record.RunRecord):
+        energy_j: float = record.column("REAL", result=lambda result: 2.5 * result.train_s, header="energy J",
+                                        fmt=lambda joules: f"{joules:,.0f}",
+                                        cost=record.Cost("energy_kj", "energy", scale=1e-3, plot=("energy", "kJ")))
+
+    monkeypatch.setattr(record, "RunRecord", Extended)
+    result = SimpleNamespace(**{**{f.name: None for f in record.columns()}, "train_s": 1000.0, "step_times": []})
+    fields = record.result_fields(result)
+    assert fields["energy_j"] == 2500.0
+    with Store(tmp_path / "s.sqlite") as store:
+        store.claim("r0", {"sweep": "s", "label": "lora", "method": "lora", "task": "toy", "seed": 0, "spec": {},
+                           "budget": {}})
+        store.finish("r0", "done", {**fields, "best": {"accuracy": 0.5}, "final": {"accuracy": 0.5}})
+        runs = store.runs()
+    assert runs[0]["energy_j"] == 2500.0
+    plain = build(runs, {"toy": "accuracy"}, "plain", baseline=None, cost=True)
+    assert "energy J" in plain.splitlines()[0] and "2,500" in plain.splitlines()[2] and ", energy" in plain
+    assert build(runs, {"toy": "accuracy"}, "csv", baseline=None).splitlines()[1].endswith(",2.5")
+    assert "<th>energy J</th>" in report.table_section(runs, {"toy": "accuracy"})
+    assert [panel[0] for panel in plots.pareto_panels()] == ["params", "memory", "step", "energy"]

@@ -2,15 +2,17 @@
 store, and the pieces of the distributed executor that run without a launcher (``tests/test_distributed.py``
 launches two processes).
 
-The Ray tests share one local Ray instance (2 CPUs, module-scoped: starting Ray takes 15-30 s on 2 cores) and
-are skipped when Ray is not installed.
+The Ray tests share one local Ray instance (2 CPUs, module-scoped: starting Ray takes 15-30 s on 2 cores).
+``.[dev]`` installs Ray; without it they skip, except in CI (``CI`` set), where they fail.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ LORA = {"name": "lora", "params": {"r": 4, "alpha": 8}}
 PLUGIN = '''
 """Test plugin: LoRA that fails on request or sleeps per step, and an observer that reports where it ran."""
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,10 @@ from peftbench.plugins.lora import LoRA, LoRAParams
 
 PEFTBENCH_API_VERSION = 1
 SLEEP_WHILE = Path({sleep_marker!r})  #: steps of `sleepy` runs sleep while this file exists
+#: a `doomed` run kills its own worker process in the second half of its steps while this file exists; the
+#: file says "once" (the kill deletes it) or "always"; each kill adds a line to KILLS
+KILL_WHILE = Path({kill_marker!r})
+KILLS = Path({kill_marker!r} + ".log")
 
 
 @dataclass
@@ -78,9 +85,22 @@ class Sleepy(LoRA):
             time.sleep(0.5)
 
 
+class Doomed(LoRA):
+    name = "doomed"
+
+    @hookimpl
+    def peftbench_on_log(self, state):  # not a hook that keeps training state: runs stay resumable
+        if state.step > state.total_steps // 2 and KILL_WHILE.exists():
+            if KILL_WHILE.read_text() == "once":
+                KILL_WHILE.unlink()
+            with KILLS.open("a") as f:
+                f.write(f"{{os.getpid()}} at step {{state.step}}\\n")
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer, a crash or a lost node would
+
+
 @hookimpl
 def peftbench_add_methods():
-    return [Faulty, Sleepy]
+    return [Faulty, Sleepy, Doomed]
 
 
 @hookimpl
@@ -90,11 +110,12 @@ def peftbench_report():
 '''
 
 
-def _config(tmp_path: Path, plugin: Path, methods, name: str = "results", **train):
+def _config(tmp_path: Path, plugin: Path, methods, name: str = "results", checkpoint: bool = False, **train):
     """A tiny sweep whose plugins are peftbench.testing and the test plugin (by file path)."""
     return tiny_config(tmp_path, methods=methods, train={**FAST_TRAIN, **train},
                        plugins=["peftbench.testing", str(plugin)],
-                       output={"db": str(tmp_path / f"{name}.sqlite"), "dir": str(tmp_path / f"{name}-runs")})
+                       output={"db": str(tmp_path / f"{name}.sqlite"), "dir": str(tmp_path / f"{name}-runs"),
+                               "checkpoint": checkpoint})
 
 
 def _sweep(config, executor, fail_fast=False):
@@ -198,7 +219,13 @@ def test_batches_must_split_evenly_between_processes(tmp_path, host):
 
 @pytest.fixture(scope="module")
 def ray(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    if os.environ.get("CI"):  # CI installs `.[dev]`, which has Ray: there a missing Ray fails, never skips
+        try:
+            import ray
+        except ImportError as exc:
+            pytest.fail(f"CI={os.environ['CI']} but Ray does not import ({exc}): pip install -e '.[dev]'")
+    else:
+        ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         # the workers inherit this environment: the test session's token cache, no progress bars
         mp.setenv("PEFTBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
@@ -214,7 +241,7 @@ def plugin(tmp_path_factory) -> Path:
     can be imported once per process."""
     folder = tmp_path_factory.mktemp("plugin")
     path = folder / "ray_test_plugin.py"
-    path.write_text(PLUGIN.format(sleep_marker=str(folder / "sleep")))
+    path.write_text(PLUGIN.format(sleep_marker=str(folder / "sleep"), kill_marker=str(folder / "kill")))
     return path
 
 
@@ -309,3 +336,99 @@ def test_fail_fast_on_ray_cancels_the_outstanding_tasks(ray, plugin, tmp_path):
     assert rows["sleepy"]["status"] == "failed" and rows["sleepy"]["error"] == reason
     assert [spec.label for spec, _ in summary.failed] == ["faulty", "sleepy"] and summary.done == 0
     assert any(line.endswith(f"({rows['sleepy']['run_id']}): {reason}") for line in lines)
+
+
+
+# -- Ray: a worker killed, the driver killed --------------------------------------------------------------
+
+DOOMED = {"name": "doomed", "params": {"r": 4, "alpha": 8}}  #: LoRA (the same run as LORA) that kills its worker
+
+
+def _arm(plugin: Path, mode: str):
+    """Make the `doomed` runs kill their worker process ("once" or "always"); returns a function giving the
+    kills so far (``pid at step N``)."""
+    kills = plugin.parent / "kill.log"
+    kills.unlink(missing_ok=True)
+    (plugin.parent / "kill").write_text(mode)
+    return lambda: kills.read_text().splitlines() if kills.exists() else []
+
+
+@pytest.mark.slow
+def test_a_run_whose_ray_worker_is_killed_is_retried_from_its_checkpoint(ray, plugin, tmp_path):
+    """A worker process killed mid-run (the kernel's OOM killer, a crash, a lost node): Ray starts the run's
+    task again, which resumes from the run's last checkpoint, and the result is an uninterrupted run's."""
+    config = _config(tmp_path, plugin, [LORA, DOOMED], checkpoint=True, epochs=2)  # 16 steps, a checkpoint at 8
+    kills = _arm(plugin, "once")
+    summary, rows, lines = _sweep(config, RayExecutor())
+    assert [kill.split(" ", 1)[1] for kill in kills()] == ["at step 10"]
+    assert (summary.done, summary.failed) == (2, [])
+    lora, doomed = rows["lora"], rows["doomed"]
+    assert doomed["status"] == "done"
+    tag = f"({doomed['run_id']}): "
+    assert any(line.startswith("[2/2] doomed toy seed=0 ") and tag + "the Ray task failed: WorkerCrashedError: " in line
+               and line.endswith("; starting the run again (attempt 2 of 2)") for line in lines), lines
+    assert any(tag + "resumed from " in line and "at epoch 1, step 8" in line for line in lines), lines
+    assert (doomed["history"], doomed["best"], doomed["final"], doomed["steps"]) == \
+           (lora["history"], lora["best"], lora["final"], lora["steps"])
+    assert not (Path(config.output.dir) / doomed["run_id"] / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_run_whose_ray_worker_dies_on_every_attempt_fails_and_a_rerun_completes_only_it(ray, plugin, tmp_path):
+    config = _config(tmp_path, plugin, [LORA, DOOMED, {"name": "lora", "label": "lora8", "params": {"r": 8, "alpha": 16}}])
+    kills = _arm(plugin, "always")
+    try:
+        summary, rows, lines = _sweep(config, RayExecutor())
+    finally:
+        (plugin.parent / "kill").unlink()
+    assert len(kills()) == 2  # started once more (executors.WORKER_RETRIES), not 3 times more (Ray's default)
+    assert summary.done == 2 and [spec.label for spec, _ in summary.failed] == ["doomed"]
+    doomed = rows["doomed"]
+    assert doomed["status"] == "failed", doomed
+    assert doomed["error"].startswith("the Ray task failed: WorkerCrashedError: ")
+    assert doomed["error"].endswith("(started 2 times: its worker process died each time)")
+    assert any(line.endswith(f"({doomed['run_id']}): FAILED: {doomed['error']}; 3/3 runs done") for line in lines)
+    finished = {label: rows[label]["finished"] for label in ("lora", "lora8")}
+
+    summary, rows, lines = _sweep(config, RayExecutor())  # the rerun trains the failed run only
+    assert (summary.done, summary.skipped, summary.failed) == (1, 2, [])
+    assert rows["doomed"]["status"] == "done" and {label: rows[label]["finished"] for label in finished} == finished
+
+
+@pytest.mark.slow
+def test_a_killed_ray_driver_leaves_a_sweep_that_a_rerun_resumes(ray, plugin, tmp_path):
+    """kill -9 of ``peftbench run --executor ray`` (joined to a running cluster) after its first result: the
+    runs it had claimed stay ``running`` under its dead pid; rerunning trains exactly those."""
+    config = _config(tmp_path, plugin, [LORA, {"name": "sleepy", "label": "sleepy_a", "params": {"r": 4, "alpha": 8}},
+                                        {"name": "sleepy", "label": "sleepy_b", "params": {"r": 4, "alpha": 8}}])
+    data = config.to_dict()
+    data.pop("source")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "driver.log"
+    (plugin.parent / "sleep").touch()  # the sleepy runs are still training when lora's result comes
+    try:
+        with out.open("w") as f:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "peftbench.cli", "run", str(tmp_path / "sweep.yaml"), "--no-progress",
+                 "--executor", "ray", "--address", ray.get_runtime_context().gcs_address],
+                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while "best in-budget" not in out.read_text():
+                assert driver.poll() is None and time.monotonic() < deadline, out.read_text()
+                time.sleep(0.2)
+        finally:
+            driver.kill()
+            driver.wait()
+    finally:
+        (plugin.parent / "sleep").unlink()
+    with Store(config.output.db) as store:
+        before = {r["label"]: r for r in store.runs(status=None)}
+    assert before["lora"]["status"] == "done"
+    assert all(before[label]["status"] == "running" and before[label]["pid"] == driver.pid
+               for label in ("sleepy_a", "sleepy_b")), before
+
+    summary, rows, lines = _sweep(config, RayExecutor())
+    assert (summary.done, summary.skipped, summary.failed, summary.busy) == (2, 1, [], 0), lines
+    assert rows["lora"]["finished"] == before["lora"]["finished"]  # not trained again
+    assert all(row["status"] == "done" for row in rows.values())

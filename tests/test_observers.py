@@ -64,3 +64,34 @@ def test_the_progress_bar_shows_only_in_budget_scores_as_best():
     bar.peftbench_on_evaluate(metrics={"accuracy": 0.7}, in_budget=True)
     bar.peftbench_on_evaluate(metrics={"accuracy": 0.95}, in_budget=False)
     assert bar.best == 0.7
+
+
+class RecordKeeper:
+    """An observer of finished runs only (``peftbench_run_end``)."""
+
+    def __init__(self):
+        self.records = []
+
+    @hookimpl
+    def peftbench_run_end(self, spec, record):
+        self.records.append((spec, record))
+
+
+def test_an_observer_gets_each_finished_runs_record_as_stored(tmp_path):
+    """``peftbench_run_end`` hands observers the run record: every field the trainer measured and the run's
+    identity, equal to what the store then holds (the budget, audit and artifacts are the sweep's, added later)."""
+    import json
+
+    from helpers import train_sweep
+
+    from peftbench import record
+
+    keeper = RecordKeeper()
+    _, (run,) = train_sweep(tiny_config(tmp_path), keeper)
+    ((spec, got),) = keeper.records
+    assert isinstance(got, record.RunRecord) and spec.run_id == got.run_id == run["run_id"]
+    measured = [f.name for f in record.columns() if f.metadata["result"]]
+    assert "best" in measured and "median_step_s" in measured
+    for name in [*measured, "sweep", "label", "method", "task", "seed", "model", "spec", "status"]:
+        assert json.loads(json.dumps(getattr(got, name))) == run[name], name
+    assert got.budget is None and got.audit is None and run["audit"]["final"] is not None

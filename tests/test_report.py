@@ -83,6 +83,16 @@ def test_report_marks_best_significance_and_budget_misses(tmp_path):
     assert "12 finished run(s): 2 method(s) × 2 task(s) × 3 seed(s)" in text
 
 
+def test_report_shows_a_label_with_mark_characters_as_text():
+    """Cells come to the page as values and flags: a label that looks like a mark is not made bold or titled."""
+    from peftbench.report import table_section
+
+    runs = [{"label": "**odd**†", "task": "rte", "seed": s, "best": {"accuracy": 0.7}, "final": {"accuracy": 0.7}}
+            for s in (0, 1)]
+    html = table_section(runs, {"rte": "accuracy"})
+    assert "<td class=text>**odd**†</td>" in html and 'class="sig"' not in html
+
+
 def test_report_lists_unfinished_runs_and_reads_the_store_only(tmp_path):
     db = tmp_path / "s.sqlite"
     synthetic_store(db, tasks=("rte",), methods=("lora",), seeds=(0,))

@@ -107,3 +107,29 @@ def test_holm_adjusts_step_down_and_keeps_monotone_order():
     assert stats.holm({"only": 0.2}) == {"only": 0.2}
     assert stats.holm({}) == {}
     assert stats.holm({"x": 0.5, "y": 0.9}) == {"x": 1.0, "y": 1.0}  # capped at 1, never below an earlier one
+
+
+def _run(label, task, seed, preds, gold, score):
+    return {"label": label, "task": task, "seed": seed, "best": {"accuracy": score},
+            "dev_predictions": {"validation": {"predictions": list(map(int, preds)), "labels": list(map(int, gold))}}
+            if preds is not None else None}
+
+
+def test_table_comparisons_bootstrap_with_predictions_and_fall_back_without():
+    rng = np.random.default_rng(5)
+    gold = rng.integers(0, 2, 300)
+    runs = []
+    for seed in range(3):
+        good = np.where(rng.random(300) < 0.95, gold, 1 - gold)
+        base = np.where(rng.random(300) < 0.70, gold, 1 - gold)
+        runs += [_run("lora", "sst2", seed, base, gold, (base == gold).mean()),
+                 _run("big", "sst2", seed, good, gold, (good == gold).mean()),
+                 _run("old", "sst2", seed, None, gold, (good == gold).mean())]
+    comparisons = stats.compare_to_baseline(runs, {"sst2": "accuracy"}, "lora", resamples=500)
+    assert comparisons[("big", "sst2")].test == "bootstrap" and comparisons[("big", "sst2")].examples == 300
+    assert comparisons[("old", "sst2")].test == "seed-permutation"
+    adjusted, marks = stats.significant(comparisons)
+    assert marks[("big", "sst2")] and not marks[("old", "sst2")]  # 3 seeds alone can't show it
+    assert adjusted[("big", "sst2")] == pytest.approx(2 * comparisons[("big", "sst2")].p)
+    line = stats.footer(comparisons, "lora")
+    assert "Holm-corrected over the table's 2 comparisons" in line and "sign-flip" in line

@@ -123,3 +123,15 @@ def test_cost_columns_of_runs_without_costs_are_empty():
     header, *rows = build(RUNS, MAIN, "csv").splitlines()
     assert rows[0].endswith(",,,,,")
     assert "| —" in build(RUNS, MAIN, "markdown", cost=True)
+
+
+def test_comparison_is_a_structured_table_every_format_renders():
+    """The cells carry value, std and flags; each format marks them its own way (no renderer parses marks)."""
+    from peftbench.tables import Cell, comparison, render
+
+    table = comparison(RUNS, MAIN, baseline=None)
+    lora = next(row for row in table.rows if row[0].value == "lora")
+    assert lora[3:] == [Cell("71.00", "1.41"), Cell("91.00", "1.41", best=True), Cell("81.00", best=True)]
+    assert Cell("1", "2", best=True, significant=True, missed=True).text("latex") == "\\textbf{1$\\pm$2}†‼"
+    assert render(table, "markdown") == build(RUNS, MAIN, "markdown", baseline=None)
+    assert table.footer("plain")[0].endswith("best per column marked *")
