@@ -325,7 +325,8 @@ def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: di
             state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
             keep = run.spec.save_adapters or run.spec.train.select == "validation"
             state.best_weights = trainable_state(run.raw_model) if keep else None
-            state.best_predictions = examples if run.spec.train.select == "dev" else {}
+            state.best_predictions = {split: e for split, e in examples.items() if e is not None
+                                      } if run.spec.train.select == "dev" else {}
 
 
 def score_reported(run: Run, host: Host) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
