@@ -341,9 +341,9 @@ def _in_budget_plan(config, host, solved) -> None:
             else:
                 missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
-    print(f"\nin-budget evaluations: only evaluations at which a method is within its budget choose its reported "
-          f"checkpoint (the final one always counts; fewer than budget.min_evaluations = "
-          f"{config.budget.min_evaluations} is a config error)")
+    print(f"\nin-budget evaluations: only evaluations at which a method is within its budget can be the checkpoint "
+          f"that is reported (the final one always can); fewer in budget than the smaller of budget.min_evaluations "
+          f"= {config.budget.min_evaluations} and the run's number of evaluations is a config error")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
     if assumed:
@@ -463,8 +463,7 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from .errors import ConfigError
-    from .export import export_run
-    from .host import Host
+    from .export import export_run, run_host
     from .store import Store
 
     db = args.db or DEFAULT_DB
@@ -477,7 +476,7 @@ def cmd_export(args) -> int:
     store.close()
     if run is None or run["status"] != "done":
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r} (ids are listed by `peftbench run`)")
-    host = Host(plugins=args.plugins)
+    host = run_host(run, args.plugins)
     out = export_run(run, args.out_dir, host)
     print(f"peftbench: exported run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) to {out}")
     if args.check:
@@ -488,8 +487,8 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .errors import ConfigError
+    from .export import run_host
     from .harness import evaluate_run
-    from .host import Host
     from .store import Store
 
     db = args.db or DEFAULT_DB
@@ -499,7 +498,7 @@ def cmd_evaluate(args) -> int:
         run = store.get(args.run_id)
     if run is None or run["status"] != "done":
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
-    results = evaluate_run(run, Host(plugins=args.plugins), args.harness.split(","), args.limit, args.include_path,
+    results = evaluate_run(run, run_host(run, args.plugins), args.harness.split(","), args.limit, args.include_path,
                            args.batch_size, args.device)
     with Store(db) as store:
         store.set_harness(run["run_id"], results)

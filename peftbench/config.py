@@ -17,12 +17,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import MinLen
+from pydantic import AfterValidator
 from typing_extensions import TypedDict
 
 from .errors import ConfigError
+from .fields import (
+    Dropout,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+    Rank,
+    Seeds,
+    unique,
+)
 from .schema import Located, from_dict, key_path, locate, suggest, to_dict, where
 
 
@@ -48,26 +62,36 @@ class ModelConfig:
     revision: str | None = None
 
 
+def _fraction_or_count(value: float) -> float:
+    if value >= 1 and value != int(value):
+        raise ValueError(f"must be a fraction in (0, 1) or a whole number of examples, got {value}")
+    return value
+
+
+#: a part of the training set: a fraction in (0, 1), or a whole number of examples
+ValidationSize = Annotated[PositiveFloat, AfterValidator(_fraction_or_count)]
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    max_steps: int | None = None  #: cap on optimizer steps (overrides epochs when smaller)
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = 5e-4
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None  #: cap on optimizer steps (overrides epochs when smaller)
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 128
+    lr: PositiveFloat = 5e-4
     #: learning rate of the head (``model.head_modules``), the same rule for every method: unless a config sets it
     #: (``train.head_lr``, or explicitly for a method), the sweep's own ``train.lr`` (per task: ``per_task``),
     #: never a method's ``lr`` or a grid's (:meth:`Config.train_for`); a grid may tune it as its own axis
-    head_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  #: used when ``warmup_steps`` is 0
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    max_length: int = 128
-    eval_every: int = 0  #: evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)
-    max_train_samples: int | None = None  #: subsample the training set (fixed seed, same for every method)
-    max_eval_samples: int | None = None
+    head_lr: PositiveFloat | None = None
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
+    warmup_ratio: Fraction = 0.0  #: used when ``warmup_steps`` is 0
+    grad_accum: PositiveInt = 1
+    max_grad_norm: PositiveFloat | None = 1.0
+    max_length: PositiveInt = 128
+    eval_every: NonNegativeInt = 0  #: evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)
+    max_train_samples: PositiveInt | None = None  #: subsample the training set (fixed seed, same for every method)
+    max_eval_samples: PositiveInt | None = None
     group_by_length: bool = True  #: batch examples of similar length together (less padding)
     #: pad every training batch to ``max_length`` instead of its longest example (benchmarks the padding cost)
     pad_to_max_length: bool = False
@@ -81,10 +105,10 @@ class TrainConfig:
     #: recompute activations in backward (HF gradient checkpointing): less memory, same results up to rounding,
     #: about one more forward pass per step
     gradient_checkpointing: bool = False
-    classifier_dropout: float | None = None
-    log_every: int = 10
+    classifier_dropout: Dropout | None = None
+    log_every: PositiveInt = 10
     deterministic: bool = True  #: deterministic algorithms (bit-for-bit reruns on CPU)
-    num_threads: int | None = None  #: torch intra-op threads on CPU (default: torch's choice)
+    num_threads: PositiveInt | None = None  #: torch intra-op threads on CPU (default: torch's choice)
     #: learning-rate decay after warmup: linear to 0 (the GLUE papers') or cosine to 0 (HF PEFT's MetaMathQA runs)
     lr_scheduler: Literal["linear", "cosine"] = "linear"
     #: which checkpoint is reported (docs/protocol.md): ``validation``: the best in-budget evaluation on a split
@@ -94,30 +118,7 @@ class TrainConfig:
     select: Literal["validation", "final", "dev"] = "validation"
     #: the selection split of ``select: validation``: a fraction (< 1) or a number (>= 1) of the training examples,
     #: held out seeded and stratified by label, the same for every method and seed
-    validation_size: float = 0.1
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "num_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("head_lr", "max_grad_norm"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 (or null), got {getattr(self, name)}")
-        if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
-            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
-        if self.validation_size <= 0 or (self.validation_size >= 1 and self.validation_size != int(self.validation_size)):
-            raise ValueError(f"validation_size must be a fraction in (0, 1) or a whole number of examples, "
-                             f"got {self.validation_size}")
+    validation_size: ValidationSize = 0.1
 
 
 #: :class:`TrainConfig` keys added after runs were stored, with their default: a run at the default leaves them
@@ -126,7 +127,7 @@ ADDED_TRAIN_KEYS = {"lr_scheduler": "linear"}
 
 #: training overrides (per task, per method, per method and task): some of :class:`TrainConfig`'s keys,
 #: each checked like the key in ``train:``; :meth:`Config.train_for` resolves them
-TrainOverrides = TypedDict("TrainOverrides", typing.get_type_hints(TrainConfig), total=False)
+TrainOverrides = TypedDict("TrainOverrides", typing.get_type_hints(TrainConfig, include_extras=True), total=False)
 
 
 @dataclass
@@ -155,22 +156,14 @@ class MethodConfig:
 @dataclass
 class BudgetConfig:
     #: the target: LoRA of this rank on the same target modules ...
-    lora_rank: int | None = 8
+    lora_rank: Rank | None = 8
     #: ... or an explicit number of adapter parameters (takes precedence)
-    params: int | None = None
-    tolerance: float = 0.01  #: accepted relative miss of a method's final trainable count
+    params: PositiveInt | None = None
+    tolerance: NonNegativeFloat = 0.01  #: accepted relative miss of a method's final trainable count
     #: dev evaluations of every run at which its method must be within budget (only those count toward the
-    #: reported metric; a schedule that leaves fewer is a config error)
-    min_evaluations: int = 3
-
-    def __post_init__(self):
-        for name in ("lora_rank", "params"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.min_evaluations < 1:
-            raise ValueError(f"min_evaluations must be >= 1, got {self.min_evaluations}")
+    #: reported metric): a schedule that leaves fewer than this, or than all of a run's evaluations when it has
+    #: fewer, is a config error
+    min_evaluations: PositiveInt = 3
 
 
 @dataclass
@@ -180,25 +173,23 @@ class TuneConfig:
     #: ``train.<key>`` or ``params.<key>`` (the method's params) → values; the points are their cartesian product
     grid: dict[str, list[Any]] = field(default_factory=dict)
     #: fraction of the training set (after ``max_train_samples``) held out to choose on; stratified by label
-    holdout: float = 0.1
+    holdout: OpenFraction = 0.1
     #: training seeds of the tuning runs: each point's held-out score is their mean (two: one seed's noise alone
     #: would decide between close points)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: Seeds = field(default_factory=lambda: [0, 1])
     seed: int = 0  #: seed of the held-out split
     #: a choice at the edge of a numeric grid axis extends that axis by one more value beyond the edge (the
     #: geometric step of its last two values) and tunes again, up to this many times per (method, task)
-    extend_edges: int = 0
+    extend_edges: NonNegativeInt = 0
 
-    def __post_init__(self):
-        if not 0 < self.holdout < 1:
-            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-        if not self.seeds:
-            raise ValueError("seeds: at least one tuning seed is required")
-        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
-        if repeated:
-            raise ValueError(f"seeds: repeated seed(s) {repeated}")
-        if self.extend_edges < 0:
-            raise ValueError(f"extend_edges must be >= 0, got {self.extend_edges}")
+
+def _tracker(name: str) -> str:
+    from .trackers import check_tracker
+
+    problem = check_tracker(name)
+    if problem:
+        raise ValueError(problem)
+    return name
 
 
 @dataclass
@@ -212,27 +203,16 @@ class OutputConfig:
     checkpoint: bool = False
     #: experiment trackers every run reports to (:mod:`peftbench.trackers`): names accelerate knows
     #: (``tensorboard``, ``mlflow``, ``wandb``...) or ``module:Class``. Not part of a run's identity.
-    trackers: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        from .trackers import check_tracker
-
-        for i, name in enumerate(self.trackers):
-            problem = check_tracker(name)
-            if problem:
-                raise ValueError(f"trackers[{i}]: {problem}")
-        repeated = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
-        if repeated:
-            raise ValueError(f"trackers: repeated tracker(s) {repeated}")
+    trackers: unique(Annotated[str, AfterValidator(_tracker)], "tracker") = field(default_factory=list)
 
 
 @dataclass
 class Config:
-    tasks: list[str]
-    methods: list[MethodConfig]
+    tasks: Annotated[list[str], MinLen(1)]
+    methods: Annotated[list[MethodConfig], MinLen(1)]
     name: str = "sweep"
     model: ModelConfig = field(default_factory=ModelConfig)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: Seeds = field(default_factory=lambda: [0])
     train: TrainConfig = field(default_factory=TrainConfig)
     per_task: dict[str, TrainOverrides] = field(default_factory=dict)  #: per-task training overrides
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -246,17 +226,6 @@ class Config:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     tune: TuneConfig | None = None  #: tune each method's hyperparameters on held-out training data first
     source: str = field(default="<config>", compare=False)
-
-    def __post_init__(self):
-        if not self.tasks:
-            raise ValueError("tasks: at least one task is required")
-        if not self.methods:
-            raise ValueError("methods: at least one method is required")
-        if not self.seeds:
-            raise ValueError("seeds: at least one seed is required")
-        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
-        if repeated:
-            raise ValueError(f"seeds: repeated seed(s) {repeated}")
 
     _data = None  # the checked mapping, with its lines (set by parse_config)
     _params = None  # {(label, task): checked params} (set by check_params)
@@ -280,36 +249,30 @@ class Config:
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
         train = self.train
-        for _, layer in self._train_layers(method, task):
+        for layer in (self.per_task.get(task, {}), method.train,
+                      method.per_task[task].train if task in method.per_task else {}):
             train = dataclasses.replace(train, **layer)
         if train.head_lr is None:  # the head trained alike: the sweep's rate, not the method's (or a grid's)
             train = dataclasses.replace(train, head_lr=self.per_task.get(task, {}).get("lr", self.train.lr))
         return train
 
-    def _train_layers(self, method: MethodConfig, task: str, i: int = -1):
-        """The training overrides of (method ``i``, task), lowest precedence first, with their key steps."""
-        yield ("per_task", task), self.per_task.get(task, {})
-        yield ("methods", i, "train"), method.train
-        if task in method.per_task:
-            yield ("methods", i, "per_task", task, "train"), method.per_task[task].train
-
     def check_train(self) -> None:
-        """Check the resolved training hyperparameters of every (method, task) (``epochs`` >= 1, ...): a
-        failure names the override that set the key."""
+        """Check the resolved training hyperparameters of every (method, task) against the model: half-precision
+        weights train under autocast of their own dtype. (Each key's value was checked where it is written.)"""
+        if self.model.dtype == "fp32":
+            return
         for i, method in enumerate(self.methods):
+            # a tuning grid's precision values run too: each is checked where it is written
+            grid = [(("model", "dtype"), None), *(((*self.grid_steps(i), "train.precision"), value)
+                                                  for value in self.grid_for(method).get("train.precision", []))]
             for task in self.tasks:
-                try:
-                    train = self.train_for(method, task)
-                except ValueError as exc:
-                    named = re.match(r"\w*", str(exc))[0]
-                    layers = list(self._train_layers(method, task, i))
-                    steps = next((s for s, layer in reversed(layers) if named in layer), layers[-1][0])
-                    raise ConfigError(f"{locate(self._data, (*steps, named), f'{self.source}: ')}"
-                                      f"{key_path('', steps)}: {exc}") from None
-                if self.model.dtype != "fp32" and train.precision not in ("auto", self.model.dtype):
-                    raise ConfigError(f"{locate(self._data, ('model', 'dtype'), f'{self.source}: ')}model.dtype: "
-                                      f"{self.model.dtype} weights train under autocast of their dtype: "
-                                      f"train.precision must be {self.model.dtype} or auto, not {train.precision} "
+                for steps, value in grid:
+                    precision = value or self.train_for(method, task).precision
+                    if precision in ("auto", self.model.dtype):
+                        continue
+                    raise ConfigError(f"{self.locate(steps)}{key_path('', steps)}: {self.model.dtype} weights "
+                                      f"(model.dtype) train under autocast of their dtype: "
+                                      f"train.precision must be {self.model.dtype} or auto, not {precision} "
                                       f"(method {method.label or method.name}, task {task})")
 
     def check_selection(self) -> None:
@@ -367,6 +330,9 @@ class Config:
             raise ConfigError(f"{where_}: a grid key is train.<key> or params.<key> (the method's params)")
         if not values:
             raise ConfigError(f"{where_}: no values")
+        repeated = sorted({repr(v) for v in values if sum(repr(w) == repr(v) for w in values) > 1})
+        if repeated:  # the same point trained twice, and counted twice in the equal-search rule
+            raise ConfigError(f"{where_}: {', '.join(repeated)} listed more than once")
         if section == "params":
             return
         if name not in {f.name for f in dataclasses.fields(TrainConfig)}:

@@ -344,17 +344,8 @@ def import_ray():
 
 
 def worker_plugins(host: Host) -> list[str]:
-    """The plugin specs a worker loads to build the same host: everything not from an entry point (those
-    load by themselves), in load order, with file paths made absolute."""
-    specs = []
-    for info in host.plugins:
-        if info.source == "entry point":
-            continue
-        target, colon, attr = info.name.partition(":")
-        if target.endswith(".py") or "/" in target or os.sep in target:
-            target = os.path.abspath(target)
-        specs.append(target + colon + attr)
-    return specs
+    """The plugin specs a worker loads to build the same host (:meth:`Host.plugin_specs`)."""
+    return host.plugin_specs()
 
 
 def spec_payload(spec: RunSpec) -> dict[str, Any]:

@@ -21,7 +21,16 @@ from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .host import Host
 from .lora import PREFIX
-from .schema import from_dict
+from .schema import from_dict, to_dict
+
+
+def run_host(run: dict[str, Any], plugins: list[str] | tuple[str, ...] = ()) -> Host:
+    """The plugin host of a stored run: the entry points, ``plugins`` (``--plugin``) and the plugins the run was
+    trained with (a config's ``plugins:``, kept in its stored spec), so its method and task are found again."""
+    host = Host(plugins=plugins)
+    for spec in (run.get("spec") or {}).get("plugins") or ():
+        host.load_spec(spec, source=f"the plugins of run {run['run_id']}")
+    return host
 
 
 def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
@@ -103,6 +112,9 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
     model, targets, head, method = rebuild(run, host)
     with host.activate(method):
         exported = peft_adapter(model, targets, head, host)
+    if exported is None and "peftbench_export_peft" in type(method).implemented_hooks():
+        raise ConfigError(f"method {run['method']!r} cannot export this run in HF PEFT format: its "
+                          f"peftbench_export_peft returned None for the run's params {to_dict(method.params)}")
     if exported is None:
         raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
                           "in HF PEFT format")

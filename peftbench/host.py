@@ -270,6 +270,20 @@ class Host:
         """Whether any registered plugin implements run hook ``hook_name`` (checked once per run)."""
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
 
+    def plugin_specs(self) -> list[str]:
+        """The specs that load this host's plugins again (a Ray worker, ``peftbench export`` of a stored run):
+        every plugin not from an entry point (those load by themselves), in load order, file paths made
+        absolute."""
+        specs = []
+        for info in self.plugins:
+            if info.source == "entry point":
+                continue
+            target, colon, attr = info.name.partition(":")
+            if target.endswith(".py") or "/" in target or os.sep in target:
+                target = os.path.abspath(target)
+            specs.append(target + colon + attr)
+        return specs
+
 
 def _one_line(exc: Exception) -> str:
     """Pluggy's validation message on one line, with what the author needs next: the nearest hook name for an

@@ -158,7 +158,7 @@ def html_cell(cell: Cell) -> str:
     if cell.best:
         out = f'<strong class="best">{out}</strong>'
     if cell.significant:
-        out += '<span class="sig" title="paired t-test vs the baseline: p &lt; alpha">†</span>'
+        out += '<span class="sig" title="differs from the baseline: paired bootstrap over dev examples and seeds (or a seed permutation test), Holm-corrected">†</span>'
     if cell.missed:
         out += f'<span class="miss" title="missed its parameter budget">{MISS_MARK}</span>'
     return out

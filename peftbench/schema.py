@@ -206,6 +206,10 @@ def _message(error: dict, tp: Any, steps: list) -> str:
         return "missing required key"
     if kind in ("value_error", "assertion_error"):
         return str(error["ctx"]["error"])
+    if kind in _BOUNDS:  # a bound of the field's type (peftbench.fields): both ends, as declared
+        return f"must be {_bounds_text(_type_at(tp, steps, extras=True), error.get('ctx', {}))}, got {value!r}"
+    if kind == "too_short":
+        return f"must not be empty, got {value!r}"
     if kind == "literal_error":
         choices = typing.get_args(_type_at(tp, steps)) or ()
         allowed = " | ".join(repr(c) for c in choices) or error["ctx"]["expected"]
@@ -213,6 +217,29 @@ def _message(error: dict, tp: Any, steps: list) -> str:
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}, got {value!r}"
     return f"{error['msg']}, got {value!r}"
+
+
+_BOUNDS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+
+
+def _bounds_text(tp: Any, failed: dict) -> str:
+    """``in [0, 1)``, ``>= 1`` or ``> 0 (or null)``: the bounds declared on ``tp`` (``Annotated`` with
+    ``annotated_types`` or ``pydantic.Field`` constraints), else the one that failed (pydantic's ``ctx``)."""
+    bounds, nullable = {}, False
+    for member in typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,):
+        nullable |= member is type(None)
+        for meta in getattr(member, "__metadata__", ()):
+            for constraint in [meta, *getattr(meta, "metadata", ())]:  # a FieldInfo holds its constraints
+                bounds.update({k: getattr(constraint, k) for k in _BOUNDS.values()
+                               if getattr(constraint, k, None) is not None})
+    bounds = bounds or {k: v for k, v in failed.items() if k in _BOUNDS.values()}
+    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else None
+    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else None
+    if low and high:
+        text = f"in {low}, {high}"
+    else:
+        text = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[next(iter(bounds))] + f" {next(iter(bounds.values()))}"
+    return f"{text} (or null)" if nullable else text
 
 
 def _merge(messages: list[str]) -> str:
@@ -223,21 +250,27 @@ def _merge(messages: list[str]) -> str:
     return "; ".join(dict.fromkeys(messages))
 
 
-def _type_at(tp: Any, steps: list) -> Any:
-    """The annotation of the value at ``steps`` inside a value annotated ``tp`` (``None``: unknown)."""
+def _type_at(tp: Any, steps: list, extras: bool = False) -> Any:
+    """The annotation of the value at ``steps`` inside a value annotated ``tp`` (``None``: unknown), its
+    ``Annotated`` constraints kept with ``extras``."""
     for step in steps:
         if tp is None:
             return None
-        tp = _child(tp, step)
-    return tp
+        tp = _child(_plain(tp), step)
+    return tp if extras else _plain(tp)
+
+
+def _plain(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` constraints."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
 def _child(tp: Any, step: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        return next((c for c in (_child(a, step) for a in args) if c is not None), None)
+        return next((c for c in (_child(_plain(a), step) for a in args) if c is not None), None)
     if dataclasses.is_dataclass(tp) or typing_extensions.is_typeddict(tp):
-        return typing.get_type_hints(tp).get(step)
+        return typing.get_type_hints(tp, include_extras=True).get(step)
     if origin in (list, tuple) and isinstance(step, int):
         return args[0] if args else Any
     if origin is dict:

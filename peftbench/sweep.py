@@ -31,7 +31,7 @@ from .record import result_fields
 from .runs import RunSpec, expand
 from .schedule import InBudgetPlan, in_budget_plan, train_examples
 from .store import Store
-from .tuning import point_text
+from .tuning import check_holdout, point_text
 
 
 @dataclass
@@ -94,7 +94,8 @@ class Sweep:
         running in another live process)."""
         tuning = f" tuning {point_text(spec.tuning['point'])}" if spec.tuning else ""
         tag = f"[{i}/{len(self.runs)}] {spec.label} {spec.task} seed={spec.seed}{tuning} ({spec.run_id})"
-        claim = self.store.claim(spec.run_id, _spec_fields(spec, self.solved[(spec.label, spec.task)]))
+        claim = self.store.claim(spec.run_id, _spec_fields(spec, self.solved[(spec.label, spec.task)],
+                                                           self.host.plugin_specs()))
         if claim == "claimed":
             return tag
         self.summary.skipped += claim == "done"
@@ -234,6 +235,7 @@ def check_sweep_data(config: Config, host: Host, solved: dict[tuple[str, str], S
     (and each task's training examples in ``sizes``, if given)."""
     sizes = {} if sizes is None else sizes
     data = check_data(config, host, config.tasks, sizes)
+    check_holdout(config, host, sizes)
     check_in_budget(config, in_budget_plans(config, host, solved, sizes))
     return data
 
@@ -403,10 +405,13 @@ def release_memory() -> None:
 # -- what the store and the run folder get ---------------------------------------------------------------
 
 
-def _spec_fields(spec: RunSpec, budget: Solved) -> dict[str, Any]:
+def _spec_fields(spec: RunSpec, budget: Solved, plugins: list[str]) -> dict[str, Any]:
+    # the stored spec keeps the plugins the run's method and task came from (``plugins:``, ``--plugin``), for
+    # ``peftbench export``; they are not part of the run's identity, so its id does not change
+    stored = {**spec.identity(), "plugins": plugins} if plugins else spec.identity()
     return {
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
-        "model": spec.model.name_or_path, "spec": spec.identity(),
+        "model": spec.model.name_or_path, "spec": stored,
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
                    "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
                    "estimate": budget.counts.estimate},

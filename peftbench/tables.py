@@ -21,7 +21,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from . import record
+from . import record, stats
 from .audit import MISS_MARK, missed, stored_audit
 from .costs import MEM_KINDS
 from .record import human_count
@@ -72,7 +72,7 @@ def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
     the training settings and the method's params. Runs of one label are seeds of one setting only when
     these are equal."""
-    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label")}
+    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label", "plugins")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
@@ -172,34 +172,6 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def paired_p_values(runs: list[dict[str, Any]], main_metric: dict[str, str], baseline: str, metric: str = "best"
-                    ) -> dict[tuple[str, str], float]:
-    """Paired t-test (scipy ``ttest_rel``) of each method against ``baseline`` over the seeds both ran,
-    per task. Needs at least two common seeds; identical score vectors give p = 1."""
-    from scipy.stats import ttest_rel
-
-    by_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for run in runs:
-        name = main_metric.get(run["task"])
-        if name and name in (run.get(metric) or {}):
-            by_seed[(run["label"], run["task"])][run["seed"]] = float(run[metric][name])
-    p_values = {}
-    for (label, task), scores in by_seed.items():
-        base = by_seed.get((baseline, task))
-        if label == baseline or not base:
-            continue
-        seeds = sorted(set(scores) & set(base))
-        if len(seeds) < 2:
-            continue
-        a, b = [scores[s] for s in seeds], [base[s] for s in seeds]
-        if a == b:
-            p_values[(label, task)] = 1.0
-            continue
-        p = float(ttest_rel(a, b).pvalue)
-        p_values[(label, task)] = p if p == p else 1.0  # constant differences give nan: no evidence either way
-    return p_values
-
-
 def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
     """For ablation tables: each label's params that differ between the rows of the same method
     (``criterion=random``); a method with a single row has nothing that varies (empty)."""
@@ -253,7 +225,7 @@ class Cell:
     value: str  #: the mean ×100 (or the cell's text: a label, a count, a cost, "—")
     std: str | None = None  #: the std over seeds (``None``: one seed, or no score)
     best: bool = False  #: the column's best mean
-    significant: bool = False  #: ``†``: paired t-test against the baseline, p < alpha
+    significant: bool = False  #: ``†``: differs from the baseline (:mod:`peftbench.stats`, Holm-corrected)
     missed: bool = False  #: ``‼``: a run of it missed its budget
 
     def text(self, fmt: str) -> str:
@@ -312,7 +284,8 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
     (:func:`render`, the HTML report); ``fmt`` only decides the cost columns' units (CSV: plain numbers)."""
     runs, setting_notes = separate_settings(runs)
     labels, tasks, values, params = collect(runs, main_metric, metric)
-    p_values = paired_p_values(runs, main_metric, baseline, metric) if baseline else {}
+    comparisons = stats.compare_to_baseline(runs, main_metric, baseline, metric) if baseline else {}
+    _, marks = stats.significant(comparisons, alpha)
     settings = varying_params(runs) if ablation else {}
     if not labels:
         return None
@@ -331,7 +304,7 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         row = [Cell(label), *([Cell(settings.get(label, ""))] if ablation else []),
                Cell(human_count(params.get(label)), missed=any(lbl == label for lbl, _ in misses)),
                Cell(human_count(peaks.get(label)))]
-        row += [replace(dev[(label, t)], significant=p_values.get((label, t), 1.0) < alpha,
+        row += [replace(dev[(label, t)], significant=marks.get((label, t), False),
                         missed=(label, t) in misses) if (label, t) in dev else DASH for t in tasks]
         row.append(averages.get(label, DASH))
         rows.append(row + [test.get((label, t), DASH) for t in test_tasks])
@@ -341,21 +314,32 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         header += cost_header
         rows = [row + [Cell(text) for text in cost_cells[label]] for row, label in zip(rows, labels)]
         notes.append(cost_note)
-    note = _note(values, selection_text(runs, metric), baseline if p_values else None, alpha, bool(misses),
-                 bool(test_tasks))
+    note = _note(values, selection_text(runs, metric), bool(misses), bool(test_tasks))
+    if baseline:
+        notes += [stats.footer(comparisons, baseline, alpha), *difference_lines(comparisons, labels, tasks, baseline)]
     return Table(header, rows, "; ".join([note, *setting_notes]),
                  [*notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
 
 
-def _note(values: dict[tuple[str, str], list[float]], selection: str, baseline: str | None, alpha: float,
-          misses: bool, test: bool) -> str:
-    """The footer's first line: what a cell is (``selection``: :func:`selection_text`), and its marks
-    (``baseline``: the t-test's, when there is one)."""
+def difference_lines(comparisons: dict, labels: list[str], tasks: list[str], baseline: str) -> list[str]:
+    """One footer line per label: its difference from ``baseline`` per task, ×100, with the 95% interval and
+    the Holm-adjusted p (what the ``†`` marks are read from)."""
+    adjusted, _ = stats.significant(comparisons)
+    lines = []
+    for label in labels:
+        parts = [f"{task} {100 * c.diff:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}] p={adjusted[key]:.3g}"
+                 for task in tasks if (c := comparisons.get(key := (label, task)))]
+        if parts:
+            lines.append(f"{label} − {baseline}: " + "; ".join(parts))
+    return lines
+
+
+def _note(values: dict[tuple[str, str], list[float]], selection: str, misses: bool, test: bool) -> str:
+    """The footer's first line: what a cell is (``selection``: :func:`selection_text`), and its marks (the
+    significance test has a line of its own)."""
     seeds = sorted({len(v) for v in values.values()})
     note = (f"mean{'±std' if max(seeds) > 1 else ''} of {selection}, "
             f"{', '.join(map(str, seeds))} seed(s), ×100")
-    if baseline:
-        note += f"; † paired t-test vs {baseline} across seeds, p < {alpha}"
     if misses:
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")

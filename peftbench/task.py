@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import ConfigError
+from .fields import PositiveInt
 
 
 @dataclass
@@ -66,17 +67,14 @@ class GenerationOptions:
 
     #: the prompt; ``{query}`` is replaced by the example's question or instruction
     prompt_template: str = "{query}"
-    max_new_tokens: int = 300  #: greedy generation stops after this many new tokens ...
-    max_total_length: int = 800  #: ... or at this many tokens, prompt included (past either cap: scored wrong)
-    val_size: int = 50  #: validation questions sampled from the training data (and removed from it)
+    max_new_tokens: PositiveInt = 300  #: greedy generation stops after this many new tokens ...
+    max_total_length: PositiveInt = 800  #: ... or at this many tokens, prompt included (past either cap: scored wrong)
+    val_size: PositiveInt = 50  #: validation questions sampled from the training data (and removed from it)
     val_seed: int = 0  #: seed of that sample: the same questions for every method and seed
 
     def __post_init__(self):
         if "{query}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{query}}, got {self.prompt_template!r}")
-        for name in ("max_new_tokens", "max_total_length", "val_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

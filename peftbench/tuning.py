@@ -191,24 +191,55 @@ def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | N
 
 
 def check_grid_counts(config: Config, host, solved: dict, shapes) -> None:
-    """Params in a grid must leave a method's trainable count as solved (``alpha`` may vary, ``r`` may not):
-    else the search would compare methods of other sizes. Counted on the meta model, like the budgets."""
-    from .budget import solve_method
+    """Params in a grid must reach the run and leave a method's trainable count as solved (``alpha`` may vary,
+    ``r`` may not): else the search would compare methods of other sizes, or train the same point twice under
+    two names. Each point is solved again from the params as written, as the budgets are (on the meta model):
+    a count that moves (final or peak), or a value the solver replaces (PrunedLoRA's ``init_ratio``, which only
+    feeds the solved ``init_r``), is refused naming the key."""
+    from .budget import solve_method, target_count
 
+    target = target_count(config, shapes.targets)
     for i, method in enumerate(config.methods):
         cls = host.method(method.name)
         for point in grid_points(config.grid_for(method)):
             changed = {k: v for k, v in point.items() if k.startswith("params.")}
             for task in config.tasks if changed else ():
                 before = solved[(method.label, task)]
-                _, params = apply_point(config.train, before.params, changed)
-                _, counts = solve_method(host, cls, params, shapes, 0, 0.0, solve=False)
+                _, written = apply_point(config.train, config.params_of(method, task), changed)
+                _, applied = apply_point(config.train, before.params, changed)  # what a tuning run trains
+                params, counts = solve_method(host, cls, written, shapes, target, config.budget.tolerance,
+                                              method.match_budget)
+                steps = (*config.grid_steps(i), next(iter(changed)))
+                where = f"{config.locate(steps)}{key_path('', steps[:-1])}: {point_text(changed)}"
                 if (counts.final, counts.peak) != (before.counts.final, before.counts.peak):
-                    steps = (*config.grid_steps(i), next(iter(changed)))
                     raise ConfigError(
-                        f"{config.locate(steps)}{key_path('', steps[:-1])}: {point_text(changed)} changes "
-                        f"{method.label}'s trainable count ({before.counts.final:,} → {counts.final:,} on {task}); "
-                        "tune only params that keep the count (e.g. alpha, dropout), not size hyperparameters")
+                        f"{where} changes {method.label}'s trainable count ({before.counts.final:,} → "
+                        f"{counts.final:,}, peak {before.counts.peak:,} → {counts.peak:,} on {task}); tune only "
+                        "params that keep the count (e.g. alpha, dropout), not size hyperparameters")
+                if params != applied:
+                    raise ConfigError(f"{where}: {method.label}'s budget solver sets what this value would change, "
+                                      "so every grid point would train the same run; tune another key")
+
+
+def check_holdout(config: Config, host, sizes: dict[str, int]) -> None:
+    """Before any training: ``tune.holdout`` of each task's training set (``sizes``, after
+    ``max_train_samples``) must leave both parts non-empty, and, for classification (split stratified by label),
+    room for every class in each part: what :func:`peftbench.data.holdout_split` needs (sizes as scikit-learn
+    rounds them: the held-out part is ``ceil(holdout × n)``)."""
+    if config.tune is None:
+        return
+    fraction = config.tune.holdout
+    for method in config.methods:
+        for task, size in sizes.items():
+            n = min(size, config.train_for(method, task).max_train_samples or size)
+            held = math.ceil(fraction * n)
+            spec = host.task(task)
+            need = max(1, spec.num_labels)  # causal-LM and regression tasks: not stratified
+            if min(held, n - held) < need:
+                raise ConfigError(
+                    f"{config.locate(('tune', 'holdout'))}tune.holdout: {fraction:g} of {task}'s {n} training "
+                    f"examples holds out {held} and trains on {n - held}; each part needs at least {need}"
+                    f"{' (one per class: the split is stratified by label)' if need > 1 else ''}")
 
 
 def tuning_note(runs: list[dict[str, Any]]) -> str:
@@ -245,5 +276,5 @@ def is_tuning_run(run: dict[str, Any]) -> bool:
 
 
 __all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "matched_steps", "ordered_points", "edges",
-           "extended", "Choice", "choose", "choose_from_store",
-           "final_runs", "check_grid_counts", "tuning_note", "chosen_lines", "is_tuning_run"]
+           "extended", "Choice", "choose", "choose_from_store", "final_runs", "check_grid_counts", "check_holdout",
+           "tuning_note", "chosen_lines", "is_tuning_run"]

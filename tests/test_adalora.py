@@ -248,7 +248,7 @@ def test_budget_solver_honours_explicit_init_r_and_ratio(tmp_path, host):
 
 
 def test_param_validation_names_the_key():
-    with pytest.raises(ConfigError, match=r"params: tinit must be a whole number"):
+    with pytest.raises(ConfigError, match=r"params\.tinit: must be a whole number of steps or a fraction in \[0, 1\), got 2\.5$"):
         from_dict(AdaLoRAParams, {"tinit": 2.5}, "methods[0].params")
     with pytest.raises(ConfigError, match=r"init_r \(4\) must be larger than target_r"):
         from_dict(AdaLoRAParams, {"init_r": 4, "target_r": 4}, "methods[0].params")

@@ -54,7 +54,7 @@ def test_valid_config_and_precedence(tmp_path):
     (VALID.replace("tasks: [rte, MRPC]", "tasks: [rte, MRPC"), r"c\.yaml:\d+: YAML syntax error"),
     (VALID + "seeds: [a]\n", r"c\.yaml:17: seeds\[0\]: expected an integer"),
     (VALID + "name: again\n", r"c\.yaml:17: duplicate key 'name'"),
-    (VALID.replace("  epochs: 2", "  epochs: 0"), r"c\.yaml:\d+: train: epochs must be >= 1"),
+    (VALID.replace("  epochs: 2", "  epochs: 0"), r"c\.yaml:\d+: train\.epochs: must be >= 1, got 0"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):

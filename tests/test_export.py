@@ -1,6 +1,7 @@
 """`peftbench export`: HF PEFT's PeftModel.from_pretrained reproduces the run's dev predictions."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -46,3 +47,22 @@ def test_exported_lora_reproduces_dev_predictions(tmp_path, params):
 def test_cli_export_errors(tmp_path, capsys):
     assert main(["export", "nope", str(tmp_path / "x"), "--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_export_loads_the_runs_plugins_and_names_a_refused_export(tmp_path, capsys):
+    """The toy task comes from the config's ``plugins:`` (no entry point): the stored spec keeps them, outside the
+    run's identity, so ``peftbench export`` finds the task without ``--plugin``. LoRA with ``bias: lora_only``
+    implements peftbench_export_peft but returns None: the error says so, not that the hook is missing."""
+    import hashlib
+
+    config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "bias": "lora_only"},
+                                             "match_budget": False}], train={"epochs": 1})
+    _, run = train_one(config)
+    assert run["spec"]["plugins"] == ["peftbench.testing"]
+    identity = {k: v for k, v in run["spec"].items() if k != "plugins"}
+    assert hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16] == run["run_id"]
+    assert main(["export", run["run_id"], str(tmp_path / "x"), "--db", config.output.db]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task" not in err and "does not implement" not in err
+    assert re.search(r"method 'lora' cannot export this run in HF PEFT format: its peftbench_export_peft returned "
+                     r"None for the run's params \{.*'bias': 'lora_only'", err), err

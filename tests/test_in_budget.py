@@ -157,7 +157,7 @@ def test_budget_command_shows_the_plan(tmp_path, capsys):
     from peftbench.cli import main
 
     config = tiny_config(tmp_path, methods=["lora", "adalora", {"name": "full", "train": {"lr": 1e-4}}],
-                         train={"epochs": 2, "eval_every": 4})
+                         train={"epochs": 2, "eval_every": 4}, budget={"min_evaluations": 3})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     assert main(["budget", str(path)]) == 0
@@ -170,6 +170,9 @@ def test_budget_command_shows_the_plan(tmp_path, capsys):
     assert line.split() == ["adalora", "toy", "30", "17", "4", "of", "9", "0.005", "0.005"]
     line = next(line for line in plan.splitlines() if line.startswith("full"))
     assert line.split()[-2:] == ["0.0001", "0.005"]  # its own rate, the head at the sweep's like every method's
+    # the rule the sweep applies (check_in_budget): a run with 2 evaluations needs 2 in budget, not 3
+    assert ("fewer in budget than the smaller of budget.min_evaluations = 3 and the run's number of evaluations "
+            "is a config error") in " ".join(out.split())
 
 
 def test_evaluating_leaves_training_unchanged(tmp_path):

@@ -343,6 +343,40 @@ def test_the_docs_quote_every_hook_with_its_signature():
     assert f"PEFTBENCH_API_VERSION = {hookspecs.API_VERSION}" in doc
 
 
+def _public_names_used(path: Path) -> set[str]:
+    """The peftbench names a plugin module uses: ``from peftbench.x import name``, ``toolkit.name`` of an
+    ``import peftbench.x as toolkit``, and ``Method.name`` for every base-class method it overrides."""
+    import ast
+
+    from peftbench.method import Method
+
+    tree, names, aliases = ast.parse(path.read_text()), set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("peftbench.") \
+                and not node.module.startswith("peftbench.plugins"):
+            names |= {a.name for a in node.names if not a.name.startswith("_")}
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name.startswith("peftbench.") and a.asname}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            names.add(node.attr)
+        elif isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "Method" for b in node.bases):
+            names |= {f"Method.{f.name}" for f in node.body if isinstance(f, ast.FunctionDef)
+                      and not f.name.startswith("_") and callable(getattr(Method, f.name, None))}
+    return names
+
+
+def test_the_guide_lists_every_public_name_the_built_in_methods_use():
+    """A plugin author finds in docs/writing-a-method-plugin.md every peftbench name the built-in methods import
+    (and the example plugins: the DoRA package, the LoHa file)."""
+    doc = (REPO / "docs" / "writing-a-method-plugin.md").read_text()
+    sources = [*(REPO / "plugins").rglob("*.py"), *(REPO / "examples").rglob("*.py")]
+    used = {name: path for path in sources for name in _public_names_used(path)}
+    assert {"Method.describe", "replace_module", "scale_range", "departures", "ConfigError", "Dropout"} <= set(used)
+    missing = sorted(f"{name} ({used[name].relative_to(REPO)})" for name in used
+                     if not re.search(rf"`{re.escape(name)}\b", doc))
+    assert not missing, f"the plugin guide does not name: {', '.join(missing)}"
+
+
 def test_the_docs_code_excerpts_match_the_example_package():
     """Every code block marked ``<!-- from: PATH -->`` in the guide is a verbatim excerpt of that file."""
     doc = (REPO / "docs" / "writing-a-method-plugin.md").read_text()

@@ -1,5 +1,6 @@
 """Comparison tables: mean ± std over seeds, ×100, best per column marked, four formats."""
 
+import numpy as np
 import pytest
 
 from peftbench.tables import build, human_count
@@ -52,19 +53,31 @@ def test_human_count():
     assert [human_count(n) for n in (999, 1_327_104, 184_000_000)] == ["999", "1.33M", "184.00M"]
 
 
-def test_paired_significance_vs_lora_marked_with_dagger():
+def test_significance_needs_more_than_three_seed_scores():
+    """Three seed scores alone (no per-example predictions stored) cannot mark a difference: the exact sign-flip
+    test's smallest p is 0.25. The footer says which test ran, over how many comparisons, and the intervals."""
     runs = []
     for seed, (lora, better, same) in enumerate([(0.70, 0.80, 0.71), (0.72, 0.83, 0.70), (0.71, 0.81, 0.73)]):
         runs += [run("lora", "rte", seed, lora), run("better", "rte", seed, better), run("noise", "rte", seed, same)]
-    from peftbench.tables import paired_p_values
-
-    p = paired_p_values(runs, MAIN, "lora")
-    assert p[("better", "rte")] < 0.05 < p[("noise", "rte")]
     csv_text = build(runs, MAIN, "csv")
-    better = next(line for line in csv_text.splitlines() if line.startswith("better"))
-    noise = next(line for line in csv_text.splitlines() if line.startswith("noise"))
-    assert "†" in better and "†" not in noise
-    assert "† paired t-test vs lora" in build(runs, MAIN, "plain")
+    assert "†" not in csv_text
+    plain = build(runs, MAIN, "plain")
+    assert "exact sign-flip test over seeds" in plain and "Holm-corrected over the table's 2 comparisons" in plain
+    assert "better − lora: rte +10.33 [+10.00, +11.00] p=0.5" in plain
+
+
+def test_per_example_predictions_mark_a_real_difference():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 400)
+    runs = []
+    for seed in range(3):
+        for label, right in (("lora", 0.7), ("better", 0.9), ("noise", 0.7)):
+            pred = np.where(rng.random(400) < right, gold, 1 - gold)
+            runs.append(dict(run(label, "rte", seed, float((pred == gold).mean())), dev_predictions={
+                "validation": {"predictions": pred.tolist(), "labels": gold.tolist()}}))
+    rows = {line.split(",")[0]: line for line in build(runs, MAIN, "csv").splitlines()}
+    assert "†" in rows["better"] and "†" not in rows["noise"]
+    assert "paired bootstrap over dev examples and seeds" in build(runs, MAIN, "plain")
 
 
 def test_ablation_mode_names_the_varying_params():

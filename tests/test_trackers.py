@@ -126,10 +126,10 @@ def test_a_tracker_that_raises_everywhere_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("trackers,expected", [
-    ("[tensorbord]", r"c\.yaml:\d+: output: trackers\[0\]: unknown tracker 'tensorbord'"),
-    ("[nowhere:Tracker]", r"c\.yaml:\d+: output: trackers\[0\]: cannot import tracker 'nowhere:Tracker'"),
-    ("[peftbench.store:Store]", r"c\.yaml:\d+: output: trackers\[0\]: 'peftbench.store:Store' is not a subclass"),
-    ("[helpers:RecordingTracker, helpers:RecordingTracker]", r"c\.yaml:\d+: output: trackers: repeated"),
+    ("[tensorbord]", r"c\.yaml:\d+: output\.trackers\[0\]: unknown tracker 'tensorbord'"),
+    ("[nowhere:Tracker]", r"c\.yaml:\d+: output\.trackers\[0\]: cannot import tracker 'nowhere:Tracker'"),
+    ("[peftbench.store:Store]", r"c\.yaml:\d+: output\.trackers\[0\]: 'peftbench.store:Store' is not a subclass"),
+    ("[helpers:RecordingTracker, helpers:RecordingTracker]", r"c\.yaml:5: output\.trackers: repeated tracker\(s\) \['helpers:RecordingTracker'\]$"),
 ])
 def test_bad_trackers_name_file_and_line(tmp_path, trackers, expected):
     path = tmp_path / "c.yaml"

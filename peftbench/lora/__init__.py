@@ -19,7 +19,7 @@ since the toolkit exists): a change that breaks a method built on these names bu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from torch import nn
 
@@ -47,10 +47,17 @@ def rank_cost(modules: _Shaped | Iterable[_Shaped]) -> int:
     return sum(m.in_features + m.out_features for m in modules)
 
 
+#: an adapter layer class: a :class:`LoRALinear` (subclasses included) or any other ``nn.Module``
+Layer = TypeVar("Layer", bound=nn.Module)
+
+
 def inject_lora(model: nn.Module, targets: list[TargetModule], rank_of: Callable[[TargetModule], int],
                 alpha_of: Callable[[TargetModule], float], dropout: float = 0.0,
-                layer_cls: type[LoRALinear] = LoRALinear, **layer_kwargs) -> dict[str, LoRALinear]:
-    """Wrap every target ``nn.Linear`` of ``model`` in ``layer_cls``; returns the new layers by name."""
+                layer_cls: type[Layer] = LoRALinear, **layer_kwargs) -> dict[str, Layer]:
+    """Replace every target ``nn.Linear`` of ``model`` by ``layer_cls(base, rank, alpha, dropout, **layer_kwargs)``
+    (``base``: the frozen ``nn.Linear`` it wraps); returns the new layers by name. ``layer_cls`` may be any
+    ``nn.Module`` built that way, LoRA-shaped or not; a layer built otherwise goes in with
+    :func:`peftbench.modeling.replace_module`, which this calls."""
     layers = {}
     for target in targets:
         base = model.get_submodule(target.name)
@@ -60,6 +67,7 @@ def inject_lora(model: nn.Module, targets: list[TargetModule], rank_of: Callable
     return layers
 
 
-def lora_layers(model: nn.Module, layer_cls: type[nn.Module] = LoRALinear) -> dict[str, nn.Module]:
-    """The ``layer_cls`` modules of ``model`` by name (every LoRA layer, subclasses included, by default)."""
+def lora_layers(model: nn.Module, layer_cls: type[Layer] = LoRALinear) -> dict[str, Layer]:
+    """The ``layer_cls`` modules of ``model`` by name (every LoRA layer, subclasses included, by default; any
+    other adapter layer class, e.g. a LoHa layer, alike)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, layer_cls)}

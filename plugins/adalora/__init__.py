@@ -57,12 +57,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Gt
+from pydantic import AfterValidator
 from torch import nn
 
 from peftbench.errors import BudgetError, ConfigError
+from peftbench.fields import Dropout, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt, Rank
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Description, Method, scale_range
@@ -77,47 +80,38 @@ __all__ = ["AdaLoRA", "AdaLoRAParams", "SVDLinear", "RankAllocator", "adalora_la
            "orthogonal_penalty", "resolve_steps"]
 
 
+def _steps_or_fraction(value: float) -> float:
+    if value < 0 or (value >= 1 and not float(value).is_integer()):
+        raise ValueError(f"must be a whole number of steps or a fraction in [0, 1), got {value}")
+    return value
+
+
+#: a point of training: a whole number of steps (>= 1) or a fraction of the total steps (< 1)
+StepsOrFraction = Annotated[float, AfterValidator(_steps_or_fraction)]
+
+
 @dataclass
 class AdaLoRAParams:
-    target_r: float = 8.0  #: final average rank: b(T) = round(target_r · M) triplets (set by the budget solver)
-    init_r: int | None = None  #: initial rank of every module; default round(init_ratio · target_r)
-    init_ratio: float = 1.5  #: b(0) / b(T) when init_r is not given (paper: 1.5)
+    target_r: PositiveFloat = 8.0  #: final average rank: b(T) = round(target_r · M) triplets (set by the budget solver)
+    init_r: Rank | None = None  #: initial rank of every module; default round(init_ratio · target_r)
+    init_ratio: Annotated[float, Gt(1)] = 1.5  #: b(0) / b(T) when init_r is not given (paper: 1.5)
     alpha: float = 32.0  #: scale = alpha / init_r (GLUE scripts: 32, or 16 for MNLI, SST-2, QQP)
-    dropout: float = 0.0
-    tinit: float = 0.13  #: initial warm-up without masking: steps (>= 1) or a fraction of the total (< 1)
-    tfinal: float = 0.47  #: final fine-tuning with the mask fixed: steps (>= 1) or a fraction (< 1)
-    deltaT: int = 1  #: steps between two reallocations
-    beta1: float = 0.85  #: EMA of the sensitivity
-    beta2: float = 0.85  #: EMA of the uncertainty
-    gamma: float = 0.1  #: weight of the orthogonality penalty (0 turns it off)
+    dropout: Dropout = 0.0
+    tinit: StepsOrFraction = 0.13  #: initial warm-up without masking: steps (>= 1) or a fraction of the total (< 1)
+    tfinal: StepsOrFraction = 0.47  #: final fine-tuning with the mask fixed: steps (>= 1) or a fraction (< 1)
+    deltaT: PositiveInt = 1  #: steps between two reallocations
+    beta1: OpenFraction = 0.85  #: EMA of the sensitivity
+    beta2: OpenFraction = 0.85  #: EMA of the uncertainty
+    gamma: NonNegativeFloat = 0.1  #: weight of the orthogonality penalty (0 turns it off)
     orth_norm: Literal["frobenius", "squared"] = "frobenius"
     #: what b(t) counts: adapter parameters (matches the budget whatever the allocation) or triplets (paper)
     budget_unit: Literal["params", "triplets"] = "params"
     init_std: float = 0.02  #: std of the normal init of P and Q
 
     def __post_init__(self):
-        if self.target_r <= 0:
-            raise ValueError(f"target_r must be > 0, got {self.target_r}")
-        if self.init_r is not None and self.init_r < 1:
-            raise ValueError(f"init_r must be >= 1, got {self.init_r}")
-        if self.init_ratio <= 1:
-            raise ValueError(f"init_ratio must be > 1, got {self.init_ratio}")
         if self.rank <= self.target_r:
             raise ValueError(f"init_r ({self.rank}) must be larger than target_r ({self.target_r}): "
                              "AdaLoRA needs a budget to prune from")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for key in ("tinit", "tfinal"):
-            value = getattr(self, key)
-            if value < 0 or (value >= 1 and not float(value).is_integer()):
-                raise ValueError(f"{key} must be a whole number of steps or a fraction in [0, 1), got {value}")
-        if self.deltaT < 1:
-            raise ValueError(f"deltaT must be >= 1, got {self.deltaT}")
-        for key in ("beta1", "beta2"):
-            if not 0 < getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
 
     @property
     def rank(self) -> int:

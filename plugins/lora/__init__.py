@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import peftbench.lora as toolkit
+from peftbench.fields import Dropout, Rank
 from peftbench.hookspecs import ParamCounts, hookimpl
 from peftbench.method import Description, Method, scale_range
 
@@ -26,19 +27,13 @@ __all__ = ["LoRA", "LoRAParams"]
 
 @dataclass
 class LoRAParams:
-    r: int = 8
+    r: Rank = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: Dropout = 0.0
     #: ``lora_only`` also trains the bias of each target module
     bias: Literal["none", "lora_only"] = "none"
     rank_pattern: dict[str, int] = field(default_factory=dict)  #: module-name suffix -> rank
     alpha_pattern: dict[str, float] = field(default_factory=dict)  #: module-name suffix -> alpha
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def rank_of(self, name: str) -> int:
         return _lookup(self.rank_pattern, name, self.r)

@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
 from peftbench.errors import ConfigError
+from peftbench.fields import Dropout, Fraction, PositiveFloat, PositiveInt
 from peftbench.hookspecs import ParamCounts, TargetModule, TrainState, hookimpl
 from peftbench.lora import inject_lora, lora_peft_export, rank_cost
 from peftbench.method import Description, Method, departures, scale_range
@@ -72,40 +74,26 @@ __all__ = ["PRILoRA", "PRILoRAParams", "PRILoRALinear", "layer_ranks"]
 
 @dataclass
 class PRILoRAParams:
-    r: float = 8.0  #: mean rank per layer: the budget (solved by budget matching)
+    r: PositiveFloat = 8.0  #: mean rank per layer: the budget (solved by budget matching)
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: Dropout = 0.0
     #: ``increasing`` (paper) | ``uniform`` | ``decreasing`` | explicit per-layer ranks, first layer first
     schedule: Literal["increasing", "uniform", "decreasing"] | list[int] = "increasing"
-    spread: float = 0.5  #: ramp from r·(1-spread) to r·(1+spread): 0.5 is the paper's 4 → 12 at r = 8
+    spread: Fraction = 0.5  #: ramp from r·(1-spread) to r·(1+spread): 0.5 is the paper's 4 → 12 at r = 8
     #: per-layer scale rule, NOT stated by the paper ([open]): ``alpha_over_rank``: alpha / r_l per layer;
     #: ``constant``: alpha / r (the mean rank) on every layer. Always listed by ``peftbench budget``.
     scaling: Literal["alpha_over_rank", "constant"] = "alpha_over_rank"
     criterion: Criterion = "input_norm"
-    prune_ratio: float = 0.5  #: fraction of each group zeroed at every event (paper's best: 0.5)
-    prune_every: int = 10  #: optimizer steps between pruning events
-    prune_start: float = 0.0  #: fraction of training before the first event
+    prune_ratio: Fraction = 0.5  #: fraction of each group zeroed at every event (paper's best: 0.5)
+    prune_every: PositiveInt = 10  #: optimizer steps between pruning events
+    prune_start: Annotated[float, Interval(ge=0, le=1)] = 0.0  #: fraction of training before the first event
     grouping: Grouping = "row"
-    ema: float = 0.9  #: EMA coefficient of the activation norms (weight of the old value)
+    ema: Fraction = 0.9  #: EMA coefficient of the activation norms (weight of the old value)
     permanent: bool = False  #: sticky mask fixed at the first event (default: re-prune, weights may regrow)
 
     def __post_init__(self):
-        if self.r <= 0:
-            raise ValueError(f"r must be > 0, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.spread < 1:
-            raise ValueError(f"spread must be in [0, 1), got {self.spread}")
         if isinstance(self.schedule, list) and (not self.schedule or min(self.schedule) < 1):
             raise ValueError(f"schedule: an explicit list needs one rank >= 1 per layer, got {self.schedule}")
-        if not 0 <= self.prune_ratio < 1:
-            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
-        if self.prune_every < 1:
-            raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
-        if not 0 <= self.prune_start <= 1:
-            raise ValueError(f"prune_start must be in [0, 1] (a fraction of training), got {self.prune_start}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
     def layer_ranks(self, num_layers: int) -> list[int]:
         """The rank of every transformer layer; raises :class:`ConfigError` naming the key on bad input."""

@@ -75,6 +75,7 @@ from typing import Literal
 import torch
 
 from peftbench.errors import BudgetError, ConfigError
+from peftbench.fields import Dropout, Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Rank
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Description, Method, departures
@@ -89,41 +90,32 @@ __all__ = ["PrunedLoRA", "PrunedLoRAParams", "PrunedLoRALinear", "Schedule", "pl
 
 @dataclass
 class PrunedLoRAParams:
-    r: int = 8  #: target (final) rank of every module; the budget solver sets it
+    r: Rank = 8  #: target (final) rank of every module; the budget solver sets it
     init_r: int | None = None  #: initial rank; ``None``: ``init_ratio · r``
-    init_ratio: int = 4
+    init_ratio: PositiveInt = 4
     alpha: float | None = None  #: ``None``: ``alpha = init_r``; scaling ``alpha / init_r`` is fixed
-    dropout: float = 0.0
-    prune_every: int | None = 10  #: K1, optimizer steps between events; ``None``: spread over the window
-    prune_k: int = 2  #: K2, components removed per module per event
-    warmup_ratio: float = 0.1  #: fraction of the steps before the first event
-    final_ratio: float = 0.1  #: fraction of the steps at the end with fixed (target) ranks, at least
+    dropout: Dropout = 0.0
+    prune_every: PositiveInt | None = 10  #: K1, optimizer steps between events; ``None``: spread over the window
+    prune_k: PositiveInt = 2  #: K2, components removed per module per event
+    warmup_ratio: NonNegativeFloat = 0.1  #: fraction of the steps before the first event
+    final_ratio: NonNegativeFloat = 0.1  #: fraction of the steps at the end with fixed (target) ranks, at least
     criterion: Literal["gradient", "activation", "taylor"] = "gradient"
     recovery: bool = True
     recovery_update: Literal["compensation", "full"] = "compensation"
     #: how the B-side and A-side updates combine: ``split`` applies half of each (see the docstring)
     recovery_factors: Literal["split", "both", "B", "A"] = "split"
-    damping: float = 1e-2  #: relative damping of H: ``damping · mean(diag H)``
+    #: relative damping of H: ``damping · mean(diag H)``; > 0, as the step's GᵀG can be singular (fewer tokens
+    #: than components)
+    damping: PositiveFloat = 1e-2
     curvature: Literal["step", "ema"] = "step"
-    curvature_beta: float = 0.9  #: EMA coefficient for ``curvature: ema``
+    curvature_beta: Fraction = 0.9  #: EMA coefficient for ``curvature: ema``
 
     def __post_init__(self):
-        for name in ("r", "init_ratio", "prune_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.init_r is not None and self.init_r < self.r:
             raise ValueError(f"init_r must be >= r (the target rank {self.r}), got {self.init_r}")
-        if self.prune_every is not None and self.prune_every < 1:
-            raise ValueError(f"prune_every must be >= 1 or null, got {self.prune_every}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.warmup_ratio < 0 or self.final_ratio < 0 or self.warmup_ratio + self.final_ratio >= 1:
-            raise ValueError(f"warmup_ratio and final_ratio must be >= 0 with a sum < 1, got "
+        if self.warmup_ratio + self.final_ratio >= 1:
+            raise ValueError(f"warmup_ratio and final_ratio must have a sum < 1, got "
                              f"{self.warmup_ratio} and {self.final_ratio}")
-        if self.damping <= 0:  # the step's GᵀG can be singular (fewer tokens than components)
-            raise ValueError(f"damping must be > 0, got {self.damping}")
-        if not 0 <= self.curvature_beta < 1:
-            raise ValueError(f"curvature_beta must be in [0, 1), got {self.curvature_beta}")
 
     @property
     def initial_rank(self) -> int:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from peftbench.fields import Dropout, Rank
 from peftbench.hookspecs import ParamCounts, TargetModule, hookimpl
 from peftbench.lora import inject_lora, lora_layers, lora_peft_export, rank_cost
 from peftbench.method import Method
@@ -41,24 +42,15 @@ __all__ = ["DoRA", "DoRAParams", "DoRALinear"]
 
 @dataclass
 class DoRAParams:
-    r: int = 8  #: rank of ``B A`` (solved by budget matching)
+    r: Rank = 8  #: rank of ``B A`` (solved by budget matching)
     alpha: float = 16.0  #: ``s = alpha / r``
-    dropout: float = 0.0  #: dropout on the adapter's input
+    dropout: Dropout = 0.0  #: dropout on the adapter's input
     #: per-module ranks (full module name -> rank); filled by the ``mixed`` budget solver
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    rank_pattern: dict[str, Rank] = field(default_factory=dict)
     #: how the budget solver picks ranks: ``mixed`` (r or r+1 per module, closest to the budget) or ``uniform``
     budget_ranks: Literal["mixed", "uniform"] = "mixed"
     #: with dropout, the rescaled ``W x`` term sees the dropped input (HF PEFT) or, if false, the clean one
     rescale_dropped_input: bool = True
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        bad = {name: rank for name, rank in self.rank_pattern.items() if rank < 1}
-        if bad:
-            raise ValueError(f"rank_pattern: ranks must be >= 1, got {bad}")
 
     def rank_of(self, name: str) -> int:
         return self.rank_pattern.get(name, self.r)

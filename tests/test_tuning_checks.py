@@ -1,0 +1,81 @@
+"""Issue #31's tuning-grid probes: every grid key reaches the run or is refused, a grid cannot bypass the
+precision rule, duplicate values and an infeasible hold-out are refused before any training (exit 2, file:line)."""
+
+import pytest
+
+from peftbench.cli import main
+
+CONFIG = """\
+name: tuned
+model: {{name_or_path: minilm, random_init: true, config_overrides: {{num_hidden_layers: 1, hidden_size: 32,
+  intermediate_size: 64, num_attention_heads: 4}}{dtype}}}
+tasks: [toy]
+plugins: [peftbench.testing]
+budget: {{lora_rank: 4}}
+train: {{eval_every: 2}}
+methods:
+  - name: {method}
+    params: {params}
+tune:
+  holdout: {holdout}
+  grid:
+    {key}: {values}
+"""
+
+
+def _dry_run(tmp_path, capsys, method="lora", params="{r: 4}", key="train.lr", values="[1.0e-4, 3.0e-4]",
+             holdout=0.2, dtype=""):
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(method=method, params=params, key=key, values=values, holdout=holdout,
+                                  dtype=dtype))
+    code = main(["run", str(path), "--dry-run"])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("method, params, key, values, message", [
+    # PrunedLoRA's init_ratio only feeds the solved init_r: both points trained init_r=16 (issue #31, item 3)
+    ("prunedlora", "{init_ratio: 4, prune_every: null, prune_k: 1}", "params.init_ratio", "[2, 4]",
+     "changes prunedlora's trainable count"),
+    # LoRA's r is solved to the budget: a grid over it would train r=4 twice
+    ("lora", "{r: 4}", "params.r", "[4, 2]", "lora's budget solver sets what this value would change"),
+    ("adalora", "{}", "params.init_r", "[12, 16]", "changes adalora's trainable count"),
+])
+def test_a_grid_key_that_cannot_reach_the_run_is_refused(tmp_path, capsys, method, params, key, values, message):
+    code, out = _dry_run(tmp_path, capsys, method=method, params=params, key=key, values=values)
+    assert code == 2 and "c.yaml:14: tune.grid: " in out.err and message in out.err, out.err
+
+
+@pytest.mark.parametrize("method, params, key, values", [
+    ("lora", "{r: 4}", "params.alpha", "[8, 16]"),
+    ("prunedlora", "{init_ratio: 4, prune_every: null, prune_k: 1}", "params.prune_k", "[1, 2]"),
+    ("prilora", "{alpha: 16}", "params.alpha", "[8, 16]"),
+    ("adalora", "{}", "params.gamma", "[0.1, 0.5]"),
+])
+def test_an_accepted_grid_key_changes_the_tuning_runs(tmp_path, capsys, method, params, key, values):
+    """A key the grid accepts reaches the run: its points are two different runs (ids) with the value set."""
+    code, out = _dry_run(tmp_path, capsys, method=method, params=params, key=key, values=values)
+    assert code == 0, out.err
+    lines = [line for line in out.out.splitlines() if " toy " in line and "seed=" in line and "after tuning" not in line]
+    ids = {line.split()[0] for line in lines}
+    assert len(lines) == 2 and len(ids) == 2, out.out
+    name = key.split(".", 1)[1]
+    assert all(f"{name}=" in line for line in lines)
+
+
+def test_a_grid_cannot_bypass_the_precision_rule(tmp_path, capsys):
+    """bf16 weights train under bf16 autocast: a grid value fp32 for train.precision is refused where it is
+    written, before the run fails with a dtype error (issue #31, item 5)."""
+    code, out = _dry_run(tmp_path, capsys, key="train.precision", values="[bf16, fp32]", dtype=", dtype: bf16")
+    assert code == 2 and "c.yaml:14: tune.grid.train.precision: bf16 weights" in out.err
+    assert "must be bf16 or auto, not fp32" in out.err
+
+
+def test_duplicate_grid_values_are_refused(tmp_path, capsys):
+    code, out = _dry_run(tmp_path, capsys, values="[1.0e-4, 1.0e-4]")
+    assert code == 2 and "c.yaml:14: tune.grid.train.lr: 0.0001 listed more than once" in out.err, out.err
+
+
+@pytest.mark.parametrize("holdout", [0.999, 0.001])
+def test_an_infeasible_holdout_is_refused_before_training(tmp_path, capsys, holdout):
+    code, out = _dry_run(tmp_path, capsys, holdout=holdout)
+    assert code == 2 and "c.yaml:12: tune.holdout: " in out.err and "each part needs at least" in out.err, out.err
