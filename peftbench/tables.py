@@ -61,8 +61,8 @@ def _select(run: dict[str, Any]) -> str:
 
 #: what ``best`` is under each checkpoint rule (``train.select``) but ``dev`` (:func:`selection_text`)
 RULES = {
-    "validation": "dev scored once, at the best in-budget evaluation on a validation split held out of the training "
-                  "data (in-budget selection off the reported split)",
+    "validation": "dev scored once, at the best evaluation on a validation split held out of the training data at "
+                  "which the method was within its budget (in-budget selection off the reported split)",
     "final": "dev scored once, on the final model",
 }
 
