@@ -205,9 +205,11 @@ def cmd_run(args) -> int:
     if args.dry_run:
         from tabulate import tabulate
 
+        from .modeling import check_max_length
         from .runs import expand
         from .sweep import check_sweep_data
 
+        check_max_length(config)
         solved = solve_budgets(config, host)
         print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
         sizes: dict[str, int] = {}
@@ -440,10 +442,12 @@ def _stored_runs(args, status: str | None = "done"):
 def cmd_plot(args) -> int:
     from .host import Host
     from .plots import plot_all
-    from .tuning import is_tuning_run
+    from .tuning import current_choices, is_tuning_run
 
-    rows = [row for row in _stored_runs(args) if not is_tuning_run(row)]
-    written = plot_all(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out_dir)
+    stored = _stored_runs(args)
+    metrics = main_metrics(stored, Host(plugins=args.plugins))
+    rows = [row for row in current_choices(stored, metrics) if not is_tuning_run(row)]
+    written = plot_all(rows, metrics, args.out_dir)
     print(f"peftbench: wrote {len(written)} file(s) to {args.out_dir}" + "".join(f"\n  {p}" for p in written))
     return 0
 

@@ -246,6 +246,16 @@ class Config:
         keys += [("methods", i, "per_task", task) for i, m in enumerate(self.methods) for task in m.per_task]
         return keys
 
+    def where_train(self, method: MethodConfig, task: str, key: str) -> str:
+        """``file:line: key.path: `` of the layer that sets ``train.<key>`` for (method, task), the most specific
+        first (method per-task, method, per-task, global); the ``train:`` section's line for a default."""
+        i = self.methods.index(method)
+        for steps in (("methods", i, "per_task", task, "train", key), ("methods", i, "train", key),
+                      ("per_task", task, key), ("train", key)):
+            if _has_path(self._data, steps):
+                return f"{self.locate(steps)}{key_path('', steps)}: "
+        return f"{self.locate(('train',))}train.{key}: "
+
     def train_for(self, method: MethodConfig, task: str) -> TrainConfig:
         """Training hyperparameters of (method, task): global < per-task < method < method per-task."""
         train = self.train
@@ -403,6 +413,15 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """The cartesian product of a tuning grid's value lists, in order (the first key varies slowest)."""
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _has_path(data: Any, steps: tuple) -> bool:
+    node = data
+    for step in steps:
+        if node is None or not _has(node, step):
+            return False
+        node = node[step]
+    return True
 
 
 def _has(node: dict | list, step: Any) -> bool:

@@ -352,7 +352,7 @@ def check_max_length(config) -> None:
         for task in config.tasks:
             length = config.train_for(method, task).max_length
             if length > limit:
-                raise ConfigError(f"{config.where('train.max_length')}: train.max_length {length} ({method.label} on "
+                raise ConfigError(f"{config.where_train(method, task, 'max_length')}{length} ({method.label} on "
                                   f"{task}) exceeds the {limit}-token position limit of {config.model.name_or_path!r} "
                                   f"(its max_position_embeddings); set train.max_length to at most {limit}")
 

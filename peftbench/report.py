@@ -26,7 +26,7 @@ from .audit import MISS_MARK, stored_audit
 from .costs import MEM_KINDS
 from .record import human_count
 from .tables import Cell, comparison, selection_text, tuning_table
-from .tuning import chosen_lines, is_tuning_run, point_text, tuning_note
+from .tuning import chosen_lines, current_choices, is_tuning_run, point_text, tuning_note
 
 PAGE = Template("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -106,7 +106,7 @@ def write_report(runs: list[dict[str, Any]], main_metric: dict[str, str], out_di
     as such); ``source``: the store it was read from. Returns the page's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final = [run for run in runs if not is_tuning_run(run)]
+    final = [run for run in current_choices(runs, main_metric) if not is_tuning_run(run)]
     tuning = [run for run in runs if is_tuning_run(run)]
     body = [summary(final, tuning, unfinished or [], source),
             table_section(final, main_metric),

@@ -25,7 +25,7 @@ from . import record, stats
 from .audit import MISS_MARK, missed, stored_audit
 from .costs import MEM_KINDS
 from .record import human_count
-from .tuning import choose, chosen_lines, is_tuning_run, point_text, tuning_note
+from .tuning import choose, chosen_lines, current_choices, is_tuning_run, point_text, tuning_note
 
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
 
@@ -201,7 +201,7 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     if tuning:
         runs = [run for run in runs if is_tuning_run(run)]
         return runs_json(runs) if fmt == "json" else tuning_table(runs, main_metric, fmt, digits)
-    runs = [run for run in runs if not is_tuning_run(run)]
+    runs = [run for run in current_choices(runs, main_metric) if not is_tuning_run(run)]
     if fmt == "json":
         return runs_json(runs)
     table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)

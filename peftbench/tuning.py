@@ -130,30 +130,39 @@ class Choice:
     total: int
     edges: list[str] = dataclasses.field(default_factory=list)  #: the point's keys at an edge of the grid (:func:`edges`)
 
+    @property
+    def complete(self) -> bool:
+        """Every tuning run finished (a diverged one counts, as the grid's worst point)."""
+        return self.point is not None and self.finished == self.total
+
     def line(self) -> str:
         if self.point is None:
             return (f"tuned {self.label} {self.task}: none of its {self.total} tuning run(s) finished; its final "
                     "runs are not started (rerun the same command to retry the failed tuning runs)")
-        partial = f", from {self.finished} of {self.total} tuning runs (the others failed)" \
-            if self.finished < self.total else ""
+        if not self.complete:  # a choice from part of the grid is no equal search: not reported
+            return (f"tuned {self.label} {self.task}: {self.total - self.finished} of its {self.total} tuning "
+                    "runs failed; its final runs are not started until the whole grid has run (rerun the same "
+                    f"command to retry them; so far the best is {point_text(self.point)}, held-out "
+                    f"{self.score:.4f})")
         edge = f"; at the edge of its grid: {', '.join(self.edges)}" if self.edges else ""
-        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{partial}{edge})"
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{edge})"
 
 
 def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | None]]) -> dict[tuple[str, str], Choice]:
     """Per (label, task), from ``(label, task, point index, point, held-out score or None)`` of every tuning
-    run (``None``: not finished): the point with the best mean score, the earlier point on ties."""
+    run (``None``: not finished; ``-inf``: diverged, a finished run at the worst score): the point with the best
+    mean score, the earlier point on ties."""
     by_point: dict[tuple[str, str], dict[int, tuple[dict, list[float]]]] = {}
     totals: dict[tuple[str, str], int] = {}
     for label, task, index, point, score in scored:
         key = (label, task)
         totals[key] = totals.get(key, 0) + 1
         scores = by_point.setdefault(key, {}).setdefault(index, (point, []))[1]
-        if score is not None and math.isfinite(score):
-            scores.append(score)
+        if score is not None and not math.isnan(score):
+            scores.append(score)  # -inf: diverged, finished at the worst score
     choices = {}
     for key, points in by_point.items():
-        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s}
+        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s and max(s) > -math.inf}
         best = max(sorted(means), key=lambda i: means[i][0], default=None)  # max keeps the first of ties
         choices[key] = Choice(*key, means[best][1] if best is not None else None,
                               means[best][0] if best is not None else None,
@@ -167,6 +176,8 @@ def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str]) -
     for spec in runs:
         row = store.get(spec.run_id) or {}
         score = (row.get("best") or {}).get(main_metric[spec.task]) if row.get("status") == "done" else None
+        if row.get("status") == "failed" and str(row.get("error") or "").startswith("Diverged"):
+            score = -math.inf  # the learning rate is too large: an outcome of the search, not a failure
         scored.append((spec.label, spec.task, spec.tuning["index"], spec.tuning["point"],
                        None if score is None else float(score)))
     return choose(scored)
@@ -180,7 +191,7 @@ def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | N
     tune, runs, grids = config.tune, [], grids or {}
     for spec in expand(config, solved, data):
         choice = choices.get((spec.label, spec.task))
-        if choice is None or choice.point is None:
+        if choice is None or not choice.complete:
             continue
         method = next(m for m in config.methods if m.label == spec.label)
         train, params = apply_point(spec.train, spec.params, choice.point)
@@ -270,6 +281,28 @@ def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
             for label, by_values in chosen.items()]
 
 
+def current_choices(runs: list[dict[str, Any]], main_metric: dict[str, str]) -> list[dict[str, Any]]:
+    """``runs`` less the final runs trained at a point that the stored tuning runs no longer choose (a choice an
+    earlier peftbench made on an incomplete grid, superseded once the grid completed): one setting per tuned
+    label and task. Untuned runs, and tuning runs, pass through."""
+    scored = []
+    for run in runs:
+        tuning = (run.get("spec") or {}).get("tuning")
+        if tuning and run.get("status", "done") == "done" and run["task"] in main_metric:
+            score = (run.get("best") or {}).get(main_metric[run["task"]])
+            scored.append((run["label"], run["task"], tuning["index"], tuning["point"],
+                           None if score is None else float(score)))
+    choices = choose(scored)
+    keep = []
+    for run in runs:
+        tuned = (run.get("spec") or {}).get("tuned")
+        choice = choices.get((run["label"], run["task"]))
+        if tuned and choice is not None and choice.point is not None and tuned["values"] != choice.point:
+            continue
+        keep.append(run)
+    return keep
+
+
 def is_tuning_run(run: dict[str, Any]) -> bool:
     """A stored run of phase 1 (trained and evaluated on parts of the training set)."""
     return bool((run.get("spec") or {}).get("tuning"))
@@ -277,4 +310,4 @@ def is_tuning_run(run: dict[str, Any]) -> bool:
 
 __all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "matched_steps", "ordered_points", "edges",
            "extended", "Choice", "choose", "choose_from_store", "final_runs", "check_grid_counts", "check_holdout",
-           "tuning_note", "chosen_lines", "is_tuning_run"]
+           "tuning_note", "chosen_lines", "current_choices", "is_tuning_run"]

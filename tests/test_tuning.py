@@ -144,7 +144,7 @@ tune:
     ("null", "train.lrr", "[1.0e-4]", 14, "unknown training key 'lrr' (did you mean 'lr'"),
     ("null", "train.lr", "[fast]", 14, "'fast'"),
     ("{train.lr: [1.0e-5]}", "params.alpah", "[8]", 14, "lora has no param 'alpah' (did you mean 'alpha'"),
-    ("{train.lr: [1.0e-5, 2.0e-5]}", "params.r", "[4, 2]", 14, "changes lora's trainable count"),
+    ("{train.lr: [1.0e-5, 2.0e-5]}", "params.r", "[4, 2]", 14, "lora's budget solver sets what this value"),
 ])
 def test_bad_grids_exit_2_naming_the_line(tmp_path, capsys, full_grid, key, values, line, message):
     path = _write(tmp_path, CONFIG.format(full_grid=full_grid, key=key, values=values))
@@ -191,16 +191,70 @@ def test_failed_tuning_runs_are_said_and_no_finished_one_means_no_final_runs(tmp
 
     def fail(spec, host, **kwargs):
         if spec.tuning and (spec.tuning["index"] == 0 or spec.task == "toy_pair"):
-            raise RuntimeError("diverged")
+            raise RuntimeError("worker lost")
         return real_run_one(spec, host, **kwargs)
 
     monkeypatch.setattr(sweep_module, "run_one", fail)
     summary, rows, lines = _sweep(_tuned(tmp_path, tasks=["toy", "toy_pair"]))
-    assert "peftbench: tuned lora toy: lr=0.01 (held-out" in "\n".join(lines)
-    assert "from 1 of 2 tuning runs (the others failed)" in "\n".join(lines)
-    assert len(summary.not_started) == 1 and "lora toy_pair: none of its 2 tuning run(s) finished" in \
-        summary.not_started[0]
-    assert {r["task"] for r in rows if r["status"] == "done" and not r["spec"].get("tuning")} == {"toy"}
+    text = "\n".join(lines)
+    assert "tuned lora toy: 1 of its 2 tuning runs failed; its final runs are not started" in text
+    assert "lora toy_pair: none of its 2 tuning run(s) finished" in text
+    assert not [r for r in rows if r["status"] == "done" and not r["spec"].get("tuning")]
+
+
+def test_a_choice_is_made_on_the_whole_grid_only_and_the_table_shows_one_row(tmp_path, monkeypatch):
+    """Issue #31, item 2: with one grid point failing once, the first run picked the other point from 1 of 2
+    runs and trained the seeds there; the rerun picked the repaired point and trained them again, and the table
+    showed both. Now nothing is reported until the grid is whole, and a diverged point counts as finished."""
+    real_run_one = sweep_module.run_one
+    failing = {"on": True}
+
+    def fail_once(spec, host, **kwargs):
+        if spec.tuning and spec.tuning["index"] == 1 and failing["on"]:
+            raise RuntimeError("worker lost")
+        return real_run_one(spec, host, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_one", fail_once)
+    config = _tuned(tmp_path)
+    _, rows, lines = _sweep(config)
+    assert not [r for r in rows if r["status"] == "done" and r["spec"].get("tuned")]
+    failing["on"] = False
+    _, rows, lines = _sweep(config)
+    finals = [r for r in rows if r["status"] == "done" and r["spec"].get("tuned")]
+    assert len(finals) == 1 and len(_chosen(lines)) == 1
+    assert "failed" not in _chosen(lines)[0]
+
+
+def test_a_diverged_grid_point_is_a_finished_worst_point(tmp_path, monkeypatch):
+    real_run_one = sweep_module.run_one
+
+    def diverge(spec, host, **kwargs):
+        if spec.tuning and spec.tuning["index"] == 1:
+            raise trainer.Diverged("training loss became nan at step 2")
+        return real_run_one(spec, host, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_one", diverge)
+    _, rows, lines = _sweep(_tuned(tmp_path))
+    assert "tuned lora toy: lr=0.0001 (held-out" in _chosen(lines)[0]
+    assert len([r for r in rows if r["status"] == "done" and r["spec"].get("tuned")]) == 1
+
+
+def test_tables_hide_a_superseded_choice():
+    """A store from an older peftbench with final runs at two points of one grid: the table keeps those at the
+    point the stored tuning runs choose."""
+    from peftbench.tuning import current_choices
+
+    def tuning(index, lr, score):
+        return {"label": "lora", "task": "rte", "seed": 0, "status": "done", "best": {"accuracy": score},
+                "spec": {"tuning": {"index": index, "point": {"train.lr": lr}}}}
+
+    def final(lr, seed):
+        return {"label": "lora", "task": "rte", "seed": seed, "status": "done", "best": {"accuracy": 0.7},
+                "spec": {"tuned": {"values": {"train.lr": lr}}}}
+
+    runs = [tuning(0, 1e-4, 0.6), tuning(1, 1e-3, 0.8), final(1e-4, 0), final(1e-3, 0), final(1e-3, 1)]
+    kept = current_choices(runs, {"rte": "accuracy"})
+    assert [r["spec"]["tuned"]["values"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [1e-3, 1e-3]
 
 
 def test_tables_leave_tuning_runs_out_and_show_the_choice(tmp_path, capsys):

@@ -79,3 +79,14 @@ def test_duplicate_grid_values_are_refused(tmp_path, capsys):
 def test_an_infeasible_holdout_is_refused_before_training(tmp_path, capsys, holdout):
     code, out = _dry_run(tmp_path, capsys, holdout=holdout)
     assert code == 2 and "c.yaml:12: tune.holdout: " in out.err and "each part needs at least" in out.err, out.err
+
+
+def test_max_length_beyond_the_positions_fails_the_dry_run_naming_its_line(tmp_path, capsys):
+    """Issue #31, item 9: it passed --dry-run, and the run's message had an empty line number."""
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(method="lora", params="{r: 4}", key="train.lr", values="[1.0e-4, 3.0e-4]",
+                                  holdout=0.2, dtype="").replace(
+        "train: {eval_every: 2}", "train: {eval_every: 2, max_length: 1024}"))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml:7: train.max_length: 1024 (lora on toy) exceeds the 512-token position limit" in err, err
