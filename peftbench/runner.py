@@ -127,7 +127,7 @@ def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tupl
         wider = {}
         for (label, task), choice in choices.items():
             grid = grids.get((label, task)) or config.grid_for(next(m for m in config.methods if m.label == label))
-            choice.edges = edges(choice.point or {}, grid)
+            choice.edges = edges(choice.point, grid) if choice.complete else []  # a partial grid: no choice yet
             if choice.edges and extended(choice.point, grid) != grid:
                 wider[(label, task)] = extended(choice.point, grid)
         if not wider or extension == config.tune.extend_edges:
