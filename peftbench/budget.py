@@ -6,10 +6,10 @@ The target is declared once per sweep (``budget.lora_rank`` on the sweep's targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import modeling
+from .assembly import assemble
 from .config import Config
 from .errors import BudgetError, ConfigError
 from .hookspecs import ParamCounts, TargetModule
@@ -17,6 +17,7 @@ from .host import Host
 from .lora import rank_cost
 from .method import Description
 from .schema import to_dict
+from .task import Task
 
 
 @dataclass
@@ -47,19 +48,16 @@ class Solved:
         return (self.counts.final - self.target) / self.target
 
 
-def task_kind(config: Config, host: Host) -> str:
-    """The kind of model the sweep's tasks need (``make_host`` checked that they agree)."""
-    return host.task(config.tasks[0]).kind
-
-
-def model_shapes(config: Config, num_labels: int = 2, kind: str = "classification") -> Shapes:
+def model_shapes(config: Config, host: Host | None = None) -> Shapes:
+    """The sweep's model on the meta device (:func:`peftbench.assembly.assemble`, nothing injected): the kind of
+    model its tasks train (``make_host`` checked that they agree; without a host, a sequence classifier), with
+    a two-label head whatever the tasks."""
+    task = replace(host.task(config.tasks[0]), num_labels=2) if host else Task("", (), 2, "")
     try:
-        model = modeling.load_model(config.model, num_labels, seed=0, meta=True, kind=kind)
+        built = assemble(config.model, task, host, seed=0, meta=True, inject=False)
     except ConfigError as exc:  # about the `model:` section: name its line
         raise ConfigError(f"{config.where('model')}{exc}") from None
-    head = modeling.head_modules(config.model, model)
-    targets = modeling.find_targets(model, modeling.target_patterns(config.model, model), head)
-    return Shapes(model, targets, head)
+    return Shapes(built.model, built.targets, built.head)
 
 
 def target_count(config: Config, targets: list[TargetModule]) -> int:
@@ -89,7 +87,7 @@ def solve_method(host: Host, cls, params: Any, shapes: Shapes, target: int, tole
 
 def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[tuple[str, str], Solved]:
     """Solve every (method label, task) of the sweep. Raises :class:`BudgetError` naming every miss."""
-    shapes = shapes or model_shapes(config)
+    shapes = shapes or model_shapes(config, host)
     target = target_count(config, shapes.targets)
     solved: dict[tuple[str, str], Solved] = {}
     cache: dict[tuple, tuple[Any, ParamCounts]] = {}

@@ -193,44 +193,18 @@ def _executor(args):
 
 
 def cmd_run(args) -> int:
-    from .budget import BUDGET_HEADERS, budget_rows
     from .executors import is_main_process
-    from .runner import print_summary, run_sweep, solve_budgets
+    from .runner import print_summary, resolve, run_sweep
     from .store import Store
     from .sweep import SweepSummary
     from .tables import build
 
     executor = _executor(args)
     config, host = _load(args)
+    resolved = resolve(config, host, db=args.db)  # bad input fails here, before the store is created
     if args.dry_run:
-        from tabulate import tabulate
-
-        from .modeling import check_max_length
-        from .runs import expand
-        from .sweep import check_sweep_data
-
-        check_max_length(config)
-        solved = solve_budgets(config, host)
-        print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
-        sizes: dict[str, int] = {}
-        data = check_sweep_data(config, host, solved, sizes)
-        if config.tune is not None:  # the tuning runs' ids; the final runs' ids depend on the choice
-            from .tuning import point_text, tuning_runs
-
-            print(f"phase 1, tuning on {100 * config.tune.holdout:g}% of the training set held out:")
-            for spec in tuning_runs(config, solved, data, sizes):
-                print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed} {point_text(spec.tuning['point'])}")
-            print("phase 2, at each method's chosen point per task, on the full training set:")
-        for spec in expand(config, solved, data):  # the ids a run will use
-            run_id = "(after tuning)  " if config.tune is not None else spec.run_id
-            print(f"{run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
+        _print_dry_run(config, resolved)
         return 0
-    from .modeling import check_max_length, preflight
-
-    preflight(config.model)
-    check_max_length(config)
-    check_writable(args.db or config.output.db, config.output.dir)  # before any training, not after it
-    solved = solve_budgets(config, host)  # bad input fails here, before the store is created
     # under `accelerate launch`, the main process alone writes the store and reports; the others train along
     main_process = is_main_process()
     store = Store(args.db or config.output.db) if main_process else None
@@ -240,8 +214,8 @@ def cmd_run(args) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main_thread else None
     try:
-        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary, solved=solved, executor=executor,
-                  log=print if main_process else _quiet)
+        run_sweep(config, host, store, fail_fast=args.fail_fast, summary=summary, executor=executor,
+                  log=print if main_process else _quiet, resolved=resolved)
     except PeftbenchError as exc:
         if main_process:
             raise
@@ -260,52 +234,35 @@ def cmd_run(args) -> int:
     return 0 if summary.ok else 1
 
 
-def check_writable(db: str, output_dir: str) -> None:
-    """The store and the output folder can be written: checked before training, so that a sweep never trains
-    runs whose results it then cannot keep."""
-    from .errors import ConfigError
+def _print_dry_run(config, resolved) -> None:
+    """The budgets and the ids the runs will use (with ``tune:``, the tuning runs'; the final runs' ids depend
+    on the choice)."""
+    from tabulate import tabulate
 
-    db_path = Path(db)
-    if db_path.is_dir():
-        raise ConfigError(f"--db / output.db {db!r} is a directory; give the path of a results file")
-    problem = _unwritable_dir(db_path.parent)
-    if problem:
-        raise ConfigError(f"--db / output.db {db!r}: {problem}")
-    if db_path.exists():
-        try:
-            with open(db_path, "r+b"):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"--db / output.db {db!r}: the store cannot be written ({exc.strerror})") from None
-    problem = _unwritable_dir(Path(output_dir))
-    if problem:
-        raise ConfigError(f"output.dir {output_dir!r}: {problem}")
+    from .budget import BUDGET_HEADERS, budget_rows
+    from .runs import expand
+    from .tuning import point_text
 
-
-def _unwritable_dir(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder``, or ``None``: tried (a temporary file in the nearest folder that
-    exists), not guessed from permission bits; nothing is left behind, no folder is made."""
-    import tempfile
-
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".peftbench-write-test-"):
-            pass
-    except OSError as exc:
-        return f"cannot create files in {existing} ({exc.strerror or exc})"
-    return None
+    print(tabulate(budget_rows(resolved.solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
+    if config.tune is not None:
+        print(f"phase 1, tuning on {100 * config.tune.holdout:g}% of the training set held out:")
+        for spec in resolved.runs:
+            print(f"{spec.run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed} {point_text(spec.tuning['point'])}")
+        print("phase 2, at each method's chosen point per task, on the full training set:")
+    for spec in resolved.runs if config.tune is None else expand(config, resolved.solved, resolved.data):
+        run_id = "(after tuning)  " if config.tune is not None else spec.run_id
+        print(f"{run_id}  {spec.label:<16} {spec.task:<6} seed={spec.seed}")
 
 
 def cmd_budget(args) -> int:
     from tabulate import tabulate
 
-    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count, task_kind
+    from .budget import BUDGET_HEADERS, budget_rows, model_shapes, target_count
     from .runner import solve_budgets
+    from .task import GenerationTask
 
     config, host = _load(args)
-    shapes = model_shapes(config, kind=task_kind(config, host))
+    shapes = model_shapes(config, host)
     target = target_count(config, shapes.targets)
     print(f"target: {target:,} adapter parameters on {len(shapes.targets)} modules "
           f"({'budget.params' if config.budget.params is not None else f'LoRA r={config.budget.lora_rank}'}); "
@@ -314,7 +271,7 @@ def cmd_budget(args) -> int:
     solved = solve_budgets(config, host, shapes)
     print(tabulate(budget_rows(solved), headers=BUDGET_HEADERS, tablefmt="simple", disable_numparse=True))
     _in_budget_plan(config, host, solved)
-    if args.memory is not None and task_kind(config, host) == "causal_lm":
+    if args.memory is not None and isinstance(host.task(config.tasks[0]), GenerationTask):
         print("\nnote: --memory models encoder classifiers (peftbench/memory.py); no prediction for decoder LLMs yet")
     elif args.memory is not None and config.model.dtype != "fp32":
         print(f"\nnote: --memory models fp32 weights (peftbench/memory.py); no prediction for model.dtype: "
@@ -516,7 +473,6 @@ def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     import torch
 
     from .config import ModelConfig, TrainConfig
-    from .data import load_task_data, make_loader
     from .export import load_with_peft, rebuild
     from .modeling import load_tokenizer
     from .schema import from_dict
@@ -527,17 +483,7 @@ def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     task = host.task(spec["task"]).with_options(spec.get("task_options"))
     train = from_dict(TrainConfig, spec["train"], "spec.train")
     tokenizer = load_tokenizer(from_dict(ModelConfig, spec["model"], "spec.model"))
-    if task.kind == "causal_lm":  # the dev prompts; agreement of the next-token predictions
-        from . import lm_data
-
-        prompts = task.load(task.dev_splits[0], data_dir or spec.get("data_dir"))
-        data = lm_data.encode_lm(prompts, tokenizer, train.max_length, with_response=False)
-        loader = lm_data.make_lm_loader(data, train.eval_batch_size, True, True, 0, lm_data.pad_id(tokenizer))
-    else:
-        data = load_task_data(task, task.dev_splits[0], data_dir, tokenizer,
-                              train.max_length, train.max_eval_samples)
-        loader = make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0,
-                             task.is_regression)
+    loader = task.check_loader(task.dev_splits[0], data_dir or spec.get("data_dir"), tokenizer, train)
     diff, same, total = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:

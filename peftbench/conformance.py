@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import hookspecs, modeling, toys
+from .assembly import Assembled, assemble
 from .checkpoint import Checkpoint
 from .errors import PeftbenchError
 from .hookspecs import API_VERSION, ParamCounts, TrainState, hookimpl
@@ -159,26 +160,26 @@ class Conformance:
         out = Path(tempfile.gettempdir()) / "peftbench-conformance"  # never written: runs store nothing
         return toys.tiny_config(out, methods=[method], train={**KIT_TRAIN, **self.train})
 
-    def _model(self, meta: bool = False):
-        """The tiny model of the kit's config, frozen, with its target modules and head."""
+    def _assemble(self, meta: bool = False, inject: bool = True) -> Assembled:
+        """The tiny model of the kit's config as runs and budgets build it (:func:`peftbench.assembly.assemble`):
+        with the active method injected, or (``inject=False``) as budgets count on it."""
         config = self._config()
-        model = modeling.load_model(config.model, 2, self.seed, meta=meta)
-        head = modeling.head_modules(config.model, model)
-        targets = modeling.find_targets(model, modeling.target_patterns(config.model, model), head)
-        modeling.freeze(model)
-        return model, targets, head
+        return assemble(config.model, self.host.task(config.tasks[0]), self.host, self.seed, meta=meta,
+                        inject=inject)
 
-    def _inject(self, params: Any = None, adapter_seed: int | None = None) -> _Injected:
-        model, targets, head = self._model()
-        base_ids = {id(p): name for name, p in model.named_parameters()}
+    def _model(self, meta: bool = False):
+        """The tiny model of the kit's config as budgets see it, with its target modules and head."""
+        built = self._assemble(meta=meta, inject=False)
+        return built.model, built.targets, built.head
+
+    def _inject(self, params: Any = None) -> _Injected:
         method = self.cls(self.params if params is None else params)
-        if adapter_seed is not None:
-            torch.manual_seed(adapter_seed)
-        with self.host.activate(method):
-            returned = self.host.hook.peftbench_inject(model=model, targets=targets)
-        head_names = modeling.head_parameter_names(model, head)
-        created = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head_names)
-        return _Injected(model, targets, head, method, returned, base_ids, created)
+        base = _BaseRecorder()
+        with self.host.activate(method), observing(self.host, base):
+            built = self._assemble()
+        head_names = built.head_names
+        created = sum(p.numel() for n, p in built.model.named_parameters() if p.requires_grad and n not in head_names)
+        return _Injected(built.model, built.targets, built.head, method, built.injected, base.ids, created)
 
     def _count(self, params: Any = None, meta: bool = True) -> ParamCounts:
         model, targets, head = self._model(meta=meta)
@@ -247,7 +248,9 @@ class Conformance:
         if self.trains_base:
             return
         injected = self._inject()
-        unfrozen = _unfrozen_base(injected.model, injected.base_ids, set())
+        head_names = modeling.head_parameter_names(injected.model, injected.head)
+        head = {id(p) for n, p in injected.model.named_parameters() if n in head_names}  # every method trains it
+        unfrozen = _unfrozen_base(injected.model, injected.base_ids, head)
         if unfrozen:
             raise _Fail(f"after peftbench_inject {len(unfrozen)} base parameter(s) are trainable, e.g. "
                         f"{unfrozen[:3]}; a PEFT method must leave the base frozen and train only what it creates "
@@ -563,6 +566,17 @@ class _StateRecorder:
     @hookimpl
     def peftbench_train_start(self, state):
         self.run.state = state
+
+
+class _BaseRecorder:
+    """Records the base model's parameters (by identity) right before the method injects its adapters."""
+
+    def __init__(self):
+        self.ids: dict[int, str] = {}
+
+    @hookimpl(tryfirst=True)
+    def peftbench_inject(self, model):
+        self.ids = {id(p): name for name, p in model.named_parameters()}
 
 
 class _Reseed:

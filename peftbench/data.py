@@ -9,12 +9,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .task import Split, Task
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .runs import RunSpec
+    from .task import Split, Task
 
 #: bump when the cached format changes
 _CACHE_VERSION = 1
@@ -242,3 +246,44 @@ def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_lengt
 def load_task_data(task: Task, split: str, data_dir: str | None, tokenizer, max_length: int,
                    max_samples: int | None) -> Encoded:
     return subsample(encode(task.load(split, data_dir), tokenizer, max_length), max_samples)
+
+
+def task_loaders(spec: RunSpec, task: Task, tokenizer):
+    """The shuffled train loader, one dev loader per dev split (a tuning run: one loader of the held-out
+    part of the training set instead, and the dev splits are never read), and the selection split's loader
+    (:func:`selection_split`)."""
+    cfg = spec.train
+    train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
+    if spec.tuning:
+        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"],
+                                             stratify=not task.is_regression)
+        dev_data = {"holdout": held_out}
+    else:
+        dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length,
+                                          cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select_data = selection_split(spec, train_data, stratify=not task.is_regression)
+    pad_id = tokenizer.pad_token_id or 0
+    train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
+                               task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
+
+    def loaders(splits):
+        return {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
+                for split, data in splits.items()}
+
+    return train_loader, loaders(dev_data), loaders(select_data)
+
+
+#: seed of the selection split (``train.select: validation``): one split for every method and seed
+VALIDATION_SEED = 0
+
+
+def selection_split(spec: RunSpec, train_data: Encoded, stratify: bool) -> tuple[Encoded, dict[str, Encoded]]:
+    """The training data less the selection split of ``train.select: validation`` (``train.validation_size`` of
+    it, seeded alike for every method and seed, stratified by label for classification), and ``{"validation":
+    that split}`` (``{}`` for the other rules). A tuning run's comes out of its own training part."""
+    cfg = spec.train
+    if cfg.select != "validation":
+        return train_data, {}
+    train_data, held_out = holdout_split(train_data, cfg.validation_size, VALIDATION_SEED, stratify,
+                                         "train.validation_size")
+    return train_data, {"validation": held_out}

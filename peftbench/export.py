@@ -1,7 +1,7 @@
 """``peftbench export RUN_ID DIR``: a stored run's best adapter in HF PEFT's format.
 
-The run's model is rebuilt exactly as the trainer built it (same base, same seed, the method injected with the
-run's solved params), its saved best trainable weights are loaded (a layer whose shape changed during
+The run's model is rebuilt by the trainer's own :func:`~peftbench.assembly.assemble` (same base, same seed, the
+method injected with the run's solved params, trainable tensors in fp32), its saved best trainable weights are loaded (a layer whose shape changed during
 training, like PrunedLoRA's shrunk ranks, takes the saved shape itself: ``peftbench_resizable``), and the method's
 ``peftbench_export_peft`` hook turns the adapter into PEFT's layout. The head (pooler, classifier) goes into
 ``modules_to_save``, so ``PeftModel.from_pretrained(base, DIR)`` reproduces the run's dev predictions.
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import modeling
+from .assembly import assemble
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .host import Host
@@ -41,13 +42,9 @@ def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
     task = host.task(spec["task"])
     cls = host.method(spec["method"])
     method = cls(from_dict(cls.Params, spec["params"], "spec.params"))
-    model = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout, kind=task.kind)
-    head = modeling.head_modules(model_config, model)
-    targets = modeling.find_targets(model, modeling.target_patterns(model_config, model), head)
-    modeling.freeze(model)
     with host.activate(method):
-        host.hook.peftbench_inject(model=model, targets=targets)
-    modeling.unfreeze_head(model, head)
+        built = assemble(model_config, task, host, spec["seed"], train.classifier_dropout)
+    model, targets, head = built.model, built.targets, built.head
     if load_weights:
         load_trainable(model, _weights_path(run))
     model.eval()
@@ -122,8 +119,9 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
     spec_model = run["spec"]["model"]
     config = {**config, "modules_to_save": head,
               "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}
-    if host.task(run["task"]).kind == "causal_lm":  # PeftModel.from_pretrained then gives a PeftModelForCausalLM
-        config["task_type"] = "CAUSAL_LM"
+    task_type = host.task(run["task"]).peft_task_type
+    if task_type:  # e.g. CAUSAL_LM: PeftModel.from_pretrained then gives a PeftModelForCausalLM
+        config["task_type"] = task_type
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -144,5 +142,5 @@ def load_with_peft(run: dict[str, Any], directory: str | Path, host: Host) -> nn
     model_config = from_dict(ModelConfig, spec["model"], "spec.model")
     train = from_dict(TrainConfig, spec["train"], "spec.train")
     task = host.task(spec["task"])
-    base = modeling.load_model(model_config, task.num_labels, spec["seed"], train.classifier_dropout, kind=task.kind)
+    base = task.load_model(model_config, spec["seed"], train.classifier_dropout)
     return PeftModel.from_pretrained(base, str(directory)).eval()

@@ -17,6 +17,7 @@ from . import modeling
 from .errors import ConfigError
 from .export import export_run
 from .host import Host
+from .task import GenerationTask
 
 
 def harness_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -36,7 +37,7 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
     except ImportError:
         raise ConfigError("--harness needs lm-evaluation-harness: pip install 'peftbench[harness]' "
                           "(or pip install lm-eval)") from None
-    if host.task(run["task"]).kind != "causal_lm":
+    if not isinstance(host.task(run["task"]), GenerationTask):
         raise ConfigError(f"run {run['run_id']} is a {run['task']!r} classification run: the harness evaluates "
                           "causal language models")
     spec_model = run["spec"]["model"]

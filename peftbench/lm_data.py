@@ -11,13 +11,27 @@ the split's).
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .data import Encoded, LengthGroupedBatchSampler, _fingerprint, _read_cache, _write_cache, cache_dir
+from .data import (
+    Encoded,
+    LengthGroupedBatchSampler,
+    _fingerprint,
+    _read_cache,
+    _write_cache,
+    cache_dir,
+    holdout_split,
+    selection_split,
+    subsample,
+)
 from .errors import DataError
-from .task import Split
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .runs import RunSpec
+    from .task import GenerationTask, Split
 
 IGNORE_INDEX = -100  #: label of a position without loss (PyTorch's cross-entropy default)
 
@@ -135,3 +149,45 @@ def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by
                                         group_by_length=group_by_length or generation, seed=seed)
     return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
                                        collate_fn=LMCollator(encoded, pad, generation, pad_to, trim_logits))
+
+
+def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool = False):
+    """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
+    evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
+    selection split's loader (:func:`peftbench.data.selection_split`, from the training prompts).
+    ``trim_logits``: training batches ask for logits of the response part only (:class:`LMCollator`)."""
+    cfg, pad = spec.train, pad_id(tokenizer)
+
+    def encoded(split: str, with_response: bool, limit: int | None):
+        data = task.load(split, spec.data_dir)
+        return subsample(encode_lm(data, tokenizer, cfg.max_length, with_response), limit), data.texts[1]
+
+    train_data, train_refs = encoded("train", True, cfg.max_train_samples)
+    if spec.tuning:  # hold out part of the training set and generate from its prompts
+        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"], False)
+        held_out.ids, held_out.offsets = _prompts_only(held_out)
+        dev = {"holdout": (held_out, train_refs)}
+    else:
+        dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select = selection_split(spec, train_data, stratify=False)  # generates from its prompts
+    for held_out in select.values():
+        held_out.ids, held_out.offsets = _prompts_only(held_out)
+    select = {split: (data, train_refs) for split, data in select.items()}
+    # a tuning run reads neither dev nor test
+    final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
+    train_loader = make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
+                                  pad_to=cfg.max_length if cfg.pad_to_max_length else None, trim_logits=trim_logits)
+
+    def loaders(splits):
+        return {split: make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
+                for split, (data, _) in splits.items()}
+
+    references = {split: refs for split, (_, refs) in {**dev, **final, **select}.items()}
+    return train_loader, loaders(dev), loaders(final), references, loaders(select)
+
+
+def _prompts_only(encoded):
+    """``(ids, offsets)`` of training examples cut to their prompts (a held-out part generates from them)."""
+    keep = np.concatenate([np.arange(s, s + p) for s, p in zip(encoded.offsets[:-1], encoded.prompt_lengths)])
+    offsets = np.concatenate([[0], np.cumsum(encoded.prompt_lengths)]).astype(np.int64)
+    return encoded.ids[keep], offsets

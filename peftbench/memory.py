@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .assembly import resolve_precision
 from .hookspecs import hookimpl
 
 GIB = 2 ** 30
@@ -147,7 +148,6 @@ def longest_batches(config: Any, host: Any, tasks: list[str]) -> tuple[dict[str,
     """The longest training sequence of every task (the collator pads a batch to its longest example), capped
     by ``train.max_length``; ``None`` for a task whose data or tokenizer is not available. Also the notes."""
     from .config import data_dir_for
-    from .data import load_task_data
     from .modeling import load_tokenizer
 
     try:
@@ -159,13 +159,7 @@ def longest_batches(config: Any, host: Any, tasks: list[str]) -> tuple[dict[str,
     for task in tasks:
         cap = max(config.train_for(m, task).max_length for m in config.methods)
         try:
-            task_obj = host.task(task)
-            if task_obj.kind == "causal_lm":  # prompt + response, as the trainer encodes them
-                from .lm_data import encode_lm
-
-                data = encode_lm(task_obj.load("train", data_dir_for(config)), tokenizer, cap, with_response=True)
-            else:
-                data = load_task_data(task_obj, "train", data_dir_for(config), tokenizer, cap, None)
+            data = host.task(task).encode_train(data_dir_for(config), tokenizer, cap)  # as the trainer does
             longest[task] = int(data.lengths.max())
         except Exception:  # no data here: plan from max_length
             longest[task] = None
@@ -185,7 +179,7 @@ def plan(config: Any, solved: dict, shapes: Any, longest: dict[str, int | None],
     for method in config.methods:
         for task in config.tasks:
             train = config.train_for(method, task)
-            precision = "bf16" if train.precision == "auto" else train.precision  # auto: bf16 on a bf16 GPU
+            precision = resolve_precision(train.precision, config.model.dtype, bf16_gpu=True)  # on a bf16 GPU
             seq = train.max_length if train.pad_to_max_length or not longest.get(task) else \
                 min(longest[task], train.max_length)
             trainable = solved[(method.label, task)].counts.peak + head

@@ -250,36 +250,35 @@ def trainable_to_fp32(model: nn.Module) -> None:
 
 
 def load_model(mc: ModelConfig, num_labels: int, seed: int, classifier_dropout: float | None = None,
-               meta: bool = False, kind: str = "classification") -> nn.Module:
-    """The model for a task of ``kind`` (:attr:`peftbench.task.Task.kind`), in ``model.dtype``: a sequence classifier with
-    ``num_labels`` outputs, or a causal LM (``causal_lm``). ``meta=True`` builds it without memory (shapes only,
-    for budgets)."""
-    causal = kind == "causal_lm"
-    config = load_config(mc, 0 if causal else num_labels, classifier_dropout, allow_builtin=meta or mc.random_init)
-    if causal:
+               meta: bool = False, causal_lm: bool = False) -> nn.Module:
+    """The model a task trains (:meth:`peftbench.task.Task.load_model`), in ``model.dtype``: a sequence classifier
+    with ``num_labels`` outputs, or a causal LM (``causal_lm``). ``meta=True`` builds it without memory (shapes
+    only, for budgets)."""
+    config = load_config(mc, 0 if causal_lm else num_labels, classifier_dropout, allow_builtin=meta or mc.random_init)
+    if causal_lm:
         check_causal_lm(mc, config)
     torch.manual_seed(seed)  # the new classifier head (and random_init weights) depend on the run's seed
     if meta or mc.random_init:
         device = torch.device("meta") if meta else contextlib.nullcontext()
         try:
             with device:
-                model = _auto_class(kind).from_config(config, trust_remote_code=mc.trust_remote_code,
-                                                        **_dtype(mc.dtype))
+                model = _auto_class(causal_lm).from_config(config, trust_remote_code=mc.trust_remote_code,
+                                                           **_dtype(mc.dtype))
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:  # e.g. bad config_overrides
             raise ConfigError(f"model: cannot build {mc.name_or_path!r} from its config (check model.config_overrides "
                               f"{mc.config_overrides}): {type(exc).__name__}: {exc}") from None
     else:
-        model = _pretrained(mc, config, kind)
-    return conv1d_to_linear(model) if causal else model
+        model = _pretrained(mc, config, causal_lm)
+    return conv1d_to_linear(model) if causal_lm else model
 
 
-def _auto_class(kind: str):
+def _auto_class(causal_lm: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    return AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
 
 
-def _pretrained(mc: ModelConfig, config, kind: str) -> nn.Module:
+def _pretrained(mc: ModelConfig, config, causal_lm: bool) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -287,7 +286,7 @@ def _pretrained(mc: ModelConfig, config, kind: str) -> nn.Module:
     hf_logging.disable_progress_bar()
     try:
         name = resolve_name(mc.name_or_path)
-        return _auto_class(kind).from_pretrained(
+        return _auto_class(causal_lm).from_pretrained(
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
             **_dtype(mc.dtype),
         )

@@ -1,6 +1,8 @@
 """Running a sweep: the plugin host, the budgets, then every pending run, every result in the store.
 
-:func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
+:func:`resolve` decides everything before training, the same for ``peftbench run``, its ``--dry-run`` and
+:func:`run_sweep`: preflight (model, ``train.max_length``, a writable store), budgets, the data check and the
+run specs. :func:`run_sweep` hands a :class:`peftbench.sweep.Sweep` (the bookkeeping: data check, claims, outcomes,
 artifacts, log lines) to an executor (:mod:`peftbench.executors`: here, as Ray tasks, or on all processes of
 an ``accelerate launch``); :func:`print_summary` says what happened.
 
@@ -21,15 +23,20 @@ What can go wrong, and what happens then:
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .budget import Shapes, Solved, model_shapes, solve_all, task_kind
+from . import modeling
+from .budget import Shapes, Solved, model_shapes, solve_all
 from .config import Config
 from .errors import ConfigError, PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
+from .runs import RunSpec, expand
 from .schema import key_path
 from .store import Store
 from .sweep import Sweep, SweepSummary, check_sweep_data, check_tuning_in_budget, raised_at
@@ -73,7 +80,7 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
     """:func:`peftbench.budget.solve_all`, with a plugin that raises in a budget hook reported as bad input
     (nothing can run without budgets) naming the plugin code that raised."""
     try:
-        shapes = shapes or model_shapes(config, kind=task_kind(config, host))
+        shapes = shapes or model_shapes(config, host)
         solved = solve_all(config, host, shapes)
         if config.tune is not None:  # a grid's params must not change a method's size
             check_grid_counts(config, host, solved, shapes)
@@ -85,30 +92,93 @@ def solve_budgets(config: Config, host: Host, shapes: Shapes | None = None) -> d
                           f"(raised at {raised_at(exc)})") from exc
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A sweep as it is decided before any training (:func:`resolve`)."""
+
+    solved: dict[tuple[str, str], Solved]  #: each (method label, task)'s budget-solved params
+    data: dict[str, dict[str, str]]  #: each task's split fingerprints (every split read and checked)
+    #: the runs to train first: the sweep's, or with ``tune:`` those of the tuning phase (the final phase's
+    #: follow from its choices: :func:`peftbench.tuning.final_runs`)
+    runs: list[RunSpec]
+    sizes: dict[str, int] = field(default_factory=dict)  #: each task's training examples (tuning runs' steps)
+
+
+def resolve(config: Config, host: Host, solved: dict[tuple[str, str], Solved] | None = None,
+            db: str | None = None) -> Resolved:
+    """Everything a sweep decides before training, the same for every entry point (``peftbench run``, its
+    ``--dry-run``, :func:`run_sweep`): the model and tokenizer found, ``train.max_length`` within the model's
+    positions, the store (``db``, default ``output.db``) and output folder writable, the budgets solved
+    (``solved``: already), every split read and checked, and the run specs of the first phase."""
+    modeling.preflight(config.model)
+    modeling.check_max_length(config)
+    check_writable(db or config.output.db, config.output.dir)  # before any training, not after it
+    solved = solved or solve_budgets(config, host)
+    sizes: dict[str, int] = {}
+    data = check_sweep_data(config, host, solved, sizes)  # every split and every in-budget plan, before training
+    runs = tuning_runs(config, solved, data, sizes) if config.tune is not None else expand(config, solved, data)
+    return Resolved(solved, data, runs, sizes)
+
+
+def check_writable(db: str, output_dir: str) -> None:
+    """The store and the output folder can be written: checked before training, so that a sweep never trains
+    runs whose results it then cannot keep."""
+    db_path = Path(db)
+    if db_path.is_dir():
+        raise ConfigError(f"--db / output.db {db!r} is a directory; give the path of a results file")
+    problem = _unwritable_dir(db_path.parent)
+    if problem:
+        raise ConfigError(f"--db / output.db {db!r}: {problem}")
+    if db_path.exists():
+        try:
+            with open(db_path, "r+b"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--db / output.db {db!r}: the store cannot be written ({exc.strerror})") from None
+    problem = _unwritable_dir(Path(output_dir))
+    if problem:
+        raise ConfigError(f"output.dir {output_dir!r}: {problem}")
+
+
+def _unwritable_dir(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder``, or ``None``: tried (a temporary file in the nearest folder that
+    exists), not guessed from permission bits; nothing is left behind, no folder is made."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".peftbench-write-test-"):
+            pass
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
+    return None
+
+
 def run_sweep(config: Config, host: Host, store: Store | None, fail_fast: bool = False, progress: bool = True,
               log=print, summary: SweepSummary | None = None,
-              solved: dict[tuple[str, str], Solved] | None = None, executor=None) -> SweepSummary:
+              solved: dict[tuple[str, str], Solved] | None = None, executor=None,
+              resolved: Resolved | None = None) -> SweepSummary:
     """Run every pending run of ``config``; returns (and fills ``summary`` with) what happened.
-    ``solved``: the budgets, if already solved (:func:`solve_budgets`). ``executor``: where the runs train
-    (:mod:`peftbench.executors`; default: one after another in this process). ``store`` is ``None`` only on
-    the non-main processes of a distributed run."""
+    ``solved``: the budgets, if already solved (:func:`solve_budgets`); ``resolved``: the whole sweep, if
+    already resolved (:func:`resolve`). ``executor``: where the runs train (:mod:`peftbench.executors`;
+    default: one after another in this process). ``store`` is ``None`` only on the non-main processes of a
+    distributed run."""
     summary = summary if summary is not None else SweepSummary()
-    solved = solved or solve_budgets(config, host)
+    resolved = resolved or resolve(config, host, solved, db=str(store.path) if store is not None else None)
     executor = executor or LocalExecutor(progress=progress)
     if config.tune is not None:
-        run_tuned(config, host, store, solved, summary, log, executor, fail_fast)
+        run_tuned(config, host, store, resolved, summary, log, executor, fail_fast)
         return summary
-    executor.run(Sweep(config, host, store, solved, summary, log), fail_fast=fail_fast)
+    executor.run(Sweep(config, host, store, resolved.solved, summary, log, runs=resolved.runs), fail_fast=fail_fast)
     return summary
 
 
-def run_tuned(config: Config, host: Host, store: Store | None, solved: dict[tuple[str, str], Solved],
+def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolved,
               summary: SweepSummary, log, executor, fail_fast: bool) -> None:
     """A sweep with ``tune:`` (:mod:`peftbench.tuning`): the tuning runs on held-out training data, the choice
     per (method label, task) (a choice at the edge of its grid extends that grid and tunes again, up to
     ``tune.extend_edges`` times), then the sweep's runs at the chosen points."""
-    sizes: dict[str, int] = {}
-    data = check_sweep_data(config, host, solved, sizes)  # every split and every in-budget plan, before training
+    solved, data, sizes = resolved.solved, resolved.data, resolved.sizes
     main_metric = {task: host.task(task).main_metric for task in config.tasks}
     # the main process reads the store; under `accelerate launch` the others follow its choice
     decide = getattr(executor, "on_main", lambda config, decide: decide())
@@ -165,4 +235,5 @@ def print_summary(summary: SweepSummary, started: float, out=None) -> None:
         print("  (tracebacks are stored with each run; rerun the same command to redo failed runs)", file=out)
 
 
-__all__ = ["make_host", "solve_budgets", "run_sweep", "run_tuned", "print_summary"]
+__all__ = ["make_host", "solve_budgets", "Resolved", "resolve", "check_writable", "run_sweep", "run_tuned",
+           "print_summary"]

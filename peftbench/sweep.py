@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .audit import audit, miss_line
 from .budget import Solved
 from .config import Config, data_dir_for
@@ -318,19 +316,7 @@ def _check_split(task, split: str, data) -> None:
         raise DataError(f"{where}: no examples")
     if any(len(column) != len(data.labels) for column in data.texts):
         raise DataError(f"{where}: text columns and labels differ in length")
-    if task.kind != "classification":  # a generation task's labels are unused
-        return
-    labels = np.asarray(data.labels, dtype=np.float64)
-    if task.is_regression:
-        bad = ~np.isfinite(labels)
-        problem = "is not a finite number"
-    else:
-        bad = ~((labels == np.round(labels)) & (labels >= 0) & (labels < task.num_labels))
-        problem = f"is outside the task's labels 0..{task.num_labels - 1}"
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: example {i}: label {data.labels[i]!r} {problem} "
-                        f"({int(bad.sum())} such label(s))")
+    task.check_labels(split, data, where)
 
 
 def raised_at(exc: BaseException) -> str:

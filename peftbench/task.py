@@ -1,14 +1,29 @@
-"""Base class of a task plugin: where the data comes from and how predictions are scored."""
+"""Base classes of a task plugin: where the data comes from and how predictions are scored.
+
+A task also owns what differs between kinds of task (nanoGPT's habit: the loop sees data only through
+``get_batch`` and ``estimate_loss``): the model it trains (:meth:`Task.load_model`), its loaders
+(:meth:`Task.loaders`), the evaluation of a split (:meth:`Task.evaluate`), the checks of its splits' labels
+(:meth:`Task.check_labels`) and the PEFT task type of an export. :class:`Task` is a sequence classifier (or
+regressor) scored on logits; :class:`GenerationTask` a causal LM scored on greedy generations. The trainer,
+memory planning, export, the harness and the sweep's data check call these and never branch on ``kind``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .fields import PositiveInt
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from torch import nn
+
+    from .config import ModelConfig, TrainConfig
+    from .data import Encoded
+    from .runs import RunSpec
 
 
 @dataclass
@@ -24,12 +39,29 @@ class Split:
 
 
 @dataclass
-class Task:
-    """A supervised sentence(-pair) classification or regression task."""
+class Loaders:
+    """A run's data as a task gives it to the training loop (:meth:`Task.loaders`)."""
 
-    #: how the trainer builds the model and evaluates it: ``classification`` (a sequence-classification head,
-    #: scored on logits) or ``causal_lm`` (:class:`GenerationTask`: a causal LM, scored on generations)
+    train: Any  #: the shuffled training batches
+    dev: dict[str, Any]  #: one loader per evaluation split (a tuning run: ``holdout``); the first drives selection
+    final: dict[str, Any] = field(default_factory=dict)  #: splits evaluated once, at the end (``final_splits``)
+    #: a generation task: each evaluation split's references (its responses), by example index
+    references: dict[str, list[str]] = field(default_factory=dict)
+    tokenizer: Any = None
+    #: the split whose evaluations choose the checkpoint (``train.select: validation``), out of the training data
+    select: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """A supervised sentence(-pair) classification or regression task: a sequence-classification head on the
+    model, scored on its logits."""
+
+    #: the kind of model the task trains, for display and identity: ``classification`` or ``causal_lm``
+    #: (:class:`GenerationTask`); what differs by kind is in the methods below, not in branches on this name
     kind: ClassVar[str] = "classification"
+    #: ``task_type`` of the exported ``adapter_config.json`` (``None``: PEFT's default, a plain ``PeftModel``)
+    peft_task_type: ClassVar[str | None] = None
 
     name: str  #: lower-case id used in configs, e.g. ``"rte"``
     text_fields: tuple[str, ...]  #: column names of the one or two input texts
@@ -60,6 +92,76 @@ class Task:
         """Metrics of class ids (or regression values) ``predictions`` against ``labels``."""
         raise NotImplementedError
 
+    # -- what differs by kind: the model, the data, the evaluation ------------------------------------------
+
+    def load_model(self, mc: ModelConfig, seed: int, classifier_dropout: float | None = None,
+                   meta: bool = False) -> nn.Module:
+        """The base model this task trains (:func:`peftbench.modeling.load_model`): a sequence classifier."""
+        from .modeling import load_model
+
+        return load_model(mc, self.num_labels, seed, classifier_dropout, meta=meta)
+
+    def loaders(self, spec: RunSpec, tokenizer, model: nn.Module) -> Loaders:
+        """The run's loaders (:func:`peftbench.data.task_loaders`)."""
+        from .data import task_loaders
+
+        train, dev, select = task_loaders(spec, self, tokenizer)
+        return Loaders(train, dev, tokenizer=tokenizer, select=select)
+
+    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
+                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
+        """The metrics of one evaluation split, what the run keeps of its final evaluation (none here), and the
+        per-example predictions with their gold labels (``{"predictions", "labels"}``: class ids or values)."""
+        metrics, examples = predict_and_score(model, loader, self, accelerator)
+        return metrics, [], examples
+
+    def check_labels(self, split: str, data: Split, where: str) -> None:
+        """Every label is one of the task's classes (a finite number for regression)."""
+        labels = np.asarray(data.labels, dtype=np.float64)
+        if self.is_regression:
+            bad = ~np.isfinite(labels)
+            problem = "is not a finite number"
+        else:
+            bad = ~((labels == np.round(labels)) & (labels >= 0) & (labels < self.num_labels))
+            problem = f"is outside the task's labels 0..{self.num_labels - 1}"
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: example {i}: label {data.labels[i]!r} {problem} "
+                            f"({int(bad.sum())} such label(s))")
+
+    def encode_train(self, data_dir: str | None, tokenizer, max_length: int) -> Encoded:
+        """The training split as the trainer encodes it (memory planning reads its lengths)."""
+        from .data import load_task_data
+
+        return load_task_data(self, "train", data_dir, tokenizer, max_length, None)
+
+    def check_loader(self, split: str, data_dir: str | None, tokenizer, train: TrainConfig):
+        """Batches of ``split`` on which an exported adapter's logits are compared with the run's model."""
+        from .data import load_task_data, make_loader
+
+        data = load_task_data(self, split, data_dir, tokenizer, train.max_length, train.max_eval_samples)
+        return make_loader(data, train.eval_batch_size, False, True, 0, tokenizer.pad_token_id or 0,
+                           self.is_regression)
+
+
+def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float], dict[str, list]]:
+    """The task's metrics of the model's predictions (class ids, or regression values) on ``loader``, and the
+    predictions with the gold labels (in the loader's order: length-sorted, the same for every run of a task)."""
+    import torch
+
+    model.eval()
+    predictions, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits, batch_labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            predictions.append(logits.float().squeeze(-1) if task.is_regression else logits.argmax(-1))
+            labels.append(batch_labels)
+        preds = torch.cat(predictions).cpu().numpy()
+        gold = torch.cat(labels).cpu().numpy()
+    gold = gold.astype(np.float64) if task.is_regression else gold
+    return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
+
 
 @dataclass
 class GenerationOptions:
@@ -84,6 +186,7 @@ class GenerationTask(Task):
     ``labels`` are unused. Subclasses define ``Options`` (a :class:`GenerationOptions`), ``load`` and ``score``."""
 
     kind: ClassVar[str] = "causal_lm"
+    peft_task_type: ClassVar[str | None] = "CAUSAL_LM"  #: PeftModel.from_pretrained gives a PeftModelForCausalLM
     Options: ClassVar[type] = GenerationOptions
     options: Any = None
 
@@ -106,3 +209,51 @@ class GenerationTask(Task):
         """Metrics of ``generations`` (``None``: ran past a length cap, always wrong) against the references
         (the splits' responses)."""
         raise NotImplementedError
+
+    # -- what differs by kind: the model, the data, the evaluation ------------------------------------------
+
+    def load_model(self, mc: ModelConfig, seed: int, classifier_dropout: float | None = None,
+                   meta: bool = False) -> nn.Module:
+        """A causal (decoder-only) language model."""
+        from .modeling import load_model
+
+        return load_model(mc, 0, seed, classifier_dropout, meta=meta, causal_lm=True)
+
+    def loaders(self, spec: RunSpec, tokenizer, model: nn.Module) -> Loaders:
+        """Training on prompt + response, generation from the prompts (:func:`peftbench.lm_data.lm_loaders`);
+        training batches ask for the response's logits only where the model's forward can."""
+        from .lm_data import lm_loaders
+        from .modeling import takes_logits_to_keep
+
+        train, dev, final, references, select = lm_loaders(spec, self, tokenizer,
+                                                           trim_logits=takes_logits_to_keep(model))
+        return Loaders(train, dev, final, references, tokenizer, select)
+
+    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
+                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
+        """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`), the generations, one
+        ``{split, index, reference, generation}`` each, and each example's correctness (1.0 or 0.0, by the
+        main metric) against labels of 1."""
+        from .generation import generate_and_score
+
+        references = data.references[split]
+        metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
+        right = [float(self.score([text], [references[i]])[self.main_metric]) for i, text in texts.items()]
+        return metrics, [{"split": split, "index": i, "reference": references[i], "generation": text}
+                         for i, text in texts.items()], {"predictions": right, "labels": [1.0] * len(right)}
+
+    def check_labels(self, split: str, data: Split, where: str) -> None:
+        """A generation task's labels are unused."""
+
+    def encode_train(self, data_dir: str | None, tokenizer, max_length: int) -> Encoded:
+        """Prompt + response, as the trainer encodes them."""
+        from .lm_data import encode_lm
+
+        return encode_lm(self.load("train", data_dir), tokenizer, max_length, with_response=True)
+
+    def check_loader(self, split: str, data_dir: str | None, tokenizer, train: TrainConfig):
+        """The prompts of ``split``: agreement of the next-token predictions after each."""
+        from . import lm_data
+
+        data = lm_data.encode_lm(self.load(split, data_dir), tokenizer, train.max_length, with_response=False)
+        return lm_data.make_lm_loader(data, train.eval_batch_size, True, True, 0, lm_data.pad_id(tokenizer))

@@ -13,18 +13,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from . import lm_data, modeling, schedule
+from . import modeling, schedule
+from .assembly import assemble, resolve_precision
 from .checkpoint import Checkpoint
 from .costs import PeakMemory
-from .data import holdout_split, load_task_data, make_loader, subsample
 from .export import adapter_file_bytes
-from .generation import generate_and_score
 from .hookspecs import TrainState
 from .host import Host
 from .method import Method
@@ -32,6 +30,7 @@ from .observers import ProgressBar, observing
 from .record import RunRecord
 from .runs import RunSpec
 from .schedule import evaluates_every
+from .task import Loaders
 from .trackers import run_trackers
 
 
@@ -161,10 +160,9 @@ class Run:
     targets: list = field(default_factory=list)  #: the adapted modules (:func:`peftbench.modeling.find_targets`)
     head: list[str] = field(default_factory=list)  #: the head's module names (exported as ``modules_to_save``)
     memory: PeakMemory | None = None  #: measures the run's peak memory (set by :func:`train`)
-    #: a causal-LM task: the loaders of its final-only splits, each eval split's references, the tokenizer
+    #: the loaders of the task's final-only splits (prepared), evaluated once at the end
     final_loaders: dict[str, Any] = field(default_factory=dict)
-    references: dict[str, list[str]] = field(default_factory=dict)
-    tokenizer: Any = None
+    data: Loaders | None = None  #: what the task gave (:meth:`peftbench.task.Task.loaders`), for its evaluation
     generations: list[dict[str, Any]] = field(default_factory=list)  #: of the final evaluation (:class:`RunResult`)
     #: the loaders whose evaluations choose the checkpoint (``train.select``): the validation split, the dev
     #: splits themselves (``dev``), or none (``final``)
@@ -385,18 +383,13 @@ def swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None):
 
 def score_split(run: Run, split: str, loader, keep_generations: bool = False
                 ) -> tuple[dict[str, float], dict[str, list] | None]:
-    """One split's metrics and per-example predictions: of logits for a classification task, of greedy
-    generations for a causal-LM task (correct or not; kept in ``run.generations`` with ``keep_generations``)."""
-    task = run.task
-    if task.kind == "causal_lm":
-        references = run.references[split]
-        metrics, texts = generate_and_score(run.model, loader, task, run.accelerator, run.tokenizer, references)
-        if keep_generations:
-            run.generations += [{"split": split, "index": i, "reference": references[i], "generation": text}
-                                for i, text in texts.items()]
-        right = [float(task.score([text], [references[i]])[task.main_metric]) for i, text in texts.items()]
-        return metrics, {"predictions": right, "labels": [1.0] * len(right)}
-    return predict_and_score(run.model, loader, task, run.accelerator)
+    """One split's metrics and per-example predictions, as the task evaluates it
+    (:meth:`peftbench.task.Task.evaluate`: logits or greedy generations); what it keeps of an evaluation (a
+    causal-LM task's generations) goes into ``run.generations`` with ``keep_generations``."""
+    metrics, kept, examples = run.task.evaluate(run.model, split, loader, run.data, run.accelerator)
+    if keep_generations:
+        run.generations += kept
+    return metrics, examples
 
 
 def result(run: Run, final: dict[str, float], reported: tuple[dict[str, float], dict], report: dict[str, Any],
@@ -460,14 +453,13 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     started = time.perf_counter()
     cfg, task = spec.train, host.task(spec.task).with_options(spec.task_options)
     accelerator, use_cpu = _accelerator(spec)
-    model, head_names, head_count, tokenizer, targets, head = _model(spec, task, host)
-    if task.kind == "causal_lm":
-        train_loader, dev_loaders, final_loaders, references, select_loaders = lm_loaders(
-            spec, task, tokenizer, trim_logits=modeling.takes_logits_to_keep(model))
-        train_loader = _multi_process(train_loader, accelerator.num_processes)
-    else:
-        train_loader, dev_loaders, select_loaders = _loaders(spec, task, tokenizer, accelerator.num_processes)
-        final_loaders, references = {}, {}
+    tokenizer = modeling.load_tokenizer(spec.model)
+    built = assemble(spec.model, task, host, spec.seed, cfg.classifier_dropout,
+                     checkpointing=cfg.gradient_checkpointing)
+    model, head_names = built.model, built.head_names
+    data = task.loaders(spec, tokenizer, model)
+    train_loader = _multi_process(data.train, accelerator.num_processes)
+    dev_loaders, final_loaders, select_loaders = data.dev, data.final, data.select
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
@@ -498,8 +490,8 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     if torch.cuda.is_available() and not use_cpu:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
-               dev_loaders, head_names, head_count, hooks, state, use_cpu, started, targets, head, memory,
-               final_loaders=final_loaders, references=references, tokenizer=tokenizer, select_loaders=select_loaders)
+               dev_loaders, head_names, built.head_count, hooks, state, use_cpu, started, built.targets, built.head,
+               memory, final_loaders=final_loaders, data=data, select_loaders=select_loaders)
 
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)
@@ -519,10 +511,7 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     use_cpu = _uses_cpu(cfg)
     if cfg.device == "cuda" and use_cpu:
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    precision, weights = cfg.precision, spec.model.dtype
-    if precision == "auto":  # half-precision weights: autocast of their dtype, on the CPU too (a mismatch with an
-        # explicit precision is a config error: Config.check_train)
-        precision = weights if weights != "fp32" else "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision, spec.model.dtype, not use_cpu and torch.cuda.is_bf16_supported())
     _fresh_accelerator_state()
     # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
     # an optimizer step, and a run gives the same result on any number of processes
@@ -545,124 +534,12 @@ def _fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=int(os.environ.get("WORLD_SIZE", "1")) == 1)
 
 
-def _model(spec: RunSpec, task, host: Host):
-    """Frozen base + the method's adapters + the shared head; returns it with the head's parameter names and
-    count, the tokenizer, the adapted modules and the head's module names."""
-    tokenizer = modeling.load_tokenizer(spec.model)
-    model = modeling.load_model(spec.model, task.num_labels, spec.seed, spec.train.classifier_dropout,
-                                kind=task.kind)
-    head = modeling.head_modules(spec.model, model)
-    targets = modeling.find_targets(model, modeling.target_patterns(spec.model, model), head)
-    modeling.freeze(model)
-    host.hook.peftbench_inject(model=model, targets=targets)
-    head_count = modeling.unfreeze_head(model, head)
-    modeling.trainable_to_fp32(model)  # adapters built on half-precision weights (model.dtype) took their dtype
-    if spec.train.gradient_checkpointing:
-        _enable_checkpointing(model)
-    return model, modeling.head_parameter_names(model, head), head_count, tokenizer, targets, head
-
-
-def _enable_checkpointing(model) -> None:
-    """Activation checkpointing of every layer, non-reentrant: works with a frozen base (reentrant checkpointing
-    needs an input that requires a gradient). Forward statistics skip the recomputation
-    (:func:`peftbench.lora.recomputing`)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _loaders(spec: RunSpec, task, tokenizer, processes: int):
-    """The shuffled train loader, one dev loader per dev split (a tuning run: one loader of the held-out
-    part of the training set instead, and the dev splits are never read), and the selection split's loader
-    (:func:`selection_split`)."""
-    cfg = spec.train
-    train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
-    if spec.tuning:
-        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"],
-                                             stratify=not task.is_regression)
-        dev_data = {"holdout": held_out}
-    else:
-        dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length,
-                                          cfg.max_eval_samples) for split in task.dev_splits}
-    train_data, select_data = selection_split(spec, train_data, stratify=not task.is_regression)
-    pad_id = tokenizer.pad_token_id or 0
-    train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
-                               task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
-    train_loader = _multi_process(train_loader, processes)
-    def loaders(splits):
-        return {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
-                for split, data in splits.items()}
-
-    return train_loader, loaders(dev_data), loaders(select_data)
-
-
-#: seed of the selection split (``train.select: validation``): one split for every method and seed
-VALIDATION_SEED = 0
-
-
-def selection_split(spec: RunSpec, train_data, stratify: bool):
-    """The training data less the selection split of ``train.select: validation`` (``train.validation_size`` of
-    it, seeded alike for every method and seed, stratified by label for classification), and ``{"validation":
-    that split}`` (``{}`` for the other rules). A tuning run's comes out of its own training part."""
-    cfg = spec.train
-    if cfg.select != "validation":
-        return train_data, {}
-    train_data, held_out = holdout_split(train_data, cfg.validation_size, VALIDATION_SEED, stratify,
-                                         "train.validation_size")
-    return train_data, {"validation": held_out}
-
-
 def _multi_process(train_loader, processes: int):
     """With several processes, the train loader with its short batch (if any) last (:class:`ShortBatchLast`)."""
     if processes == 1:
         return train_loader
     return torch.utils.data.DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
                                        batch_sampler=ShortBatchLast(train_loader.batch_sampler))
-
-
-def lm_loaders(spec: RunSpec, task, tokenizer, trim_logits: bool = False):
-    """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
-    evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
-    selection split's loader (:func:`selection_split`, from the training prompts).
-    ``trim_logits``: training batches ask for logits of the response part only (:class:`lm_data.LMCollator`)."""
-    cfg, pad = spec.train, lm_data.pad_id(tokenizer)
-
-    def encoded(split: str, with_response: bool, limit: int | None):
-        data = task.load(split, spec.data_dir)
-        return subsample(lm_data.encode_lm(data, tokenizer, cfg.max_length, with_response), limit), data.texts[1]
-
-    train_data, train_refs = encoded("train", True, cfg.max_train_samples)
-    if spec.tuning:  # hold out part of the training set and generate from its prompts
-        train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"], False)
-        held_out.ids, held_out.offsets = _prompts_only(held_out)
-        dev = {"holdout": (held_out, train_refs)}
-    else:
-        dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
-    train_data, select = selection_split(spec, train_data, stratify=False)  # generates from its prompts
-    for held_out in select.values():
-        held_out.ids, held_out.offsets = _prompts_only(held_out)
-    select = {split: (data, train_refs) for split, data in select.items()}
-    # a tuning run reads neither dev nor test
-    final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
-    train_loader = lm_data.make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
-                                          pad_to=cfg.max_length if cfg.pad_to_max_length else None,
-                                          trim_logits=trim_logits)
-
-    def loaders(splits):
-        return {split: lm_data.make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
-                for split, (data, _) in splits.items()}
-
-    references = {split: refs for split, (_, refs) in {**dev, **final, **select}.items()}
-    return train_loader, loaders(dev), loaders(final), references, loaders(select)
-
-
-def _prompts_only(encoded):
-    """``(ids, offsets)`` of training examples cut to their prompts (a held-out part generates from them)."""
-    keep = np.concatenate([np.arange(s, s + p) for s, p in zip(encoded.offsets[:-1], encoded.prompt_lengths)])
-    offsets = np.concatenate([[0], np.cumsum(encoded.prompt_lengths)]).astype(np.int64)
-    return encoded.ids[keep], offsets
 
 
 class ShortBatchLast(torch.utils.data.Sampler):
@@ -693,23 +570,6 @@ def param_groups(model: torch.nn.Module, cfg, head_names: set[str]) -> list[dict
          "lr": (cfg.head_lr or cfg.lr) if is_head else cfg.lr}
         for (is_head, no_decay), params in groups.items()
     ]
-
-
-@torch.no_grad()
-def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float], dict[str, list]]:
-    """The task's metrics of the loader's examples, and their predictions with the gold labels (in the loader's
-    order: length-sorted, the same for every run of the task)."""
-    model.eval()
-    predictions, labels = [], []
-    for batch in loader:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        logits, batch_labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        predictions.append(logits.float().squeeze(-1) if task.is_regression else logits.argmax(-1))
-        labels.append(batch_labels)
-    preds = torch.cat(predictions).cpu().numpy()
-    gold = torch.cat(labels).cpu().numpy()
-    gold = gold.astype(np.float64) if task.is_regression else gold
-    return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

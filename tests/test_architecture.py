@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles, no function in peftbench/ over 80 lines, no plugin importing another.
+"""The shape of the code: no import cycles, no function in peftbench/ over 80 lines, no plugin importing another,
+no branch on a task's kind outside the tasks, and a run's model assembled in one function.
 
 The import graph is read from the source (``ast``), not from ``sys.modules``: every ``import`` and
 ``from ... import`` counts, at module level and inside functions (a function-level import still makes a cycle,
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+from peftbench.task import GenerationTask, Task
 
 REPO = Path(__file__).resolve().parent.parent
 #: source folder -> the package it ships as (pyproject's package-dir)
@@ -151,6 +154,92 @@ def cross_plugin_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     return found
 
 
+#: where a task's kind may be compared with a name: the task base classes and the task plugins
+KIND_OWNERS = ("peftbench.task", "peftbench.tasks")
+#: the steps of building a run's model, each called from the one assembly function only
+ASSEMBLY_STEPS = ("peftbench_inject", "freeze", "unfreeze_head", "trainable_to_fp32", "find_targets")
+ASSEMBLY = "peftbench.assembly.assemble"
+TASK_KINDS = {Task.kind, GenerationTask.kind}
+
+
+_DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _scopes(node: ast.AST, name: str):
+    """``(qualname, node)`` of ``node`` and of every function and class defined in it, at any depth."""
+    yield name, node
+    stack = list(ast.iter_child_nodes(node))
+    while stack:
+        child = stack.pop()
+        if isinstance(child, _DEFINITIONS):
+            yield from _scopes(child, f"{name}.{child.name}")
+        else:
+            stack.extend(ast.iter_child_nodes(child))
+
+
+def _own_nodes(node: ast.AST):
+    """The nodes of ``node`` outside the functions and classes defined in it."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, _DEFINITIONS):
+            yield child
+            yield from _own_nodes(child)
+
+
+def _names_a_kind(node: ast.AST) -> bool:
+    """``x.kind``, or a call of a function named ``kind`` / ``..._kind`` (``task_kind(config, host)``)."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "kind"
+    if isinstance(node, ast.Call):
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        return name == "kind" or name.endswith("_kind")
+    return False
+
+
+def _texts(node: ast.AST) -> set[str]:
+    """The strings of a string constant, or of a tuple, list or set of them."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(*map(_texts, node.elts)) if node.elts else set()
+    return {node.value} if isinstance(node, ast.Constant) and isinstance(node.value, str) else set()
+
+
+def kind_comparisons(modules: dict[str, Path]) -> list[str]:
+    """``module:line`` of every comparison of a task's kind with a string outside :data:`KIND_OWNERS`: of
+    ``x.kind`` (or ``..._kind(...)``) with any string, or of a variable ``kind`` with a task kind's name (a local
+    ``kind`` compared with other strings is something else: a schema node's type, a message's)."""
+    found = []
+    for module, path in modules.items():
+        if module in KIND_OWNERS or module.startswith(tuple(f"{m}." for m in KIND_OWNERS)):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            texts = set().union(*map(_texts, operands))
+            named = any(isinstance(o, ast.Name) and o.id.endswith("kind") for o in operands)
+            if (texts and any(map(_names_a_kind, operands))) or (named and texts & TASK_KINDS):
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def assembly_calls(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Each step of :data:`ASSEMBLY_STEPS` -> the functions (``module.qualname``) of the shipped packages that
+    call it (``peftbench_inject`` through the hook: ``host.hook.peftbench_inject``)."""
+    callers: dict[str, set[str]] = {step: set() for step in ASSEMBLY_STEPS}
+    for module, path in modules.items():
+        for name, function in _scopes(ast.parse(path.read_text(), str(path)), module):
+            for node in _own_nodes(function):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = node.func
+                called = getattr(func, "attr", getattr(func, "id", None))
+                if called == "peftbench_inject" and not (isinstance(func, ast.Attribute)
+                                                         and getattr(func.value, "attr", None) == "hook"):
+                    continue  # a plugin calling its own (or its base class's) implementation
+                if called in callers:
+                    callers[called].add(name)
+    return callers
+
+
 # -- the checks ------------------------------------------------------------------------------------------
 
 
@@ -168,6 +257,18 @@ def test_no_function_in_peftbench_is_longer_than_80_lines():
 def test_no_plugin_imports_another_plugin():
     found = cross_plugin_imports(import_graph(source_modules()))
     assert not found - KNOWN_CROSS_PLUGIN_IMPORTS, f"plugins importing other plugins: {sorted(found)}"
+
+
+def test_no_kind_string_comparison_outside_the_tasks():
+    """What differs by task kind is the task's (:class:`peftbench.task.Task`): no module branches on its name."""
+    found = kind_comparisons(source_modules())
+    assert not found, f"task kind compared with a string outside {', '.join(KIND_OWNERS)}: {found}"
+
+
+def test_a_model_is_assembled_in_one_function():
+    """Training, export, the conformance kit and budgets build a run's model with the one ``assemble``."""
+    callers = assembly_calls(source_modules())
+    assert callers == {step: {ASSEMBLY} for step in ASSEMBLY_STEPS}, callers
 
 
 # -- the checks catch what they look for -----------------------------------------------------------------
@@ -263,3 +364,27 @@ def test_a_field_added_to_the_record_is_a_store_column_and_a_cost_column(tmp_pat
     assert build(runs, {"toy": "accuracy"}, "csv", baseline=None).splitlines()[1].endswith(",2.5")
     assert "<th>energy J</th>" in report.table_section(runs, {"toy": "accuracy"})
     assert [panel[0] for panel in plots.pareto_panels()] == ["params", "memory", "step", "energy"]
+
+
+def test_the_checks_find_planted_kind_branches_and_second_assemblies(tmp_path):
+    modules = _tree(tmp_path, {
+        "peftbench/__init__.py": "",
+        "peftbench/task.py": "def f(task):\n    return task.kind == 'causal_lm'\n",  # the task base: allowed
+        "peftbench/trainer.py": "def f(task, kind):\n    if kind == 'x':\n        pass\n"  # a local name: not a task's
+                                "    if task.kind != 'classification':\n        pass\n"
+                                "    return task_kind(task) in ('a', 'b')\n",
+        "peftbench/modeling.py": "def load(kind='classification'):\n    return kind == 'causal_lm'\n",
+        "peftbench/assembly.py": "def assemble(host, model):\n    host.hook.peftbench_inject(model=model)\n",
+        "peftbench/export.py": "class A:\n    def rebuild(self, host, m):\n"
+                               "        def inner():\n            modeling.trainable_to_fp32(m)\n"
+                               "        host.hook.peftbench_inject(model=m)\n",
+        "plugins/__init__.py": "",
+        "plugins/one/__init__.py": "class M(Base):\n    def peftbench_inject(self, model):\n"
+                                   "        return super().peftbench_inject(model)\n",
+        "tasks/__init__.py": "def g(task):\n    return task.kind == 'x'\n",
+    })
+    assert sorted(kind_comparisons(modules)) == ["peftbench.modeling:2", "peftbench.trainer:4",
+                                                      "peftbench.trainer:6"]
+    callers = assembly_calls(modules)
+    assert callers["peftbench_inject"] == {"peftbench.assembly.assemble", "peftbench.export.A.rebuild"}
+    assert callers["trainable_to_fp32"] == {"peftbench.export.A.rebuild.inner"}

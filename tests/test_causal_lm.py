@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny():
     mc = from_dict(ModelConfig, tiny_llama_config())
-    return mc, modeling.load_tokenizer(mc), modeling.load_model(mc, 0, seed=0, kind="causal_lm").eval()
+    return mc, modeling.load_tokenizer(mc), modeling.load_model(mc, 0, seed=0, causal_lm=True).eval()
 
 
 def llm_config(tmp_path, methods=None, **overrides):
@@ -79,7 +79,7 @@ def test_loss_only_on_response_tokens_and_eos(tiny):
 
 def test_logits_of_the_response_part_only_give_the_same_loss_and_gradients(tiny):
     mc, tok, _ = tiny
-    assert modeling.takes_logits_to_keep(modeling.load_model(mc, 0, seed=0, kind="causal_lm"))
+    assert modeling.takes_logits_to_keep(modeling.load_model(mc, 0, seed=0, causal_lm=True))
     split = Split([["Question: how many apples are left after eating two of five? Answer:", "Q: one"],
                    ["3 #### 3", "a longer answer here #### 7"]], [0.0, 0.0], "mem")
     enc = lm_data.encode_lm(split, tok, 64, with_response=True, use_cache=False)
@@ -90,7 +90,7 @@ def test_logits_of_the_response_part_only_give_the_same_loss_and_gradients(tiny)
     assert torch.equal(trimmed["labels"], full["labels"][:, -trimmed["logits_to_keep"]:])
     losses, grads = [], []
     for batch in (full, trimmed):
-        model = modeling.load_model(mc, 0, seed=0, kind="causal_lm").train()
+        model = modeling.load_model(mc, 0, seed=0, causal_lm=True).train()
         out = model(**batch)
         out.loss.backward()
         assert out.logits.shape[1] == batch.get("logits_to_keep", batch["labels"].shape[1])
@@ -198,7 +198,7 @@ EVERY_METHOD = [{"name": "lora", "params": {"r": 8, "alpha": 16}}, {"name": "pri
 def test_every_method_budget_on_tiny_llama(tmp_path):
     config = llm_config(tmp_path, methods=EVERY_METHOD, budget={"lora_rank": 8})
     host = make_host(config)
-    shapes = model_shapes(config, kind="causal_lm")
+    shapes = model_shapes(config, make_host(config))
     assert shapes.head == [] and len(shapes.targets) == 2 * 7
     target = target_count(config, shapes.targets)
     assert target == 8 * 2 * (4 * 64 + 2 * (64 + 32) + 3 * (64 + 128))  # q,o 64→64; k,v 64→32; MLP 64↔128
@@ -212,11 +212,11 @@ def test_every_method_budget_on_tiny_llama(tmp_path):
 def test_llama_3_2_3b_shapes_offline_lora_r32_on_q_v(tmp_path):
     config = llm_config(tmp_path, model={"name_or_path": "meta-llama/Llama-3.2-3B", "target_modules": ["q_proj", "v_proj"]},
                         budget={"lora_rank": 32})
-    shapes = model_shapes(config, kind="causal_lm")
+    shapes = model_shapes(config, make_host(config))
     assert target_count(config, shapes.targets) == 9_175_040 == 28 * 32 * ((3072 + 3072) + (3072 + 1024))
     for name, layers in (("meta-llama/Llama-3.2-1B", 16), ("meta-llama/Meta-Llama-3-8B", 32)):
         config = llm_config(tmp_path, model={"name_or_path": name, "target_modules": "auto"})
-        assert len(model_shapes(config, kind="causal_lm").targets) == 7 * layers
+        assert len(model_shapes(config, make_host(config)).targets) == 7 * layers
 
 
 @pytest.mark.parametrize("init_ratio", [4, 8, 16])
@@ -226,7 +226,7 @@ def test_prunedlora_high_initial_ranks_on_llama_3_8b_shapes(tmp_path, init_ratio
                         methods=[{"name": "lora", "params": {"r": 32}},
                                  {"name": "prunedlora", "params": {"init_ratio": init_ratio}}],
                         budget={"lora_rank": 32}, train={**llm_config(tmp_path).train.__dict__, "max_steps": 1000})
-    shapes = model_shapes(config, kind="causal_lm")
+    shapes = model_shapes(config, make_host(config))
     solved = solve_all(config, make_host(config), shapes)[("prunedlora", "gsm8k")]
     target = 32 * 32 * ((4096 + 4096) + (4096 + 1024))
     assert solved.matched and solved.target == target and solved.counts.final == target
@@ -280,7 +280,7 @@ def test_max_length_shorter_than_prompt(tiny):
 def test_encoder_for_a_generation_task(tmp_path):
     config = llm_config(tmp_path, model={"name_or_path": "minilm"})
     with pytest.raises(ConfigError, match=r"model\.name_or_path: 'minilm' is a 'bert' model, not a causal"):
-        model_shapes(config, kind="causal_lm")
+        model_shapes(config, make_host(config))
 
 
 def test_mixed_task_kinds(tmp_path):
@@ -324,7 +324,7 @@ def test_gpt2_conv1d_becomes_an_equal_linear(tmp_path):
 
     GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=30522, n_positions=64).save_pretrained(tmp_path)
     mc = from_dict(ModelConfig, {"name_or_path": str(tmp_path), "tokenizer": "minilm", "random_init": True})
-    model = modeling.load_model(mc, 0, seed=0, kind="causal_lm").eval()
+    model = modeling.load_model(mc, 0, seed=0, causal_lm=True).eval()
     torch.manual_seed(0)
     original = GPT2LMHeadModel(model.config).eval()
     original.load_state_dict({k: v.T if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v

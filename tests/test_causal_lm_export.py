@@ -30,7 +30,7 @@ def base_dir(tmp_path_factory):
     """A tiny random Llama saved like a hub model (config and weights) with MiniLM's tokenizer."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     mc = from_dict(ModelConfig, tiny_llama_config())
-    modeling.load_model(mc, 0, seed=0, kind="causal_lm").save_pretrained(folder)
+    modeling.load_model(mc, 0, seed=0, causal_lm=True).save_pretrained(folder)
     modeling.load_tokenizer(mc).save_pretrained(folder)
     return folder
 

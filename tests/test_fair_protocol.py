@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import train_one, train_sweep
 
+import peftbench.task as task_module
 import peftbench.trainer as trainer
 from peftbench.config import TrainConfig
 from peftbench.errors import ConfigError
@@ -121,7 +122,7 @@ def test_prilora_saves_the_pruned_adapter_of_its_best_evaluation_and_its_export_
     from peftbench.export import export_run, load_with_peft
     from peftbench.modeling import load_tokenizer
 
-    real = trainer.predict_and_score
+    real = task_module.predict_and_score
 
     def declining(model, loader, task, accelerator):  # the validation score falls: the first evaluation is best
         metrics, examples = real(model, loader, task, accelerator)
@@ -130,7 +131,7 @@ def test_prilora_saves_the_pruned_adapter_of_its_best_evaluation_and_its_export_
             metrics = {**metrics, "accuracy": 1.0 - 0.01 * declining.calls}
         return metrics, examples
     declining.calls = 0
-    monkeypatch.setattr(trainer, "predict_and_score", declining)
+    monkeypatch.setattr(task_module, "predict_and_score", declining)
     config = tiny_config(tmp_path, methods=[{"name": "prilora", "params": {"prune_every": 1000}}],
                          train={"epochs": 2, "eval_every": 4})
     host, run = train_one(config)
@@ -222,13 +223,13 @@ def test_edges_of_a_grid_are_found_and_extended_geometrically():
 
 
 def test_a_choice_at_the_edge_is_warned_about_and_extends_the_grid(tmp_path, monkeypatch):
-    real = trainer.predict_and_score
+    real = task_module.predict_and_score
 
     def rising(model, loader, task, accelerator):  # the held-out score favours the largest learning rate
         metrics, examples = real(model, loader, task, accelerator)
         lr = rising.lr()
         return ({**metrics, "accuracy": lr} if len(loader.dataset) == 64 else metrics), examples
-    monkeypatch.setattr(trainer, "predict_and_score", rising)
+    monkeypatch.setattr(task_module, "predict_and_score", rising)
     real_setup = trainer.setup
 
     def setup(spec, host, memory=None):

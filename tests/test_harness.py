@@ -38,7 +38,7 @@ def test_harness_on_exported_adapter_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     base = tmp_path / "tiny-llama"
     mc = from_dict(ModelConfig, tiny_llama_config())
-    modeling.load_model(mc, 0, seed=0, kind="causal_lm").save_pretrained(base)
+    modeling.load_model(mc, 0, seed=0, causal_lm=True).save_pretrained(base)
     tokenizer = modeling.load_tokenizer(mc)
     tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"  # lm-eval starts contexts with BOS (or EOS)
     tokenizer.save_pretrained(base)

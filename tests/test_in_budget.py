@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+import peftbench.task as task_module
 import peftbench.trainer as trainer
 from peftbench.config import TrainConfig
 from peftbench.errors import ConfigError
@@ -57,7 +58,7 @@ def _declining_scores(monkeypatch):
         score.calls += 1
         return {"accuracy": 1.0 - 0.01 * score.calls}, None
     score.calls = 0
-    monkeypatch.setattr(trainer, "predict_and_score", score)
+    monkeypatch.setattr(task_module, "predict_and_score", score)
 
 
 def _sweep(tmp_path, methods, **train):
@@ -116,7 +117,7 @@ def test_prilora_is_evaluated_pruned_and_training_is_unchanged(tmp_path, monkeyp
         a = [m.lora_A for m in model.modules() if hasattr(m, "norm_ema")]
         seen.append(sum(int((t == 0).sum()) for t in a) / sum(t.numel() for t in a))
         return {"accuracy": 0.5}, None
-    monkeypatch.setattr(trainer, "predict_and_score", score)
+    monkeypatch.setattr(task_module, "predict_and_score", score)
     method = {"name": "prilora", "params": {"prune_every": 1000}}  # no event during training: only the final one
     host, (run,) = _sweep(tmp_path / "a", [method])
     assert all(abs(s - 0.5) < 0.02 for s in seen), seen  # half of every row of A zeroed at every evaluation

@@ -13,7 +13,7 @@ from peftbench.plugins.prunedlora.layer import PrunedLoRALinear
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from peftbench import trainer
+from peftbench import assembly
 from peftbench.checkpoint import _set_rng_state
 from peftbench.errors import ConfigError
 from peftbench.hookspecs import hookimpl
@@ -143,14 +143,14 @@ def test_under_tf32_the_lora_layer_takes_the_unmerged_path():
 @pytest.mark.parametrize("method", [{"name": "lora", "params": {"r": 4}},
                                     {"name": "prilora", "params": {"prune_every": 2}}])
 def test_gradient_checkpointing_gives_the_same_results(tmp_path, monkeypatch, method):
-    enabled, enable = [], trainer._enable_checkpointing
+    enabled, enable = [], assembly.enable_checkpointing
 
     def spy(model):
         enable(model)
         new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 renamed it
         enabled.append(model.is_activation_checkpointing if new_name else model.is_gradient_checkpointing)
 
-    monkeypatch.setattr(trainer, "_enable_checkpointing", spy)
+    monkeypatch.setattr(assembly, "enable_checkpointing", spy)
     methods = [method, {**method, "label": "checkpointed", "train": {"gradient_checkpointing": True}}]
     summary, runs = _sweep(tmp_path, methods)
     assert summary.ok and enabled == [True]

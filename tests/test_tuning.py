@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from peftbench import data as data_module
 from peftbench import sweep as sweep_module
-from peftbench import trainer
 from peftbench.cli import main
 from peftbench.data import Encoded, holdout_split
 from peftbench.runner import make_host, run_sweep, solve_budgets
@@ -15,6 +15,7 @@ from peftbench.store import Store
 from peftbench.sweep import check_data
 from peftbench.tables import build
 from peftbench.toys import ToyTask, tiny_config
+from peftbench.trainer import Diverged
 
 TUNE = {"grid": {"train.lr": [1e-4, 1e-2]}, "holdout": 0.25, "seeds": [0]}
 FAST = {"epochs": 1, "max_steps": 3}
@@ -98,15 +99,15 @@ def test_holdout_split_is_stratified_seeded_and_disjoint():
 
 def test_tuning_runs_train_on_the_rest_and_evaluate_on_the_held_out_part(tmp_path, monkeypatch):
     sizes = []
-    real_loaders = trainer._loaders
+    real_loaders = data_module.task_loaders
 
-    def loaders(spec, task, tokenizer, processes):
-        train_loader, dev_loaders, select_loaders = real_loaders(spec, task, tokenizer, processes)
+    def loaders(spec, task, tokenizer):
+        train_loader, dev_loaders, select_loaders = real_loaders(spec, task, tokenizer)
         sizes.append((spec.tuning is not None, len(train_loader.dataset),
                       {split: len(loader.dataset) for split, loader in {**dev_loaders, **select_loaders}.items()}))
         return train_loader, dev_loaders, select_loaders
 
-    monkeypatch.setattr(trainer, "_loaders", loaders)
+    monkeypatch.setattr(data_module, "task_loaders", loaders)
     summary, _, _ = _sweep(_tuned(tmp_path))
     assert summary.ok
     # the toy task: 256 training examples (128 positive), 128 dev examples; the validation split (10%) that
@@ -230,7 +231,7 @@ def test_a_diverged_grid_point_is_a_finished_worst_point(tmp_path, monkeypatch):
 
     def diverge(spec, host, **kwargs):
         if spec.tuning and spec.tuning["index"] == 1:
-            raise trainer.Diverged("training loss became nan at step 2")
+            raise Diverged("training loss became nan at step 2")
         return real_run_one(spec, host, **kwargs)
 
     monkeypatch.setattr(sweep_module, "run_one", diverge)
