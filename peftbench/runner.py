@@ -22,6 +22,7 @@ What can go wrong, and what happens then:
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -32,8 +33,8 @@ from typing import Any
 
 from . import modeling
 from .budget import Shapes, Solved, model_shapes, solve_all
-from .config import Config
-from .errors import ConfigError, PeftbenchError, PluginError
+from .config import Config, data_dir_for
+from .errors import ConfigError, DataError, PeftbenchError, PluginError
 from .executors import LocalExecutor
 from .host import Host
 from .runs import RunSpec, expand
@@ -116,8 +117,28 @@ def resolve(config: Config, host: Host, solved: dict[tuple[str, str], Solved] | 
     solved = solved or solve_budgets(config, host)
     sizes: dict[str, int] = {}
     data = check_sweep_data(config, host, solved, sizes)  # every split and every in-budget plan, before training
+    check_fits(config, host)
     runs = tuning_runs(config, solved, data, sizes) if config.tune is not None else expand(config, solved, data)
     return Resolved(solved, data, runs, sizes)
+
+
+def check_fits(config: Config, host: Host) -> None:
+    """Every example of every task fits each run's ``train.max_length`` (a generation task's prompts must leave
+    room for a response): a config error naming the key's line, before any training."""
+    tokenizer = functools.cache(lambda: modeling.load_tokenizer(config.model))  # only for tasks that need it
+    checked = set()
+    for method in config.methods:
+        for name in config.tasks:
+            max_length = config.train_for(method, name).max_length
+            if (name, max_length) in checked:
+                continue
+            checked.add((name, max_length))
+            try:
+                task = host.task(name).with_options(config.task_options.get(name))
+                task.check_fits(data_dir_for(config), tokenizer, max_length)
+            except DataError as exc:
+                raise ConfigError(f"{config.where_train(method, name, 'max_length')}{max_length} is too short "
+                                  f"for task {name}: {exc}") from None
 
 
 def check_writable(db: str, output_dir: str) -> None:

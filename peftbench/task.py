@@ -10,6 +10,7 @@ memory planning, export, the harness and the sweep's data check call these and n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -128,6 +129,10 @@ class Task:
             i = int(np.flatnonzero(bad)[0])
             raise DataError(f"{where}: example {i}: label {data.labels[i]!r} {problem} "
                             f"({int(bad.sum())} such label(s))")
+
+    def check_fits(self, data_dir: str | None, tokenizer: Callable[[], Any], max_length: int) -> None:
+        """Before training: every example fits ``max_length`` (``tokenizer()`` gives the model's tokenizer);
+        classification truncates: nothing to check."""
 
     def encode_train(self, data_dir: str | None, tokenizer, max_length: int) -> Encoded:
         """The training split as the trainer encodes it (memory planning reads its lengths)."""
@@ -250,6 +255,14 @@ class GenerationTask(Task):
         from .lm_data import encode_lm
 
         return encode_lm(self.load("train", data_dir), tokenizer, max_length, with_response=True)
+
+    def check_fits(self, data_dir: str | None, tokenizer: Callable[[], Any], max_length: int) -> None:
+        """Every prompt leaves room for a response within ``max_length`` (a :class:`DataError` naming the example
+        otherwise), checked before training as the trainer encodes them (the encodings are cached for it)."""
+        from .lm_data import encode_lm
+
+        for split in ("train", *self.dev_splits, *self.final_splits):
+            encode_lm(self.load(split, data_dir), tokenizer(), max_length, with_response=split == "train")
 
     def check_loader(self, split: str, data_dir: str | None, tokenizer, train: TrainConfig):
         """The prompts of ``split``: agreement of the next-token predictions after each."""

@@ -1,9 +1,13 @@
 """Issue #31's tuning-grid probes: every grid key reaches the run or is refused, a grid cannot bypass the
 precision rule, duplicate values and an infeasible hold-out are refused before any training (exit 2, file:line)."""
 
+from pathlib import Path
+
 import pytest
 
 from peftbench.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 name: tuned
@@ -90,3 +94,15 @@ def test_max_length_beyond_the_positions_fails_the_dry_run_naming_its_line(tmp_p
     assert main(["run", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "c.yaml:7: train.max_length: 1024 (lora on toy) exceeds the 512-token position limit" in err, err
+
+
+GSM8K = REPO / ".." / "shared" / "gsm8k"
+
+
+@pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="GSM8K data (../shared/gsm8k) not present")
+def test_a_prompt_that_cannot_fit_fails_the_dry_run(capsys):
+    """Issue #31, item 9: a GSM8K prompt longer than train.max_length passed --dry-run."""
+    code = main(["run", str(REPO / "configs" / "tiny_gsm8k.yaml"), "--dry-run", "--set", "train.max_length=16",
+                 "--set", f"data_dir={GSM8K}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.max_length: 16 is too short for task gsm8k" in err and "example 0" in err, err
