@@ -107,7 +107,7 @@ def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[
             params, counts = cache[key]
             if key not in described:
                 described[key] = cls(params).describe(shapes.targets)
-            matched = cls.matches_budget and method.match_budget
+            matched = cls.matches_budget and method.match_budget is True  # "nearest": solved, not matched
             solved[(method.label, task)] = Solved(method.label, method.name, task, params, counts,
                                                   target if matched else None, matched, described[key])
     misses = [s for s in solved.values() if s.matched and abs(s.miss) > config.budget.tolerance]
@@ -116,7 +116,8 @@ def solve_all(config: Config, host: Host, shapes: Shapes | None = None) -> dict[
                  f"({s.miss:+.2%}) with {to_dict(s.params)}" for s in misses]
         raise BudgetError(f"{config.source}: budget: target {target:,} adapter parameters "
                           f"(tolerance {config.budget.tolerance:.1%}) missed by:\n" + "\n".join(lines)
-                          + "\n  Change the method's params, set `match_budget: false` for it, or widen "
+                          + "\n  Change the method's params, set `match_budget: false` for it (or `nearest`: its nearest size, as an "
+                            "unmatched reference), or widen "
                             "budget.tolerance.")
     return solved
 

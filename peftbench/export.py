@@ -117,8 +117,8 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
                           "in HF PEFT format")
     config, state = exported
     spec_model = run["spec"]["model"]
-    config = {**config, "modules_to_save": head,
-              "base_model_name_or_path": modeling.resolve_name(spec_model["name_or_path"])}
+    base = modeling.resolve_name(spec_model["name_or_path"], spec_model.get("gguf_file"))
+    config = {**config, "modules_to_save": head, "base_model_name_or_path": base}
     task_type = host.task(run["task"]).peft_task_type
     if task_type:  # e.g. CAUSAL_LM: PeftModel.from_pretrained then gives a PeftModelForCausalLM
         config["task_type"] = task_type

@@ -3,7 +3,7 @@
 The run is exported as a PEFT adapter (:func:`peftbench.export.export_run`) and evaluated by lm-eval's own
 ``hf`` model with ``peft=`` (the harness loads the base model and the adapter itself, so its numbers are those
 any user of the exported adapter gets). Every numeric metric lands in the run's ``harness`` column
-(``{task: {metric: value}}``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
+(``{task: {"metrics": {metric: value}, "samples": n}}``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
 ``pip install 'peftbench[harness]'``.
 """
 
@@ -20,11 +20,25 @@ from .host import Host
 from .task import GenerationTask
 
 
-def harness_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results`` section without its non-numbers (aliases, ``N/A`` standard errors)."""
-    return {task: {metric: float(value) for metric, value in values.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
-            for task, values in results.items()}
+def harness_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """lm-eval's ``results`` section, per task: ``metrics`` (its ``metric,filter`` numbers, without the
+    non-numbers: aliases, ``N/A`` standard errors) and ``samples``, the number of documents evaluated (a count,
+    kept apart from the metrics)."""
+    out = {}
+    for task, values in results.items():
+        samples = values.get("sample_len")
+        out[task] = {"metrics": {metric: float(value) for metric, value in values.items()
+                                 if "," in metric and isinstance(value, (int, float)) and not isinstance(value, bool)},
+                     "samples": int(samples) if isinstance(samples, int) and not isinstance(samples, bool) else None}
+    return out
+
+
+def task_results(entry: dict[str, Any]) -> tuple[dict[str, float], int | None]:
+    """``(metrics, samples)`` of one task's stored harness results (records written before the two were kept
+    apart have the count among the metrics, as ``sample_len``)."""
+    if "metrics" in entry:
+        return entry["metrics"], entry.get("samples")
+    return {k: v for k, v in entry.items() if k != "sample_len"}, entry.get("sample_len")
 
 
 def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int | None = None,
@@ -41,7 +55,7 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
         raise ConfigError(f"run {run['run_id']} is a {run['task']!r} classification run: the harness evaluates "
                           "causal language models")
     spec_model = run["spec"]["model"]
-    base = modeling.resolve_name(spec_model["name_or_path"])
+    base = modeling.resolve_name(spec_model["name_or_path"], spec_model.get("gguf_file"))
     if spec_model.get("random_init") or not Path(base).exists() and base in modeling.BUILTIN_CONFIGS:
         raise ConfigError(f"run {run['run_id']}: its base model {base!r} was built with random weights; the harness "
                           "loads a saved model (a local folder or a hub id)")
@@ -57,13 +71,16 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
 
 def harness_columns(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """``(headers, rows)`` of the harness results of ``runs``: one row per run that has any, one column per
-    task and metric (standard errors left out)."""
+    task and metric (standard errors left out), then each task's number of documents (``task n``)."""
     runs = [r for r in runs if r.get("harness")]
-    columns = sorted({f"{task}:{metric}" for r in runs for task, metrics in r["harness"].items()
+    parsed = [{task: task_results(entry) for task, entry in r["harness"].items()} for r in runs]
+    columns = sorted({f"{task}:{metric}" for p in parsed for task, (metrics, _) in p.items()
                       for metric in metrics if "stderr" not in metric})
+    tasks = sorted({task for p in parsed for task, (_, n) in p.items() if n is not None})
     rows = []
-    for r in runs:
-        values = {f"{t}:{m}": v for t, metrics in r["harness"].items() for m, v in metrics.items()}
+    for r, p in zip(runs, parsed):
+        values = {f"{t}:{m}": v for t, (metrics, _) in p.items() for m, v in metrics.items()}
         rows.append([r["label"], r["task"], r["seed"], r["run_id"][:8],
-                     *(f"{values[c]:.4f}" if c in values else "—" for c in columns)])
-    return ["method", "task", "seed", "run", *columns], rows
+                     *(f"{values[c]:.4f}" if c in values else "—" for c in columns),
+                     *(str(p[t][1]) if t in p and p[t][1] is not None else "—" for t in tasks)])
+    return ["method", "task", "seed", "run", *columns, *(f"{t} n" for t in tasks)], rows

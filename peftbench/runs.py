@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ADDED_TRAIN_KEYS, Config, ModelConfig, TrainConfig, data_dir_for
+from .config import ADDED_MODEL_KEYS, ADDED_TRAIN_KEYS, Config, ModelConfig, TrainConfig, data_dir_for
 from .schema import to_dict
 
 #: the model-selection rule of ``best``: the best dev evaluation at which the method was within its budget
@@ -34,7 +34,8 @@ class RunSpec:
     train: TrainConfig
     data_dir: str | None
     save_adapters: bool = True
-    #: content fingerprint of each split the run reads (``{"train": ..., "dev": ...}``): changed data is a new run
+    #: content fingerprint of each split the run reads (``{"train": ..., "dev": ...}``): changed data is a new run;
+    #: ``scoring``: the task's :attr:`~peftbench.task.Task.scoring` version, where it has one
     data: dict[str, str] = field(default_factory=dict)
     #: a tuning run (:mod:`peftbench.tuning`): ``{"holdout", "split_seed", "point", "index"}``; it trains on the
     #: training set minus the held-out part and evaluates on that part only
@@ -52,9 +53,12 @@ class RunSpec:
         path: its content is in ``data``)."""
         # training keys added later are left out at their default: older runs keep their ids
         train = {k: v for k, v in to_dict(self.train).items() if k not in ADDED_TRAIN_KEYS or v != ADDED_TRAIN_KEYS[k]}
+        model = to_dict(self.model)
+        if isinstance(model, dict):
+            model = {k: v for k, v in model.items() if k not in ADDED_MODEL_KEYS or v != ADDED_MODEL_KEYS[k]}
         identity = {
             "method": self.method, "params": to_dict(self.params), "task": self.task, "seed": self.seed,
-            "model": to_dict(self.model), "train": train, "label": self.label,
+            "model": model, "train": train, "label": self.label,
             # how `best` is selected: a result stored under the earlier rule (best of any evaluation, over-budget
             # ones included) is another run, retrained rather than reported as in budget
             "selection": SELECTION,

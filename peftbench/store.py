@@ -217,7 +217,8 @@ class Store:
                                  f"{pending} and is imported by the next `peftbench run` on this store") from None
 
     def set_harness(self, run_id: str, results: dict[str, Any]) -> None:
-        """Merge lm-evaluation-harness results (``{task: {metric: value}}``) into a finished run's record."""
+        """Merge lm-evaluation-harness results (``{task: {"metrics": {metric: value}, "samples": n}}``) into a
+        finished run's record."""
         with self.transaction() as db:
             row = db.execute("SELECT harness FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             merged = {**json.loads(row[0] or "{}"), **results} if row else results

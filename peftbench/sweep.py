@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import sys
 import traceback
@@ -223,6 +224,8 @@ def check_data(config: Config, host: Host, tasks: list[str],
             fingerprints.setdefault(name, {})[split] = content_fingerprint(data)
             if split == "train" and sizes is not None:
                 sizes[name] = len(data.labels)
+        if task.scoring is not None:  # how its results are scored is part of them, like the data they come from
+            fingerprints[name]["scoring"] = task.scoring
     return fingerprints
 
 
@@ -395,6 +398,8 @@ def _spec_fields(spec: RunSpec, budget: Solved, plugins: list[str]) -> dict[str,
     # the stored spec keeps the plugins the run's method and task came from (``plugins:``, ``--plugin``), for
     # ``peftbench export``; they are not part of the run's identity, so its id does not change
     stored = {**spec.identity(), "plugins": plugins} if plugins else spec.identity()
+    # where the data was read, for `peftbench export --check` (beside the identity, which has its content)
+    stored["data_dir"] = os.path.abspath(spec.data_dir) if spec.data_dir else None
     return {
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
         "model": spec.model.name_or_path, "spec": stored,

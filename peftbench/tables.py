@@ -72,7 +72,7 @@ def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
     the training settings and the method's params. Runs of one label are seeds of one setting only when
     these are equal."""
-    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label", "plugins")}
+    spec = {k: v for k, v in (run.get("spec") or {}).items() if k not in ("seed", "label", "plugins", "data_dir")}  # where, not what
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
@@ -315,10 +315,20 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         rows = [row + [Cell(text) for text in cost_cells[label]] for row, label in zip(rows, labels)]
         notes.append(cost_note)
     note = _note(values, selection_text(runs, metric), bool(misses), bool(test_tasks))
+    references = [label for label in labels if _unmatched(runs, label)]
+    if references:  # full fine-tuning, fixed-size PEFT tuners: shown beside the matched methods, not among them
+        notes.append(f"unmatched references (trainable count not matched to the budget; `params` is their own): "
+                     f"{', '.join(references)}")
     if baseline:
         notes += [stats.footer(comparisons, baseline, alpha), *difference_lines(comparisons, labels, tasks, baseline)]
     return Table(header, rows, "; ".join([note, *setting_notes]),
                  [*notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
+
+
+def _unmatched(runs: list[dict[str, Any]], label: str) -> bool:
+    """Whether ``label``'s runs were left out of budget matching (their stored budget says so)."""
+    budgets = [run.get("budget") or {} for run in runs if run["label"] == label]
+    return bool(budgets) and all(b.get("matched") is False for b in budgets)
 
 
 def difference_lines(comparisons: dict, labels: list[str], tasks: list[str], baseline: str) -> list[str]:

@@ -63,6 +63,9 @@ class Task:
     kind: ClassVar[str] = "classification"
     #: ``task_type`` of the exported ``adapter_config.json`` (``None``: PEFT's default, a plain ``PeftModel``)
     peft_task_type: ClassVar[str | None] = None
+    #: the version of the task's scoring, in its runs' identity when set: results scored another way (an
+    #: earlier metric) are other runs, retrained rather than mixed with these in a table
+    scoring: ClassVar[str | None] = None
 
     name: str  #: lower-case id used in configs, e.g. ``"rte"``
     text_fields: tuple[str, ...]  #: column names of the one or two input texts

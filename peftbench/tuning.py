@@ -54,7 +54,8 @@ def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | 
     examples: a tuning run then takes as many steps as the final runs at its point (:func:`matched_steps`);
     ``grids``: per (label, task), a grid extended past an edge (:func:`extended`), else the config's."""
     tune, grids = config.tune, grids or {}
-    train_only = {task: {"train": splits["train"]} for task, splits in (data or {}).items() if "train" in splits}
+    train_only = {task: {k: v for k, v in splits.items() if k in ("train", "scoring")}
+                  for task, splits in (data or {}).items() if "train" in splits}
     runs = []
     for spec in expand(config, solved, train_only, seeds=tune.seeds):
         method = next(m for m in config.methods if m.label == spec.label)

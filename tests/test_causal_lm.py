@@ -140,9 +140,58 @@ def test_last_number(text, number):
 
 def test_scoring_counts_past_cap_as_wrong(host):
     task = host.task("gsm8k")
-    scores = task.score(["so #### 72", None, "1,200.0"], ["x #### 72", "y #### 5", "z #### 1,200"])
-    assert scores == {"accuracy": pytest.approx(2 / 3), "formatted": pytest.approx(1 / 3),
-                      "past_cap": pytest.approx(1 / 3)}
+    scores = task.score(["so #### 72", None, "1,200."], ["x #### 72", "y #### 5", "z #### 1,200"])
+    assert scores == {"strict_match": pytest.approx(1 / 3), "flexible_extract": pytest.approx(2 / 3),
+                      "formatted": pytest.approx(1 / 3), "past_cap": pytest.approx(1 / 3)}
+
+
+#: (generation, gold answer, strict right, flexible right): lm-eval's gsm8k filters, read by hand
+TRICKY = [
+    ("She pays 6 * 200 = 1200.\n#### 1,200", "#### 1200", True, True),  # commas ignored
+    ("#### 1200", "... = <<600*2=1200>>1,200\n#### 1,200", True, True),  # in the reference too
+    ("#### $18", "#### 18", False, True),  # strict takes digits right after "#### " only; flexible keeps "$"
+    ("The total is $18.", "#### 18", False, True),  # no marker: strict has no answer
+    ("#### 18.", "#### 18", True, True),  # one trailing period dropped
+    ("#### 18.0", "#### 18", False, False),  # but a decimal is compared as text, as lm-eval does
+    ("#### 0.5", "#### 0.5", True, True),
+    ("#### -3", "#### -3", True, True),
+    ("#### 12\n#### 15", "#### 12", True, False),  # several markers: strict the first, flexible the last number
+    ("#### 12\n#### 15", "#### 15", False, True),
+    ("#### 72 apples from 3 boxes", "#### 72", True, False),  # text after the number
+    ("He has 5 boxes of 3 = 15 apples", "#### 15", False, True),
+    ("####72", "#### 72", False, True),  # strict needs the space
+    ("no number here", "#### 4", False, False),
+    (None, "#### 72", False, False),  # cut by the length cap: never finished, wrong in both
+]
+
+
+@pytest.mark.parametrize("generation, gold, strict, flexible", TRICKY)
+def test_strict_and_flexible_answers(host, generation, gold, strict, flexible):
+    scores = host.task("gsm8k").score([generation], [gold])
+    assert (scores["strict_match"], scores["flexible_extract"]) == (float(strict), float(flexible))
+
+
+def test_scoring_agrees_with_lm_eval_filters():
+    """The same extraction and comparison as the installed lm-evaluation-harness's gsm8k task, on TRICKY."""
+    lm_eval_filters = pytest.importorskip("lm_eval.filters.extraction")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    strict = lm_eval_filters.RegexFilter(r"#### (\-?[0-9\.\,]+)")
+    flexible = lm_eval_filters.RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)
+    for generation, gold, is_strict, is_flexible in TRICKY:
+        if generation is None:
+            continue
+        for lm_filter, expected in ((strict, is_strict), (flexible, is_flexible)):
+            (answer,), = lm_filter.apply([[generation]], [{}])
+            match = exact_match_hf_evaluate([answer], [gold], regexes_to_ignore=[",", "\\$", "(?s).*#### ", "\\.$"],
+                                            ignore_case=True)["exact_match"]
+            assert bool(match) is expected, (generation, gold, answer)
+
+
+def test_metamathqa_trained_runs_score_strictly_after_its_marker(host):
+    task = host.task("gsm8k").with_options({"train_source": "metamathqa"})
+    scores = task.score(["so the answer is 2. The answer is: 72", "#### 72"], ["#### 72", "#### 72"])
+    assert scores["strict_match"] == 0.5 and scores["flexible_extract"] == 1.0
 
 
 @pytest.mark.parametrize("generation, formatted", [
@@ -300,9 +349,11 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
     summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
     assert summary.done == 2, summary.failed
     for run in store.runs():
-        assert {"accuracy", "formatted", "past_cap"} <= set(run["best"])
-        assert set(run["final"]) == {"accuracy", "formatted", "past_cap", "test_accuracy", "test_formatted",
+        assert {"strict_match", "flexible_extract", "formatted", "past_cap"} <= set(run["best"])
+        assert set(run["final"]) == {"strict_match", "flexible_extract", "formatted", "past_cap",
+                                     "test_strict_match", "test_flexible_extract", "test_formatted",
                                      "test_past_cap"}
+        assert run["spec"]["data"]["scoring"] == "lm_eval_strict_flexible"  # in the identity
         lines = (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()
         generations = [json.loads(line) for line in lines]
         assert [g["split"] for g in generations] == ["valid"] * 4 + ["test"] * (len(generations) - 4)
@@ -314,9 +365,9 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         assert run["spec"]["task_options"]["val_size"] == 4
         assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
     # the test split scored at the end is a column of its own, beside the in-budget dev metric
-    table = build(store.runs(), {"gsm8k": "accuracy"}, "plain")
+    table = build(store.runs(), {"gsm8k": "strict_match"}, "plain")
     header = table.splitlines()[0].split()
-    assert header[-3:] == ["gsm8k", "test", "(accuracy)"] and "not part of avg" in table
+    assert header[-3:] == ["gsm8k", "test", "(strict_match)"] and "not part of avg" in table
 
 
 def test_gpt2_conv1d_becomes_an_equal_linear(tmp_path):
@@ -407,9 +458,10 @@ def test_tuning_generates_from_the_held_out_prompts(tmp_path):
     assert summary.ok, summary.failed
     runs = store.runs()
     tuning = [r for r in runs if r["spec"].get("tuning")]
-    assert len(tuning) == 2 and all("accuracy" in r["best"] for r in tuning)
-    assert not any("test_accuracy" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
-    assert all("test_accuracy" in r["final"] for r in runs if r not in tuning)
+    assert len(tuning) == 2 and all("strict_match" in r["best"] for r in tuning)
+    assert not any("test_strict_match" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
+    assert all("test_strict_match" in r["final"] for r in runs if r not in tuning)
+    assert all(r["spec"]["data"]["scoring"] == "lm_eval_strict_flexible" for r in tuning)
 
 
 #: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives
@@ -419,11 +471,14 @@ REAL_GOLDS = [(1, "72"), (346, "1080"), (368, "850000"), (498, "10000"), (645, "
 
 @needs_gsm8k
 @pytest.mark.parametrize("line, gold", REAL_GOLDS)
-def test_every_real_gold_format(line, gold):
+def test_every_real_gold_format(host, line, gold):
     answer = json.loads((GSM8K / "train.jsonl").read_text().splitlines()[line - 1])["answer"]
     assert gold_number(answer) == gold
     assert last_number(f"so the answer is {answer.rsplit('####', 1)[1].strip()}.") == gold  # as a model writes it
     assert last_number(f"so the answer is {gold}.0") == gold
+    scores = host.task("gsm8k").score([f"so\n#### {answer.rsplit('####', 1)[1].strip()}", f"so it is {gold}."],
+                                      [answer, answer])
+    assert scores["strict_match"] == 0.5 and scores["flexible_extract"] == 1.0
 
 
 # -- half-precision weights ----------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """``peftbench export`` of a causal-LM run: HF PEFT loads the adapter onto the base model and greedy decoding
 gives the same tokens as peftbench's trained model."""
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ def base_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", [{"name": "lora", "params": {"r": 4, "alpha": 8}},
                                     {"name": "prunedlora", "params": {"init_ratio": 4, "prune_every": 1,
                                                                       "prune_k": 4}}])
-def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method, capsys):
+def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method, capsys, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -71,8 +74,12 @@ def test_exported_adapter_generates_the_same_tokens(base_dir, tmp_path, method, 
                               atol=1e-4)
     args = (batch["input_ids"], batch["attention_mask"], tok, 16, 800)
     assert generate_ids(ours, *args, keep_unfinished=True) == generate_ids(theirs, *args, keep_unfinished=True)
-    assert main(["export", run["run_id"], str(tmp_path / "checked"), "--db", config.output.db, "--check",
-                 "--data-dir", str(GSM8K)]) == 0
+    # no --data-dir: the run's own data folder, stored with it (its id does not depend on it)
+    assert run["spec"]["data_dir"] == os.path.abspath(GSM8K)
+    identity = {k: v for k, v in run["spec"].items() if k != "data_dir"}
+    assert hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16] == run["run_id"]
+    monkeypatch.delenv("PEFTBENCH_GLUE_DIR", raising=False)
+    assert main(["export", run["run_id"], str(tmp_path / "checked"), "--db", config.output.db, "--check"]) == 0
     assert "dev predictions agree on 100.00%" in capsys.readouterr().out
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()  # the adapter changed something
     with torch.no_grad():

@@ -59,7 +59,7 @@ def test_cli_export_loads_the_runs_plugins_and_names_a_refused_export(tmp_path, 
                                              "match_budget": False}], train={"epochs": 1})
     _, run = train_one(config)
     assert run["spec"]["plugins"] == ["peftbench.testing"]
-    identity = {k: v for k, v in run["spec"].items() if k != "plugins"}
+    identity = {k: v for k, v in run["spec"].items() if k not in ("plugins", "data_dir")}  # stored beside it
     assert hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16] == run["run_id"]
     assert main(["export", run["run_id"], str(tmp_path / "x"), "--db", config.output.db]) == 2
     err = capsys.readouterr().err

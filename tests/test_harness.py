@@ -21,13 +21,18 @@ if not (GSM8K / "train.jsonl").exists():
 
 
 def test_metrics_and_columns_without_lm_eval():
-    results = harness_metrics({"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "n": True}})
-    assert results == {"t": {"acc,none": 0.5}}
+    results = harness_metrics({"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "n": True,
+                                     "sample_len": 8}})
+    assert results == {"t": {"metrics": {"acc,none": 0.5}, "samples": 8}}  # the count apart from the metrics
     headers, rows = harness_columns([{"label": "lora", "task": "gsm8k", "seed": 0, "run_id": "abcdef123",
-                                      "harness": {"t": {"acc,none": 0.5, "acc_stderr,none": 0.1}}},
+                                      "harness": {"t": {"metrics": {"acc,none": 0.5, "acc_stderr,none": 0.1},
+                                                        "samples": 8}}},
+                                     # stored before counts were kept apart: sample_len among the metrics
+                                     {"label": "full", "task": "gsm8k", "seed": 0, "run_id": "12345678",
+                                      "harness": {"t": {"acc,none": 0.25, "sample_len": 4}}},
                                      {"label": "full", "harness": None}])
-    assert headers == ["method", "task", "seed", "run", "t:acc,none"] and rows == [["lora", "gsm8k", 0, "abcdef12",
-                                                                                     "0.5000"]]
+    assert headers == ["method", "task", "seed", "run", "t:acc,none", "t n"]
+    assert rows == [["lora", "gsm8k", 0, "abcdef12", "0.5000", "8"], ["full", "gsm8k", 0, "12345678", "0.2500", "4"]]
 
 
 @pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="no local GSM8K copy")
@@ -67,7 +72,9 @@ def test_harness_on_exported_adapter_offline(tmp_path, monkeypatch, capsys):
     assert main(["evaluate", run["run_id"], "--harness", "tiny_yesno", "--include-path", str(tasks),
                  "--db", config.output.db, "--batch-size", "2"]) == 0
     stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
-    assert 0.0 <= stored["tiny_yesno"]["acc,none"] <= 1.0
+    assert 0.0 <= stored["tiny_yesno"]["metrics"]["acc,none"] <= 1.0
+    assert stored["tiny_yesno"]["samples"] == 6 and "sample_len" not in stored["tiny_yesno"]["metrics"]
     capsys.readouterr()
     assert main(["table", config.output.db]) == 0
-    assert "tiny_yesno:acc,none" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny_yesno:acc,none" in out and "tiny_yesno n" in out and "sample_len" not in out

@@ -148,3 +148,13 @@ def test_comparison_is_a_structured_table_every_format_renders():
     assert Cell("1", "2", best=True, significant=True, missed=True).text("latex") == "\\textbf{1$\\pm$2}†‼"
     assert render(table, "markdown") == build(RUNS, MAIN, "markdown", baseline=None)
     assert table.footer("plain")[0].endswith("best per column marked *")
+
+
+def test_unmatched_references_are_named_under_the_table():
+    runs = [dict(run("lora", "rte", 0, 0.7), budget={"matched": True}),
+            dict(run("full", "rte", 0, 0.72, 10**8), budget={"matched": False}),
+            dict(run("peft:ia3", "rte", 0, 0.6, 9216), budget={"matched": False})]
+    text = build(runs, MAIN, "plain")
+    assert "unmatched references (trainable count not matched to the budget; `params` is their own): full, " \
+           "peft:ia3" in text
+    assert "unmatched references" not in build(RUNS, MAIN, "plain")

@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -61,6 +61,45 @@ ANSWER_MARKERS = ("####", "The answer is:")
 # small test models decode ``####`` as ``# # # #``, and uncased ones lower-case)
 _FORMATTED = re.compile("(?:" + "|".join(r"\s*".join(map(re.escape, m.replace(" ", ""))) for m in ANSWER_MARKERS)
                         + r")\s*\$?\s*" + _NUMBER.pattern + r"\s*\.?\s*$", re.IGNORECASE)
+
+
+# -- scoring as lm-evaluation-harness does (lm_eval/tasks/gsm8k/gsm8k.yaml) -------------------------------
+
+#: lm-eval's ``strict-match`` filter: the number right after the *first* ``#### ``
+STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"
+#: lm-eval's ``flexible-extract`` filter: the *last* number-like run of the generation (``$`` and commas in it)
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+#: what lm-eval's ``exact_match`` removes from the extracted answer and the reference before comparing them
+#: (case ignored): commas, dollar signs, everything up to the last ``#### ``, one trailing period
+IGNORED = (",", r"\$", r"(?s).*#### ", r"\.$")
+
+
+def strict_pattern(marker: str = "####") -> re.Pattern:
+    """lm-eval's strict-match regex for a response format's marker (``####``: lm-eval's own pattern)."""
+    return re.compile(re.escape(marker) + STRICT_PATTERN[len("####"):])
+
+
+def extract(generation: str | None, pattern: re.Pattern, last: bool) -> str | None:
+    """lm-eval's ``regex`` filter: the first (or ``last``) match, its first non-empty group, stripped; ``None``
+    where lm-eval writes ``[invalid]``."""
+    found = pattern.findall(generation or "")
+    if not found:
+        return None
+    match = found[-1 if last else 0]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), None)
+    return match.strip() if match else None
+
+
+def lm_eval_normal(text: str) -> str:
+    for ignored in IGNORED:
+        text = re.sub(ignored, "", text)
+    return text.lower()
+
+
+def lm_eval_match(extracted: str | None, reference: str) -> bool:
+    """lm-eval's ``exact_match`` of an extracted answer against the whole reference solution."""
+    return extracted is not None and lm_eval_normal(extracted) == lm_eval_normal(reference)
 
 
 def gold_number(answer: str) -> str | None:
@@ -149,6 +188,8 @@ class Gsm8kOptions(GenerationOptions):
 @dataclass
 class Gsm8kTask(GenerationTask):
     Options = Gsm8kOptions
+    #: lm-eval's strict and flexible answers (before: the last number, under the name ``accuracy``)
+    scoring: ClassVar[str] = "lm_eval_strict_flexible"
 
     def load(self, split: str, data_dir: str | None) -> Split:
         if split == "train" and self.options.train_source == "metamathqa":
@@ -194,8 +235,17 @@ class Gsm8kTask(GenerationTask):
                             ) from None
 
     def score(self, generations: list[str | None], references: list[str]) -> dict[str, float]:
-        right = [g is not None and last_number(g) == gold_number(r) for g, r in zip(generations, references)]
-        return {"accuracy": float(np.mean(right)),
+        """lm-eval's two GSM8K scores: ``strict_match`` (the main metric: the number right after the first
+        answer marker of the trained format, ``#### `` or MetaMathQA's ``The answer is: ``) and
+        ``flexible_extract`` (the last number of the generation), each compared as lm-eval's ``exact_match``
+        does. A generation that ran into a length cap (``None``) is wrong in both: it never finished its answer."""
+        strict = strict_pattern("The answer is:" if self.options.train_source == "metamathqa" else "####")
+
+        def accuracy(pattern: re.Pattern, last: bool) -> float:
+            return float(np.mean([g is not None and lm_eval_match(extract(g, pattern, last), r)
+                                  for g, r in zip(generations, references)]))
+
+        return {"strict_match": accuracy(strict, last=False), "flexible_extract": accuracy(FLEXIBLE, last=True),
                 "formatted": float(np.mean([is_formatted(g) for g in generations])),
                 "past_cap": float(np.mean([g is None for g in generations]))}
 
@@ -246,7 +296,7 @@ class InstructTask(GenerationTask):
 
 
 CAUSAL_LM_TASKS = [
-    Gsm8kTask("gsm8k", ("prompt", "response"), 0, "accuracy", dev_splits=("valid",), final_splits=("test",)),
+    Gsm8kTask("gsm8k", ("prompt", "response"), 0, "strict_match", dev_splits=("valid",), final_splits=("test",)),
     InstructTask("instruct", ("prompt", "response"), 0, "exact_match", dev_splits=("valid",)),
 ]
 
