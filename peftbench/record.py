@@ -146,11 +146,11 @@ class RunRecord:
     dev_predictions: dict = column("TEXT", json=True, result=True, public=False)
 
     @classmethod
-    def from_result(cls, spec: RunSpec, result: Any) -> RunRecord:
+    def from_result(cls, spec: RunSpec, result: Any, plugins: list[str] | None = None) -> RunRecord:
         """The record of a run the trainer just finished: its identity and everything it measured (the sweep
         adds ``budget``, ``audit`` and ``artifacts`` when it stores the run)."""
         return cls(run_id=spec.run_id, sweep=spec.sweep, label=spec.label, method=spec.method, task=spec.task,
-                   seed=spec.seed, model=spec.model.name_or_path, status="done", spec=spec.identity(),
+                   seed=spec.seed, model=spec.model.name_or_path, status="done", spec=spec.stored(plugins or []),
                    **result_fields(result))
 
 

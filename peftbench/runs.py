@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,14 @@ class RunSpec:
             if getattr(self, role) is not None:
                 identity[role] = getattr(self, role)
         return identity
+
+    def stored(self, plugins: list[str]) -> dict[str, Any]:
+        """The spec as the store keeps it: the identity, plus what finds the run's inputs again but does not
+        determine its result (so not in its id): the plugins its method and task came from (``plugins:``,
+        ``--plugin``; for ``peftbench export``) and the data folder it read (for ``export --check``)."""
+        stored = {**self.identity(), "plugins": plugins} if plugins else self.identity()
+        stored["data_dir"] = os.path.abspath(self.data_dir) if self.data_dir else None
+        return stored
 
     @property
     def run_id(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import sys
 import traceback
@@ -395,14 +394,9 @@ def release_memory() -> None:
 
 
 def _spec_fields(spec: RunSpec, budget: Solved, plugins: list[str]) -> dict[str, Any]:
-    # the stored spec keeps the plugins the run's method and task came from (``plugins:``, ``--plugin``), for
-    # ``peftbench export``; they are not part of the run's identity, so its id does not change
-    stored = {**spec.identity(), "plugins": plugins} if plugins else spec.identity()
-    # where the data was read, for `peftbench export --check` (beside the identity, which has its content)
-    stored["data_dir"] = os.path.abspath(spec.data_dir) if spec.data_dir else None
     return {
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
-        "model": spec.model.name_or_path, "spec": stored,
+        "model": spec.model.name_or_path, "spec": spec.stored(plugins),
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
                    "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
                    "estimate": budget.counts.estimate},

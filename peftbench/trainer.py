@@ -183,7 +183,7 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
           PeakMemory(cpu=_uses_cpu(spec.train)) as memory):
         result = loop(setup(spec, host, memory), host, checkpoint)
         if host.implemented("peftbench_run_end"):  # observers get the finished run as the store will keep it
-            host.hook.peftbench_run_end(spec=spec, record=RunRecord.from_result(spec, result))
+            host.hook.peftbench_run_end(spec=spec, record=RunRecord.from_result(spec, result, host.plugin_specs()))
         return result
 
 
