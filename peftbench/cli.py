@@ -326,17 +326,35 @@ def _in_budget_plan(config, host, solved) -> None:
             else:
                 missing.append(task)
     plans = in_budget_plans(config, host, solved, sizes)
-    print(f"\nin-budget evaluations: only dev evaluations at which a method is within its budget count toward its "
-          f"reported metric (the final one always does); fewer in budget than the smaller of budget.min_evaluations "
+    print(f"\nin-budget evaluations: only evaluations at which a method is within its budget can be the checkpoint "
+          f"that is reported (the final one always can); fewer in budget than the smaller of budget.min_evaluations "
           f"= {config.budget.min_evaluations} and the run's number of evaluations is a config error")
     if missing:
         print(f"note: no training data for {', '.join(missing)}: their steps are unknown here")
     if assumed:
         print(f"note: no training data for {', '.join(assumed)}")
-    rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}"]
-            for (label, task), p in plans.items()]
-    print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted"],
-                   tablefmt="simple", disable_numparse=True))
+    rows = [[label, task, f"{p.total_steps:,}", f"{p.from_step:,}", f"{p.counted} of {len(p.evaluations)}",
+             *_rates(config, label, task)] for (label, task), p in plans.items()]
+    print(tabulate(rows, headers=["method", "task", "steps", "in budget from step", "evaluations counted", "lr",
+                                  "head lr"], tablefmt="simple", disable_numparse=True))
+    print(f"checkpoint: {_SELECT_RULES[config.train.select]}; head lr: the same rule for every method (the sweep's "
+          "train.lr unless train.head_lr is set; a grid's train.lr does not move it)")
+
+
+_SELECT_RULES = {
+    "validation": "the best in-budget evaluation on a validation split held out of the training data "
+                  "(train.validation_size), dev scored once at it",
+    "final": "the final model, dev scored once",
+    "dev": "the best of the dev evaluations (reproduces papers; not a fair protocol)",
+}
+
+
+def _rates(config, label: str, task: str) -> list[str]:
+    """The adapter's and the head's learning rate of (label, task), or ``tuned`` where its grid sets it."""
+    method = next(m for m in config.methods if m.label == label)
+    train, grid = config.train_for(method, task), config.grid_for(method)
+    return [f"tuned ({len(grid[key])} values)" if key in grid else f"{getattr(train, key[6:]):g}"
+            for key in ("train.lr", "train.head_lr")]
 
 
 def _memory_plan(config, host, shapes, solved, gpu_gb: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -65,6 +66,16 @@ class ModelConfig:
     revision: str | None = None
 
 
+def _fraction_or_count(value: float) -> float:
+    if value >= 1 and value != int(value):
+        raise ValueError(f"must be a fraction in (0, 1) or a whole number of examples, got {value}")
+    return value
+
+
+#: a part of the training set: a fraction in (0, 1), or a whole number of examples
+ValidationSize = Annotated[PositiveFloat, AfterValidator(_fraction_or_count)]
+
+
 @dataclass
 class TrainConfig:
     epochs: PositiveInt = 3
@@ -72,7 +83,10 @@ class TrainConfig:
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 128
     lr: PositiveFloat = 5e-4
-    head_lr: PositiveFloat | None = None  #: learning rate of the head; defaults to ``lr``
+    #: learning rate of the head (``model.head_modules``), the same rule for every method: unless a config sets it
+    #: (``train.head_lr``, or explicitly for a method), the sweep's own ``train.lr`` (per task: ``per_task``),
+    #: never a method's ``lr`` or a grid's (:meth:`Config.train_for`); a grid may tune it as its own axis
+    head_lr: PositiveFloat | None = None
     weight_decay: NonNegativeFloat = 0.0
     warmup_steps: NonNegativeInt = 0
     warmup_ratio: Fraction = 0.0  #: used when ``warmup_steps`` is 0
@@ -101,6 +115,14 @@ class TrainConfig:
     num_threads: PositiveInt | None = None  #: torch intra-op threads on CPU (default: torch's choice)
     #: learning-rate decay after warmup: linear to 0 (the GLUE papers') or cosine to 0 (HF PEFT's MetaMathQA runs)
     lr_scheduler: Literal["linear", "cosine"] = "linear"
+    #: which checkpoint is reported (docs/protocol.md): ``validation``: the best in-budget evaluation on a split
+    #: held out of the training set (``validation_size``), the dev splits scored once, at that checkpoint;
+    #: ``final``: the final model, dev scored once; ``dev``: the best of the dev evaluations (reproduces papers;
+    #: NOT a fair protocol: the reported split chooses the checkpoint)
+    select: Literal["validation", "final", "dev"] = "validation"
+    #: the selection split of ``select: validation``: a fraction (< 1) or a number (>= 1) of the training examples,
+    #: held out seeded and stratified by label, the same for every method and seed
+    validation_size: ValidationSize = 0.1
 
 
 #: :class:`TrainConfig` keys added after runs were stored, with their default: a run at the default leaves them
@@ -160,8 +182,13 @@ class TuneConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     #: fraction of the training set (after ``max_train_samples``) held out to choose on; stratified by label
     holdout: OpenFraction = 0.1
-    seeds: Seeds = field(default_factory=lambda: [0])  #: training seeds of the tuning runs
+    #: training seeds of the tuning runs: each point's held-out score is their mean (two: one seed's noise alone
+    #: would decide between close points)
+    seeds: Seeds = field(default_factory=lambda: [0, 1])
     seed: int = 0  #: seed of the held-out split
+    #: a choice at the edge of a numeric grid axis extends that axis by one more value beyond the edge (the
+    #: geometric step of its last two values) and tunes again, up to this many times per (method, task)
+    extend_edges: NonNegativeInt = 0
 
 
 def _tracker(name: str) -> str:
@@ -243,6 +270,8 @@ class Config:
         for layer in (self.per_task.get(task, {}), method.train,
                       method.per_task[task].train if task in method.per_task else {}):
             train = dataclasses.replace(train, **layer)
+        if train.head_lr is None:  # the head trained alike: the sweep's rate, not the method's (or a grid's)
+            train = dataclasses.replace(train, head_lr=self.per_task.get(task, {}).get("lr", self.train.lr))
         return train
 
     def check_train(self) -> None:
@@ -263,6 +292,24 @@ class Config:
                                       f"(model.dtype) train under autocast of their dtype: "
                                       f"train.precision must be {self.model.dtype} or auto, not {precision} "
                                       f"(method {method.label or method.name}, task {task})")
+
+    def check_selection(self) -> None:
+        """Every method of a task chooses its checkpoint by the same rule on the same split (``train.select``,
+        ``train.validation_size``, grids included): a method's own rule would be an unequal treatment."""
+        for task in self.tasks:
+            rules = {}
+            for i, method in enumerate(self.methods):
+                train = self.train_for(method, task)
+                for point in [{}, *grid_points(self.grid_for(method))]:
+                    values = {**{k: getattr(train, k) for k in ("select", "validation_size")},
+                              **{k[6:]: v for k, v in point.items() if k in ("train.select", "train.validation_size")}}
+                    rules.setdefault((values["select"], values["validation_size"]), i)
+            if len(rules) > 1:
+                (first, i), (second, j) = list(rules.items())[:2]
+                raise ConfigError(f"{self.where(f'methods[{j}]')}methods[{j}] ({self.methods[j].label}, {task}): "
+                                  f"train.select/validation_size {second[0]}/{second[1]:g}, but "
+                                  f"{self.methods[i].label} has {first[0]}/{first[1]:g}: every method chooses its "
+                                  "checkpoint by the same rule on the same split")
 
     def grid_for(self, method: MethodConfig) -> dict[str, list[Any]]:
         """The tuning grid of ``method``: its own ``tune``, else ``tune.grid`` (empty without ``tune:``)."""
@@ -368,6 +415,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of a tuning grid's value lists, in order (the first key varies slowest)."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def _has_path(data: Any, steps: tuple) -> bool:
@@ -526,6 +579,7 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
     config.tasks = [t.lower() for t in config.tasks]
     config.check_train()
     config.check_tune()
+    config.check_selection()
     return config
 
 

@@ -141,19 +141,22 @@ def subsample(encoded: Encoded, n: int | None, seed: int = 0) -> Encoded:
     return encoded.subset(indices)
 
 
-def holdout_split(encoded: Encoded, fraction: float, seed: int, stratify: bool) -> tuple[Encoded, Encoded]:
-    """``encoded`` split into (train part, held-out part) with ``fraction`` of the examples held out, seeded,
-    stratified by label for classification (each class keeps its share in both parts)."""
+def holdout_split(encoded: Encoded, fraction: float, seed: int, stratify: bool,
+                  key: str = "tune.holdout") -> tuple[Encoded, Encoded]:
+    """``encoded`` split into (train part, held-out part) with ``fraction`` of the examples held out (a number of
+    them if >= 1), seeded, stratified by label for classification (each class keeps its share in both parts);
+    ``key``: the config key named by an error."""
     from sklearn.model_selection import train_test_split
 
     from .errors import DataError
 
     indices = np.arange(len(encoded))
     try:
-        train, held_out = train_test_split(indices, test_size=fraction, random_state=seed, shuffle=True,
+        train, held_out = train_test_split(indices, test_size=fraction if fraction < 1 else int(fraction),
+                                           random_state=seed, shuffle=True,
                                            stratify=encoded.labels if stratify else None)
     except ValueError as exc:  # too few examples, or a class too rare to be in both parts
-        raise DataError(f"tune.holdout: cannot hold out {fraction:g} of {len(encoded)} training examples"
+        raise DataError(f"{key}: cannot hold out {fraction:g} of {len(encoded)} training examples"
                         f"{' stratified by label' if stratify else ''}: {exc}") from None
     return encoded.subset(np.sort(train)), encoded.subset(np.sort(held_out))
 
@@ -246,8 +249,9 @@ def load_task_data(task: Task, split: str, data_dir: str | None, tokenizer, max_
 
 
 def task_loaders(spec: RunSpec, task: Task, tokenizer):
-    """The shuffled train loader and one dev loader per dev split (a tuning run: one loader of the held-out
-    part of the training set instead, and the dev splits are never read)."""
+    """The shuffled train loader, one dev loader per dev split (a tuning run: one loader of the held-out
+    part of the training set instead, and the dev splits are never read), and the selection split's loader
+    (:func:`selection_split`)."""
     cfg = spec.train
     train_data = load_task_data(task, "train", spec.data_dir, tokenizer, cfg.max_length, cfg.max_train_samples)
     if spec.tuning:
@@ -257,9 +261,29 @@ def task_loaders(spec: RunSpec, task: Task, tokenizer):
     else:
         dev_data = {split: load_task_data(task, split, spec.data_dir, tokenizer, cfg.max_length,
                                           cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select_data = selection_split(spec, train_data, stratify=not task.is_regression)
     pad_id = tokenizer.pad_token_id or 0
     train_loader = make_loader(train_data, cfg.batch_size, True, cfg.group_by_length, spec.seed, pad_id,
                                task.is_regression, pad_to=cfg.max_length if cfg.pad_to_max_length else None)
-    dev_loaders = {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
-                   for split, data in dev_data.items()}
-    return train_loader, dev_loaders
+
+    def loaders(splits):
+        return {split: make_loader(data, cfg.eval_batch_size, False, True, 0, pad_id, task.is_regression)
+                for split, data in splits.items()}
+
+    return train_loader, loaders(dev_data), loaders(select_data)
+
+
+#: seed of the selection split (``train.select: validation``): one split for every method and seed
+VALIDATION_SEED = 0
+
+
+def selection_split(spec: RunSpec, train_data: Encoded, stratify: bool) -> tuple[Encoded, dict[str, Encoded]]:
+    """The training data less the selection split of ``train.select: validation`` (``train.validation_size`` of
+    it, seeded alike for every method and seed, stratified by label for classification), and ``{"validation":
+    that split}`` (``{}`` for the other rules). A tuning run's comes out of its own training part."""
+    cfg = spec.train
+    if cfg.select != "validation":
+        return train_data, {}
+    train_data, held_out = holdout_split(train_data, cfg.validation_size, VALIDATION_SEED, stratify,
+                                         "train.validation_size")
+    return train_data, {"validation": held_out}

@@ -24,6 +24,7 @@ from .data import (
     _write_cache,
     cache_dir,
     holdout_split,
+    selection_split,
     subsample,
 )
 from .errors import DataError
@@ -152,7 +153,8 @@ def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by
 
 def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool = False):
     """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
-    evaluation split, the final-only ones apart; and each evaluation split's references (its responses).
+    evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
+    selection split's loader (:func:`peftbench.data.selection_split`, from the training prompts).
     ``trim_logits``: training batches ask for logits of the response part only (:class:`LMCollator`)."""
     cfg, pad = spec.train, pad_id(tokenizer)
 
@@ -167,6 +169,10 @@ def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool
         dev = {"holdout": (held_out, train_refs)}
     else:
         dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
+    train_data, select = selection_split(spec, train_data, stratify=False)  # generates from its prompts
+    for held_out in select.values():
+        held_out.ids, held_out.offsets = _prompts_only(held_out)
+    select = {split: (data, train_refs) for split, data in select.items()}
     # a tuning run reads neither dev nor test
     final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
@@ -176,8 +182,8 @@ def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool
         return {split: make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
                 for split, (data, _) in splits.items()}
 
-    references = {split: refs for split, (_, refs) in {**dev, **final}.items()}
-    return train_loader, loaders(dev), loaders(final), references
+    references = {split: refs for split, (_, refs) in {**dev, **final, **select}.items()}
+    return train_loader, loaders(dev), loaders(final), references, loaders(select)
 
 
 def _prompts_only(encoded):

@@ -95,8 +95,11 @@ class RunRecord:
     spec: dict = column("TEXT", json=True)  #: everything that determines the result (:meth:`RunSpec.identity`)
     budget: dict = column("TEXT", json=True)  #: the budget's target and solved counts, before training
     trainable: dict = column("TEXT", json=True, result=True)  #: measured counts: adapter, nonzero, head, total
-    best: dict = column("TEXT", json=True, result=True)  #: dev metrics at the best in-budget evaluation: reported
-    final: dict = column("TEXT", json=True, result=True)  #: dev metrics after the last step
+    #: the reported dev metrics, at the checkpoint ``train.select`` chose (default: the best in-budget evaluation on
+    #: a validation split held out of the training data; dev scored once there)
+    best: dict = column("TEXT", json=True, result=True)
+    #: dev metrics after the last step (``select: validation``: only where that is the selected checkpoint)
+    final: dict = column("TEXT", json=True, result=True)
     best_step: int = column("INTEGER", result=True, header="best step")
     history: list = column("TEXT", json=True, result=True, public=False)  #: one entry per evaluation / log point
     method_report: dict = column("TEXT", json=True, result=True)  #: what the method reported (``peftbench_report``)
@@ -138,13 +141,16 @@ class RunRecord:
     audit: dict = column("TEXT", json=True)  #: measured final count vs the budget (:mod:`peftbench.audit`)
     eval_s: float = column("REAL", result=True)  #: seconds in dev evaluations, inside ``train_s``
     harness: dict = column("TEXT", json=True)  #: lm-evaluation-harness results (``peftbench evaluate --harness``)
+    #: per-example predictions of the reported dev scoring, per split: ``{"predictions", "labels"}``
+    #: (:class:`~peftbench.trainer.RunResult`), for the tables' paired bootstrap (:mod:`peftbench.stats`)
+    dev_predictions: dict = column("TEXT", json=True, result=True, public=False)
 
     @classmethod
-    def from_result(cls, spec: RunSpec, result: Any) -> RunRecord:
+    def from_result(cls, spec: RunSpec, result: Any, plugins: list[str] | None = None) -> RunRecord:
         """The record of a run the trainer just finished: its identity and everything it measured (the sweep
         adds ``budget``, ``audit`` and ``artifacts`` when it stores the run)."""
         return cls(run_id=spec.run_id, sweep=spec.sweep, label=spec.label, method=spec.method, task=spec.task,
-                   seed=spec.seed, model=spec.model.name_or_path, status="done", spec=spec.identity(),
+                   seed=spec.seed, model=spec.model.name_or_path, status="done", spec=spec.stored(plugins or []),
                    **result_fields(result))
 
 

@@ -25,7 +25,7 @@ from . import record
 from .audit import MISS_MARK, stored_audit
 from .costs import MEM_KINDS
 from .record import human_count
-from .tables import SELECTIONS, Cell, comparison, tuning_table
+from .tables import Cell, comparison, selection_text, tuning_table
 from .tuning import chosen_lines, current_choices, is_tuning_run, point_text, tuning_note
 
 PAGE = Template("""<!DOCTYPE html>
@@ -224,7 +224,7 @@ def protocol_section(runs: list[dict[str, Any]], tuning: list[dict[str, Any]], m
     budgets = sorted({(r.get("budget") or {}).get("target") for r in runs} - {None})
     tolerances = sorted({stored_audit(r).get("tolerance") for r in runs} - {None})
     items = [
-        ("selection", f"reported metric: {SELECTIONS['best']}; the final evaluation always counts"),
+        ("selection", f"reported metric: {selection_text(runs, 'best')}; the final evaluation always counts"),
         ("main metrics", ", ".join(f"{t}: {m}" for t, m in main_metric.items()) or "—"),
         ("seeds", ", ".join(map(str, seeds)) or "—"),
         ("budget", (", ".join(f"{b:,}" for b in budgets) + " adapter parameters"

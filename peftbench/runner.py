@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ from .host import Host
 from .runs import RunSpec, expand
 from .schema import key_path
 from .store import Store
-from .sweep import Sweep, SweepSummary, check_sweep_data, raised_at
-from .tuning import check_grid_counts, choose_from_store, final_runs, tuning_runs
+from .sweep import Sweep, SweepSummary, check_sweep_data, check_tuning_in_budget, raised_at
+from .tuning import check_grid_counts, choose_from_store, edges, extended, final_runs, tuning_runs
 
 
 def make_host(config: Config, extra_plugins: list[str] | tuple[str, ...] = ()) -> Host:
@@ -102,6 +102,7 @@ class Resolved:
     #: the runs to train first: the sweep's, or with ``tune:`` those of the tuning phase (the final phase's
     #: follow from its choices: :func:`peftbench.tuning.final_runs`)
     runs: list[RunSpec]
+    sizes: dict[str, int] = field(default_factory=dict)  #: each task's training examples (tuning runs' steps)
 
 
 def resolve(config: Config, host: Host, solved: dict[tuple[str, str], Solved] | None = None,
@@ -114,10 +115,11 @@ def resolve(config: Config, host: Host, solved: dict[tuple[str, str], Solved] | 
     modeling.check_max_length(config)
     check_writable(db or config.output.db, config.output.dir)  # before any training, not after it
     solved = solved or solve_budgets(config, host)
-    data = check_sweep_data(config, host, solved)  # every split and every in-budget plan, before any training
+    sizes: dict[str, int] = {}
+    data = check_sweep_data(config, host, solved, sizes)  # every split and every in-budget plan, before training
     check_fits(config, host)
-    runs = tuning_runs(config, solved, data) if config.tune is not None else expand(config, solved, data)
-    return Resolved(solved, data, runs)
+    runs = tuning_runs(config, solved, data, sizes) if config.tune is not None else expand(config, solved, data)
+    return Resolved(solved, data, runs, sizes)
 
 
 def check_fits(config: Config, host: Host) -> None:
@@ -195,25 +197,44 @@ def run_sweep(config: Config, host: Host, store: Store | None, fail_fast: bool =
 def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolved,
               summary: SweepSummary, log, executor, fail_fast: bool) -> None:
     """A sweep with ``tune:`` (:mod:`peftbench.tuning`): the tuning runs on held-out training data, the choice
-    per (method label, task), then the sweep's runs at the chosen points."""
-    solved, phase = resolved.solved, resolved.runs
-    points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
-    executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(
-        f"tuning: {len(config.methods)} methods × {len(config.tasks)} tasks × {points} grid points × "
-        f"{len(config.tune.seeds)} tuning seeds, on {100 * config.tune.holdout:g}% of the training set held out")),
-        fail_fast=fail_fast)
-    if fail_fast and summary.failed:
-        return
+    per (method label, task) (a choice at the edge of its grid extends that grid and tunes again, up to
+    ``tune.extend_edges`` times), then the sweep's runs at the chosen points."""
+    solved, data, sizes = resolved.solved, resolved.data, resolved.sizes
     main_metric = {task: host.task(task).main_metric for task in config.tasks}
     # the main process reads the store; under `accelerate launch` the others follow its choice
     decide = getattr(executor, "on_main", lambda config, decide: decide())
-    choices = decide(config, lambda: choose_from_store(phase, store, main_metric))
+    grids: dict[tuple[str, str], dict] = {}
+    for extension in range(config.tune.extend_edges + 1):
+        phase = tuning_runs(config, solved, data, sizes, grids)
+        check_tuning_in_budget(config, host, solved, phase, sizes)
+        points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
+        executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(
+            f"tuning: {len(config.methods)} methods × {len(config.tasks)} tasks × {points} grid points × "
+            f"{len(config.tune.seeds)} tuning seeds, on {100 * config.tune.holdout:g}% of the training set held out"
+            + (f" (grids extended past an edge: {extension})" if extension else ""))), fail_fast=fail_fast)
+        if fail_fast and summary.failed:
+            return
+        choices = decide(config, lambda phase=phase: choose_from_store(phase, store, main_metric))
+        wider = {}
+        for (label, task), choice in choices.items():
+            grid = grids.get((label, task)) or config.grid_for(next(m for m in config.methods if m.label == label))
+            choice.edges = edges(choice.point, grid) if choice.complete else []  # a partial grid: no choice yet
+            if choice.edges and extended(choice.point, grid) != grid:
+                wider[(label, task)] = extended(choice.point, grid)
+        if not wider or extension == config.tune.extend_edges:
+            break
+        log(f"peftbench: extending the grid past its edge (tune.extend_edges) for "
+            f"{', '.join(f'{label} {task}' for label, task in wider)}")
+        grids.update(wider)
     for choice in choices.values():
         log(f"peftbench: {choice.line()}")
+        if choice.edges:
+            log(f"peftbench: warning: {choice.label} {choice.task} chose the edge of its grid "
+                f"({', '.join(choice.edges)}): a wider grid may move it (tune.extend_edges extends it automatically)")
         if choice.point is None:
             summary.not_started.append(choice.line())
     executor.run(Sweep(config, host, store, solved, summary, log,
-                       runs=final_runs(config, solved, resolved.data, choices),
+                       runs=final_runs(config, solved, data, choices, grids),
                        what=f"at the tuned settings: {len(config.methods)} methods × {len(config.tasks)} tasks × "
                             f"{len(config.seeds)} seeds"), fail_fast=fail_fast)
 

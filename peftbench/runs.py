@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,11 @@ SELECTION = "in_budget"
 #: how evaluations sit in training: at most one per step, drawing nothing from the training RNG (earlier, each
 #: one drew a DataLoader seed, so ``eval_every`` changed the dropout noise of later steps)
 EVALUATION = "once_per_step_rng_isolated"
+#: how the reported split is scored: once per run, at the checkpoint ``train.select`` chose (earlier, ``best`` was
+#: the best of every dev evaluation: the reported split chose the checkpoint)
+SCORING = "dev_once_at_selected"
 #: constants of this version in a run's identity, not :class:`RunSpec` fields
-IDENTITY_CONSTANTS = ("selection", "evaluation")
+IDENTITY_CONSTANTS = ("selection", "evaluation", "scoring")
 
 
 @dataclass
@@ -61,6 +65,9 @@ class RunSpec:
             "selection": SELECTION,
             # a run trained before evaluations stopped touching the training RNG is retrained too
             "evaluation": EVALUATION,
+            # a run that reported its best of N dev evaluations (and trained the head at the method's rate) is
+            # retrained too
+            "scoring": SCORING,
         }
         if self.data:
             identity["data"] = dict(self.data)
@@ -68,6 +75,14 @@ class RunSpec:
             if getattr(self, role) is not None:
                 identity[role] = getattr(self, role)
         return identity
+
+    def stored(self, plugins: list[str]) -> dict[str, Any]:
+        """The spec as the store keeps it: the identity, plus what finds the run's inputs again but does not
+        determine its result (so not in its id): the plugins its method and task came from (``plugins:``,
+        ``--plugin``; for ``peftbench export``) and the data folder it read (for ``export --check``)."""
+        stored = {**self.identity(), "plugins": plugins} if plugins else self.identity()
+        stored["data_dir"] = os.path.abspath(self.data_dir) if self.data_dir else None
+        return stored
 
     @property
     def run_id(self) -> str:

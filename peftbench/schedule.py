@@ -26,6 +26,23 @@ def batches(examples: int, batch_size: int) -> int:
     return math.ceil(examples / batch_size)
 
 
+def held_out(examples: int, size: float) -> int:
+    """Examples a held-out part of ``size`` (a fraction < 1, or a number) takes of ``examples`` (sklearn's
+    ``train_test_split`` rounding: a fraction rounds up)."""
+    return math.ceil(size * examples) if size < 1 else int(size)
+
+
+def train_examples(cfg: TrainConfig, examples: int, holdout: float | None = None) -> int:
+    """The examples a run trains on, of a training set of ``examples``: capped (``max_train_samples``), less a
+    tuning run's held-out part (``holdout``), less the selection split (``select: validation``)."""
+    examples = min(examples, cfg.max_train_samples or examples)
+    if holdout:
+        examples -= held_out(examples, holdout)
+    if cfg.select == "validation":
+        examples -= held_out(examples, cfg.validation_size)
+    return examples
+
+
 def evaluates_every(cfg: TrainConfig, step: int) -> bool:
     """Whether ``train.eval_every`` evaluates after ``step`` completed steps."""
     return bool(cfg.eval_every) and step % cfg.eval_every == 0
@@ -52,8 +69,8 @@ class InBudgetPlan:
 
 
 def in_budget_plan(cfg: TrainConfig, examples: int, in_budget_from) -> InBudgetPlan:
-    """The plan of a run on ``examples`` training examples; ``in_budget_from(total_steps)`` is the method's
-    :func:`~peftbench.hookspecs.peftbench_in_budget_from` (``None``: always in budget)."""
+    """The plan of a run that trains on ``examples`` examples (:func:`train_examples`); ``in_budget_from(total_steps)``
+    is the method's :func:`~peftbench.hookspecs.peftbench_in_budget_from` (``None``: always in budget)."""
     per_epoch = batches(examples, cfg.batch_size)
     total = total_steps(cfg, per_epoch)
     return InBudgetPlan(total, in_budget_from(total) or 0, evaluation_steps(cfg, per_epoch))

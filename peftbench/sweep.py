@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import sys
 import traceback
@@ -28,7 +27,7 @@ from .history import write_generations, write_history
 from .host import Host
 from .record import result_fields
 from .runs import RunSpec, expand
-from .schedule import InBudgetPlan, in_budget_plan
+from .schedule import InBudgetPlan, in_budget_plan, train_examples
 from .store import Store
 from .tuning import check_holdout, point_text
 
@@ -142,8 +141,11 @@ class Sweep:
         self._write_files(spec, tag, fields["history"], generations)
         main = self.host.task(spec.task).main_metric
         peak = f" (peak {checked['peak']:,})" if checked["peak"] != checked["final"] else ""
+        chosen = {"validation": "chosen on the validation split, dev scored once", "final": "the final model",
+                  "dev": "the best of the dev evaluations"}[spec.train.select]
         self.log(f"{tag}: best in-budget {main} {fields['best'].get(main, float('nan')):.4f} at step "
-                 f"{fields['best_step']} ({fields.get('in_budget_evals')}/{fields.get('evaluations')} evaluations in budget), "
+                 f"{fields['best_step']} ({chosen}; {fields.get('in_budget_evals')}/{fields.get('evaluations')} "
+                 "evaluations in budget), "
                  f"{fields['wall_s']:.0f}s, {fields['tokens_per_s']:,.0f} tok/s, adapter {checked['final']:,}{peak}"
                  f"; {self.eta()}")
         if checked["ok"] is False:  # measured after training: e.g. AdaLoRA's allocation under a triplet budget
@@ -226,10 +228,12 @@ def check_data(config: Config, host: Host, tasks: list[str],
     return fingerprints
 
 
-def check_sweep_data(config: Config, host: Host, solved: dict[tuple[str, str], Solved]) -> dict[str, dict[str, str]]:
+def check_sweep_data(config: Config, host: Host, solved: dict[tuple[str, str], Solved],
+                     sizes: dict[str, int] | None = None) -> dict[str, dict[str, str]]:
     """Before any training: every split checked (:func:`check_data`), and every method's schedule checked to
-    leave enough evaluations in budget (a reported metric comes only from those). The splits' fingerprints."""
-    sizes: dict[str, int] = {}
+    leave enough evaluations in budget (a reported metric comes only from those). The splits' fingerprints
+    (and each task's training examples in ``sizes``, if given)."""
+    sizes = {} if sizes is None else sizes
     data = check_data(config, host, config.tasks, sizes)
     check_holdout(config, host, sizes)
     check_in_budget(config, in_budget_plans(config, host, solved, sizes))
@@ -244,7 +248,7 @@ def in_budget_plans(config: Config, host: Host, solved: dict[tuple[str, str], So
     for i, method in enumerate(config.methods):
         for task in (t for t in config.tasks if t in sizes):
             train = config.train_for(method, task)
-            examples = min(sizes[task], train.max_train_samples or sizes[task])
+            examples = train_examples(train, sizes[task])
             instance = host.method(method.name)(solved[(method.label, task)].params)
             try:
                 with host.activate(instance):
@@ -263,7 +267,8 @@ def check_in_budget(config: Config, plans: dict[tuple[str, str], InBudgetPlan]) 
     for i, method in enumerate(config.methods):
         for task in config.tasks:
             plan = plans.get((method.label, task))
-            if plan is None or plan.counted >= min(needed, len(plan.evaluations)):
+            if (plan is None or plan.counted >= min(needed, len(plan.evaluations))
+                    or config.train_for(method, task).select == "final"):  # no evaluation chooses: nothing to count
                 continue
             raise ConfigError(
                 f"{config.where(f'methods[{i}]')}methods[{i}] ({method.label}, {task}): only {plan.counted} of the "
@@ -272,6 +277,31 @@ def check_in_budget(config: Config, plans: dict[tuple[str, str], InBudgetPlan]) 
                 "evaluations from then on count toward the reported metric. Evaluate more often (train.eval_every) "
                 f"or end the method's schedule earlier (budget.min_evaluations: {needed}); `peftbench budget` shows "
                 "every method's plan")
+
+
+def check_tuning_in_budget(config: Config, host: Host, solved: dict[tuple[str, str], Solved], runs: list[RunSpec],
+                           sizes: dict[str, int]) -> None:
+    """:func:`check_in_budget` for the tuning runs (their own training part, their matched steps): a tuning
+    score is chosen among in-budget evaluations too."""
+    needed, seen = config.budget.min_evaluations, set()
+    for spec in runs:
+        key = (spec.label, spec.task, spec.tuning["index"])
+        if key in seen or spec.task not in sizes or spec.train.select == "final":
+            continue
+        seen.add(key)
+        instance = host.method(spec.method)(spec.params)
+        examples = train_examples(spec.train, sizes[spec.task], spec.tuning["holdout"])
+        with host.activate(instance):
+            plan = in_budget_plan(spec.train, examples,
+                                  lambda total: host.hook.peftbench_in_budget_from(total_steps=total))
+        if plan.counted < min(needed, len(plan.evaluations)):
+            i = next(i for i, m in enumerate(config.methods) if m.label == spec.label)
+            raise ConfigError(
+                f"{config.where(f'methods[{i}]')}methods[{i}] ({spec.label}, {spec.task}, tuning at "
+                f"{point_text(spec.tuning['point'])}): only {plan.counted} of the tuning run's "
+                f"{len(plan.evaluations)} evaluations (steps {_steps(plan.evaluations)}) are in budget (from step "
+                f"{plan.from_step} of {plan.total_steps}); evaluate more often (train.eval_every) "
+                f"(budget.min_evaluations: {needed})")
 
 
 def _steps(steps: list[int]) -> str:
@@ -364,14 +394,9 @@ def release_memory() -> None:
 
 
 def _spec_fields(spec: RunSpec, budget: Solved, plugins: list[str]) -> dict[str, Any]:
-    # the stored spec keeps the plugins the run's method and task came from (``plugins:``, ``--plugin``), for
-    # ``peftbench export``; they are not part of the run's identity, so its id does not change
-    stored = {**spec.identity(), "plugins": plugins} if plugins else spec.identity()
-    # where the data was read, for `peftbench export --check` (beside the identity, which has its content)
-    stored["data_dir"] = os.path.abspath(spec.data_dir) if spec.data_dir else None
     return {
         "sweep": spec.sweep, "label": spec.label, "method": spec.method, "task": spec.task, "seed": spec.seed,
-        "model": spec.model.name_or_path, "spec": stored,
+        "model": spec.model.name_or_path, "spec": spec.stored(plugins),
         "budget": {"target": budget.target, "matched": budget.matched, "final": budget.counts.final,
                    "peak": budget.counts.peak, "nonzero": budget.counts.nonzero, "miss": budget.miss,
                    "estimate": budget.counts.estimate},
@@ -396,5 +421,6 @@ def write_artifacts(config: Config, spec: RunSpec, weights) -> str | None:
     return str(out)
 
 
-__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "check_sweep_data", "in_budget_plans", "check_in_budget", "train_outcome", "run_one", "failure_reason",
+__all__ = ["Sweep", "SweepSummary", "Outcome", "check_data", "check_sweep_data", "in_budget_plans", "check_in_budget",
+           "check_tuning_in_budget", "train_outcome", "run_one", "failure_reason",
            "is_out_of_memory", "release_memory", "write_artifacts", "raised_at"]

@@ -36,6 +36,37 @@ SELECTIONS = {
     "best_any": "the best of all dev evaluations, over-budget ones included (NOT budget-matched: the old rule)",
 }
 
+def selection_text(runs: list[dict[str, Any]], metric: str) -> str:
+    """What the table's numbers are, by the runs' ``train.select`` (a run stored without one: ``dev``)."""
+    if metric != "best":
+        once = any(_select(run) != "dev" for run in runs)
+        return SELECTIONS.get(metric, metric) + (
+            " (a run that scored dev once, at its selected checkpoint, only where that checkpoint is this one)"
+            if once else "")
+    texts = []
+    for rule in sorted({_select(run) for run in runs}):
+        if rule == "dev":
+            counts = sorted({run.get("in_budget_evals") or 0 for run in runs if _select(run) == "dev"})
+            n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+            texts.append(f"the best of {n} dev evaluations (reproduces papers; not a fair protocol), in-budget ones "
+                         "only")
+        else:
+            texts.append(RULES[rule])
+    return " / ".join(texts)
+
+
+def _select(run: dict[str, Any]) -> str:
+    return (((run.get("spec") or {}).get("train") or {}).get("select")) or "dev"
+
+
+#: what ``best`` is under each checkpoint rule (``train.select``) but ``dev`` (:func:`selection_text`)
+RULES = {
+    "validation": "dev scored once, at the best evaluation on a validation split held out of the training data at "
+                  "which the method was within its budget (in-budget selection off the reported split)",
+    "final": "dev scored once, on the final model",
+}
+
+
 
 def settings_key(run: dict[str, Any]) -> str:
     """What a run was trained with, its seed and sweep left out: the data's content fingerprint, the model,
@@ -283,7 +314,7 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         header += cost_header
         rows = [row + [Cell(text) for text in cost_cells[label]] for row, label in zip(rows, labels)]
         notes.append(cost_note)
-    note = _note(values, metric, bool(misses), bool(test_tasks))
+    note = _note(values, selection_text(runs, metric), bool(misses), bool(test_tasks))
     references = [label for label in labels if _unmatched(runs, label)]
     if references:  # full fine-tuning, fixed-size PEFT tuners: shown beside the matched methods, not among them
         notes.append(f"unmatched references (trainable count not matched to the budget; `params` is their own): "
@@ -313,10 +344,11 @@ def difference_lines(comparisons: dict, labels: list[str], tasks: list[str], bas
     return lines
 
 
-def _note(values: dict[tuple[str, str], list[float]], metric: str, misses: bool, test: bool) -> str:
-    """The footer's first line: what a cell is, and its marks (the significance test has a line of its own)."""
+def _note(values: dict[tuple[str, str], list[float]], selection: str, misses: bool, test: bool) -> str:
+    """The footer's first line: what a cell is (``selection``: :func:`selection_text`), and its marks (the
+    significance test has a line of its own)."""
     seeds = sorted({len(v) for v in values.values()})
-    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {SELECTIONS.get(metric, metric)}, "
+    note = (f"mean{'±std' if max(seeds) > 1 else ''} of {selection}, "
             f"{', '.join(map(str, seeds))} seed(s), ×100")
     if misses:
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "

@@ -49,6 +49,8 @@ class Loaders:
     #: a generation task: each evaluation split's references (its responses), by example index
     references: dict[str, list[str]] = field(default_factory=dict)
     tokenizer: Any = None
+    #: the split whose evaluations choose the checkpoint (``train.select: validation``), out of the training data
+    select: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,13 +109,15 @@ class Task:
         """The run's loaders (:func:`peftbench.data.task_loaders`)."""
         from .data import task_loaders
 
-        train, dev = task_loaders(spec, self, tokenizer)
-        return Loaders(train, dev, tokenizer=tokenizer)
+        train, dev, select = task_loaders(spec, self, tokenizer)
+        return Loaders(train, dev, tokenizer=tokenizer, select=select)
 
-    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders,
-                 accelerator) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The metrics of one evaluation split, and what the run keeps of its final evaluation (none here)."""
-        return predict_and_score(model, loader, self, accelerator), []
+    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
+                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
+        """The metrics of one evaluation split, what the run keeps of its final evaluation (none here), and the
+        per-example predictions with their gold labels (``{"predictions", "labels"}``: class ids or values)."""
+        metrics, examples = predict_and_score(model, loader, self, accelerator)
+        return metrics, [], examples
 
     def check_labels(self, split: str, data: Split, where: str) -> None:
         """Every label is one of the task's classes (a finite number for regression)."""
@@ -148,8 +152,9 @@ class Task:
                            self.is_regression)
 
 
-def predict_and_score(model, loader, task, accelerator) -> dict[str, float]:
-    """The task's metrics of the model's predictions (class ids, or regression values) on ``loader``."""
+def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float], dict[str, list]]:
+    """The task's metrics of the model's predictions (class ids, or regression values) on ``loader``, and the
+    predictions with the gold labels (in the loader's order: length-sorted, the same for every run of a task)."""
     import torch
 
     model.eval()
@@ -162,7 +167,8 @@ def predict_and_score(model, loader, task, accelerator) -> dict[str, float]:
             labels.append(batch_labels)
         preds = torch.cat(predictions).cpu().numpy()
         gold = torch.cat(labels).cpu().numpy()
-    return task.compute_metrics(preds, gold.astype(np.float64) if task.is_regression else gold)
+    gold = gold.astype(np.float64) if task.is_regression else gold
+    return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
 @dataclass
@@ -227,19 +233,22 @@ class GenerationTask(Task):
         from .lm_data import lm_loaders
         from .modeling import takes_logits_to_keep
 
-        train, dev, final, references = lm_loaders(spec, self, tokenizer, trim_logits=takes_logits_to_keep(model))
-        return Loaders(train, dev, final, references, tokenizer)
+        train, dev, final, references, select = lm_loaders(spec, self, tokenizer,
+                                                           trim_logits=takes_logits_to_keep(model))
+        return Loaders(train, dev, final, references, tokenizer, select)
 
-    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders,
-                 accelerator) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`), and the
-        generations, one ``{split, index, reference, generation}`` each."""
+    def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
+                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
+        """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`), the generations, one
+        ``{split, index, reference, generation}`` each, and each example's correctness (1.0 or 0.0, by the
+        main metric) against labels of 1."""
         from .generation import generate_and_score
 
         references = data.references[split]
         metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
+        right = [float(self.score([text], [references[i]])[self.main_metric]) for i, text in texts.items()]
         return metrics, [{"split": split, "index": i, "reference": references[i], "generation": text}
-                         for i, text in texts.items()]
+                         for i, text in texts.items()], {"predictions": right, "labels": [1.0] * len(right)}
 
     def check_labels(self, split: str, data: Split, where: str) -> None:
         """A generation task's labels are unused."""

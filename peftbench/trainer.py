@@ -44,10 +44,16 @@ class RunResult:
     name, or computed from these: the median step time), and what the store does not keep (weights,
     generations)."""
 
-    best: dict[str, float]  #: dev metrics at the best in-budget evaluation (by the task's main metric): reported
-    final: dict[str, float]  #: dev metrics after the last step
-    best_step: int
-    best_any: dict[str, float]  #: dev metrics at the best of all evaluations, over budget ones included (info)
+    #: the reported dev metrics, at the selected checkpoint (``train.select``): the best in-budget evaluation on
+    #: the validation split (by the task's main metric), the final model, or the best in-budget dev evaluation
+    best: dict[str, float]
+    #: dev metrics after the last step (``select: validation``: only when that is the selected checkpoint, else
+    #: empty: dev is scored once)
+    final: dict[str, float]
+    best_step: int  #: the selected checkpoint's step
+    #: dev metrics at the best of all evaluations, over-budget ones included (information; ``select: validation``:
+    #: only when that is the selected checkpoint, else empty)
+    best_any: dict[str, float]
     best_any_step: int
     in_budget_from: int  #: completed steps from which evaluations count (:func:`peftbench_in_budget_from`)
     evaluations: int  #: dev evaluations in the run
@@ -70,6 +76,9 @@ class RunResult:
     #: a causal-LM task: the final evaluation's generations, one ``{split, index, reference, generation}`` each
     #: (``generation`` ``None``: ran into a length cap), written to the run's ``generations.jsonl``
     generations: list[dict[str, Any]] = field(default_factory=list)
+    #: per-example predictions of the reported dev scoring, per split: ``{"predictions": [...], "labels": [...]}``
+    #: (regression: values; classification: label ids; causal LM: correctness 0/1 against labels of 1)
+    dev_predictions: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +94,9 @@ class LoopState(TrainState):
     best_score: float = -math.inf  #: the task's main dev metric at the best in-budget evaluation so far
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
-    best_weights: dict[str, torch.Tensor] | None = None  #: trainable weights at the best in-budget evaluation (CPU)
+    #: trainable weights at the best in-budget evaluation (CPU), in its evaluated form (PRILoRA: pruned)
+    best_weights: dict[str, torch.Tensor] | None = None
+    best_predictions: dict[str, dict[str, list]] = field(default_factory=dict)  #: ``select: dev``: the best's
     best_any_score: float = -math.inf  #: the same over every evaluation, over-budget ones included (information)
     best_any_metrics: dict[str, float] = field(default_factory=dict)
     best_any_step: int = 0
@@ -153,6 +164,9 @@ class Run:
     final_loaders: dict[str, Any] = field(default_factory=dict)
     data: Loaders | None = None  #: what the task gave (:meth:`peftbench.task.Task.loaders`), for its evaluation
     generations: list[dict[str, Any]] = field(default_factory=list)  #: of the final evaluation (:class:`RunResult`)
+    #: the loaders whose evaluations choose the checkpoint (``train.select``): the validation split, the dev
+    #: splits themselves (``dev``), or none (``final``)
+    select_loaders: dict[str, Any] = field(default_factory=dict)
 
 
 def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
@@ -169,7 +183,7 @@ def train(spec: RunSpec, host: Host, method: Method, progress: bool = True,
           PeakMemory(cpu=_uses_cpu(spec.train)) as memory):
         result = loop(setup(spec, host, memory), host, checkpoint)
         if host.implemented("peftbench_run_end"):  # observers get the finished run as the store will keep it
-            host.hook.peftbench_run_end(spec=spec, record=RunRecord.from_result(spec, result))
+            host.hook.peftbench_run_end(spec=spec, record=RunRecord.from_result(spec, result, host.plugin_specs()))
         return result
 
 
@@ -227,14 +241,14 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
             state.step_times.append(time.perf_counter() - last_step_end)
             if state.step % cfg.log_every == 0 or state.step == state.total_steps:
                 log(run, host)
-            if evaluates_every(cfg, state.step) and state.step < state.total_steps:
+            if evaluates_every(cfg, state.step) and state.step < state.total_steps and run.select_loaders:
                 evaluate(run, host)
             last_step_end = time.perf_counter()  # evaluation and logging are not part of a step's time
             if state.step >= state.total_steps:
                 break
         state.epoch += 1
         if state.step < state.total_steps:  # epoch end (the last one is evaluated after train_end below)
-            if not evaluates_every(cfg, state.step):  # else evaluated at this step already
+            if not evaluates_every(cfg, state.step) and run.select_loaders:  # else evaluated at this step already
                 evaluate(run, host)
             if checkpoint:  # on every process (totals over processes are collectives); the main one writes
                 checkpoint.save(raw_model, state, host)
@@ -243,12 +257,13 @@ def loop(run: Run, host: Host, checkpoint: Checkpoint | None) -> RunResult:
 
     if "peftbench_train_end" in has:
         hook.peftbench_train_end(model=raw_model, state=state)
-    final = evaluate(run, host, final=True)  # train_end left every method in its final form: always counts
+    # train_end left every method in its final form: the final evaluation always counts
+    final = evaluate(run, host, final=True) if run.select_loaders else {}
     report: dict[str, Any] = {}
     if "peftbench_report" in has:
         for part in hook.peftbench_report(model=raw_model, state=state):
             report.update(part or {})
-    return result(run, final, report, train_s, host)
+    return result(run, final, score_reported(run, host), report, train_s, host)
 
 
 def log(run: Run, host: Host) -> None:
@@ -268,34 +283,37 @@ def log(run: Run, host: Host) -> None:
 
 
 def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
-    """Dev metrics of every dev split (the first unprefixed), into the history; keeps the best in-budget
-    evaluation so far (the reported one) and the best of all (information only).
+    """An evaluation of the splits that choose the checkpoint (``run.select_loaders``, the first unprefixed),
+    into the history; keeps the best in-budget evaluation so far (the selected one) and the best of all
+    (information only).
 
     It draws nothing from the training RNG (a DataLoader iterator takes a seed from it): training is the same
     whether and how often it evaluates."""
-    state, task = run.state, run.task
-    undo = []
-    if "peftbench_before_evaluate" in run.hooks:  # the adapter as the method reports it (PRILoRA: pruned)
-        undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=state) if u]
+    state, select = run.state, run.spec.train.select
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            metrics = {}
-            for i, (split, loader) in enumerate(run.dev_loaders.items()):
-                prefix = "" if i == 0 else f"{split}_"
-                metrics.update({prefix + k: v for k, v in score_split(run, split, loader, final).items()})
-            for split, loader in run.final_loaders.items() if final else ():  # a test set, evaluated once
-                metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final).items()})
-        finally:
-            for restore in reversed(undo):
-                restore()
+    metrics, examples = {}, {}
+    with evaluated_form(run, host), torch.random.fork_rng(devices=[]):
+        for i, (split, loader) in enumerate(run.select_loaders.items()):
+            prefix = "" if i == 0 else f"{split}_"
+            scored, examples[split] = score_split(run, split, loader, final and select == "dev")
+            metrics.update({prefix + k: v for k, v in scored.items()})
+        for split, loader in run.final_loaders.items() if final and select == "dev" else ():  # a test set, once
+            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final)[0].items()})
+        in_budget = final or state.step >= state.in_budget_from
+        keep_best(run, metrics, in_budget, examples)  # its weights in the evaluated form (PRILoRA: pruned)
     state.eval_s += time.perf_counter() - started
-    in_budget = final or state.step >= state.in_budget_from
-    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget,
-                          **state.logs})
+    # of the selection split (``train.select``: the validation split, or dev)
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget, **state.logs})
     if "peftbench_on_evaluate" in run.hooks:
         host.hook.peftbench_on_evaluate(model=run.raw_model, state=state, metrics=metrics, in_budget=in_budget)
-    score = metrics[task.main_metric]
+    run.model.train()
+    return metrics
+
+
+def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: dict[str, Any]) -> None:
+    """Count an evaluation and keep it if it is the best so far (of all; of the in-budget ones, with the trainable
+    weights as they were evaluated, needed to score dev at it and to export it)."""
+    state, score = run.state, metrics[run.task.main_metric]
     state.evaluations += 1
     if score > state.best_any_score:
         state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
@@ -303,24 +321,87 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
         state.in_budget_evals += 1
         if score > state.best_score:
             state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
+            keep = run.spec.save_adapters or run.spec.train.select == "validation"
+            state.best_weights = trainable_state(run.raw_model) if keep else None
+            state.best_predictions = {split: e for split, e in examples.items() if e is not None
+                                      } if run.spec.train.select == "dev" else {}
+
+
+def score_reported(run: Run, host: Host) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    """The reported metrics and per-example predictions. ``select: validation`` and ``final``: every dev split
+    (and a causal-LM task's final splits) scored once, here, with the selected checkpoint's weights in place,
+    in the method's evaluated form; ``select: dev``: the best in-budget dev evaluation's."""
+    state, select = run.state, run.spec.train.select
+    if select == "dev":
+        return state.best_metrics, state.best_predictions
+    started = time.perf_counter()
+    metrics, examples = {}, {}
+    best = state.best_weights if select == "validation" else None
+    with swapped_in(run.raw_model, best), evaluated_form(run, host), torch.random.fork_rng(devices=[]):
+        if select == "final":  # the only candidate: the final model, in budget by construction
+            state.best_step = state.best_any_step = state.step
+            state.evaluations = state.in_budget_evals = 1
             state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
-    run.model.train()
-    return metrics
+        for i, (split, loader) in enumerate(run.dev_loaders.items()):
+            prefix = "" if i == 0 else f"{split}_"
+            scored, examples[split] = score_split(run, split, loader, True)
+            metrics.update({prefix + k: v for k, v in scored.items()})
+        for split, loader in run.final_loaders.items():  # a test set, scored once like dev
+            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, True)[0].items()})
+    state.eval_s += time.perf_counter() - started
+    return metrics, {split: e for split, e in examples.items() if e is not None}
 
 
-def score_split(run: Run, split: str, loader, keep_generations: bool = False) -> dict[str, float]:
-    """One split's metrics, as the task evaluates it (:meth:`peftbench.task.Task.evaluate`: logits or greedy
-    generations); what it keeps of an evaluation (a causal-LM task's generations) goes into ``run.generations``
-    with ``keep_generations``."""
-    metrics, kept = run.task.evaluate(run.model, split, loader, run.data, run.accelerator)
+@contextmanager
+def evaluated_form(run: Run, host: Host):
+    """The adapter as the method reports it while the block runs (``peftbench_before_evaluate``: PRILoRA with its
+    pruning mask applied), as it was before after it."""
+    undo = []
+    if "peftbench_before_evaluate" in run.hooks:
+        undo = [u for u in host.hook.peftbench_before_evaluate(model=run.raw_model, state=run.state) if u]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+@contextmanager
+def swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None):
+    """``weights`` (trainable weights saved by :func:`trainable_state`) in ``model`` while the block runs, its own
+    after it (nothing changes with ``None``). A pruned layer takes the saved rank (``peftbench_resizable``)."""
+    if weights is None:
+        yield
+        return
+    own = trainable_state(model)
+    model.load_state_dict(weights, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(own, strict=False)
+
+
+def score_split(run: Run, split: str, loader, keep_generations: bool = False
+                ) -> tuple[dict[str, float], dict[str, list] | None]:
+    """One split's metrics and per-example predictions, as the task evaluates it
+    (:meth:`peftbench.task.Task.evaluate`: logits or greedy generations); what it keeps of an evaluation (a
+    causal-LM task's generations) goes into ``run.generations`` with ``keep_generations``."""
+    metrics, kept, examples = run.task.evaluate(run.model, split, loader, run.data, run.accelerator)
     if keep_generations:
         run.generations += kept
-    return metrics
+    return metrics, examples
 
 
-def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: float, host: Host) -> RunResult:
-    """The run's :class:`RunResult`: measured counts, throughput, peak memory and the exported adapter's size."""
+def result(run: Run, final: dict[str, float], reported: tuple[dict[str, float], dict], report: dict[str, Any],
+           train_s: float, host: Host) -> RunResult:
+    """The run's :class:`RunResult`: the reported metrics (:func:`score_reported`), measured counts, throughput,
+    peak memory and the exported adapter's size."""
     state, raw_model = run.state, run.raw_model
+    best, predictions = reported
+    best_any = state.best_any_metrics
+    if run.spec.train.select != "dev":  # dev was scored once, at the selected checkpoint
+        final = best if state.best_step == state.step else {}
+        best_any = best if state.best_any_step == state.best_step else {}
     tokens = state.count_tokens()
     adapter = [p for n, p in raw_model.named_parameters() if p.requires_grad and n not in run.head_names]
     trainable = {
@@ -333,14 +414,14 @@ def result(run: Run, final: dict[str, float], report: dict[str, Any], train_s: f
     memory = run.memory or PeakMemory(cpu=run.use_cpu)
     peak, mem_kind = memory.peak()
     return RunResult(
-        best=state.best_metrics, final=final, best_step=state.best_step, best_any=state.best_any_metrics,
+        best=best, final=final, best_step=state.best_step, best_any=best_any,
         best_any_step=state.best_any_step, in_budget_from=state.in_budget_from, evaluations=state.evaluations,
         in_budget_evals=state.in_budget_evals, history=state.history,
         trainable=trainable, wall_s=time.perf_counter() - run.started, train_s=train_s,
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
         adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s, mem_stats=memory.stats(),
-        generations=run.generations,
+        generations=run.generations, dev_predictions=predictions,
     )
 
 
@@ -350,21 +431,15 @@ def exported_bytes(run: Run, host: Host) -> int | None:
     ``trainable.safetensors`` holds them; the final weights stay for observers), or of the final weights
     without ``output.save_adapters``. ``None`` if the method cannot be exported, or its export fails: a
     measurement never fails a trained run."""
-    model, best = run.raw_model, run.state.best_weights
-    final = trainable_state(model) if best is not None else None
     try:
-        if best is not None:
-            model.load_state_dict(best, strict=False)  # a pruned layer takes the saved rank (peftbench_resizable)
-        return adapter_file_bytes(model, run.targets, run.head, host)
+        with swapped_in(run.raw_model, run.state.best_weights):
+            return adapter_file_bytes(run.raw_model, run.targets, run.head, host)
     except Exception as exc:  # e.g. every rank pruned to 0: `peftbench export` fails too
         import warnings
 
         warnings.warn(f"the exported adapter's size of run {run.spec.run_id} is unknown: {type(exc).__name__}: {exc}",
                       stacklevel=2)
         return None
-    finally:
-        if final is not None:
-            model.load_state_dict(final, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,7 +459,7 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     model, head_names = built.model, built.head_names
     data = task.loaders(spec, tokenizer, model)
     train_loader = _multi_process(data.train, accelerator.num_processes)
-    dev_loaders, final_loaders = data.dev, data.final
+    dev_loaders, final_loaders, select_loaders = data.dev, data.final, data.select
 
     # AdamW over trainable parameters only, no decay on biases and LayerNorm
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
@@ -397,6 +472,8 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
     final_loaders = {split: accelerator.prepare(loader) for split, loader in final_loaders.items()}
+    select_loaders = dev_loaders if cfg.select == "dev" else {
+        split: accelerator.prepare(loader) for split, loader in select_loaders.items()}
     if cfg.compile:
         # in place, not torch.compile's wrapper: parameter names, counts, method reports and exports stay those
         # of an uncompiled run; a fresh dynamo cache per run (graphs of an earlier run's model would be reused)
@@ -414,7 +491,7 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
         torch.cuda.reset_peak_memory_stats()
     return Run(spec, task, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, train_loader,
                dev_loaders, head_names, built.head_count, hooks, state, use_cpu, started, built.targets, built.head,
-               memory, final_loaders=final_loaders, data=data)
+               memory, final_loaders=final_loaders, data=data, select_loaders=select_loaders)
 
 
 #: the run hooks the loop calls (each only if some registered plugin implements it)

@@ -18,23 +18,17 @@ tables tell them apart.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, TrainConfig
+from . import schedule
+from .config import Config, TrainConfig, grid_points
 from .errors import ConfigError
 from .runs import RunSpec, expand
 from .schema import key_path
-
-
-def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """The cartesian product of the grid's value lists, in order (the first key varies slowest)."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def point_text(point: dict[str, Any]) -> str:
@@ -52,21 +46,77 @@ def apply_point(train: TrainConfig, params: Any, point: dict[str, Any]) -> tuple
     return train, dataclasses.replace(params, **values["params"]) if values["params"] else params
 
 
-def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None) -> list[RunSpec]:
+def tuning_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None,
+                sizes: dict[str, int] | None = None,
+                grids: dict[tuple[str, str], dict[str, list[Any]]] | None = None) -> list[RunSpec]:
     """Phase 1: every method × task × tuning seed × grid point, on the training set only (its fingerprint
-    alone in the identity: the dev splits play no part in a tuning run)."""
-    tune, grids = config.tune, {m.label: config.grid_for(m) for m in config.methods}
+    alone in the identity: the dev splits play no part in a tuning run). ``sizes``: each task's training
+    examples: a tuning run then takes as many steps as the final runs at its point (:func:`matched_steps`);
+    ``grids``: per (label, task), a grid extended past an edge (:func:`extended`), else the config's."""
+    tune, grids = config.tune, grids or {}
     train_only = {task: {k: v for k, v in splits.items() if k in ("train", "scoring")}
                   for task, splits in (data or {}).items() if "train" in splits}
     runs = []
     for spec in expand(config, solved, train_only, seeds=tune.seeds):
-        for index, point in enumerate(grid_points(grids[spec.label])):
+        method = next(m for m in config.methods if m.label == spec.label)
+        for index, point in enumerate(ordered_points(config.grid_for(method), grids.get((spec.label, spec.task)))):
             train, params = apply_point(spec.train, spec.params, point)
+            if sizes and spec.task in sizes:
+                train = matched_steps(train, sizes[spec.task], tune.holdout)
             # no adapter files: only the held-out metric of a tuning run is used (a grid of full fine-tuning
             # runs would otherwise write a whole model per point)
             runs.append(dataclasses.replace(spec, train=train, params=params, save_adapters=False, tuning={
                 "holdout": tune.holdout, "split_seed": tune.seed, "point": point, "index": index}))
     return runs
+
+
+def matched_steps(train: TrainConfig, examples: int, holdout: float) -> TrainConfig:
+    """``train`` for a tuning run that takes exactly the final runs' steps (``max_steps``; as many epochs of its
+    smaller training part as that needs), so that the warmup, the decay and a method's schedule (AdaLoRA's
+    budget, PrunedLoRA's events) fall where they fall in the runs it chooses for."""
+    final = schedule.total_steps(train, schedule.batches(schedule.train_examples(train, examples), train.batch_size))
+    own = schedule.steps_per_epoch(schedule.batches(schedule.train_examples(train, examples, holdout),
+                                                    train.batch_size), train.grad_accum)
+    return dataclasses.replace(train, epochs=max(1, math.ceil(final / own)), max_steps=final)
+
+
+def ordered_points(grid: dict[str, list[Any]], extended_grid: dict[str, list[Any]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """The points of ``grid``, then those that ``extended_grid`` adds: a point keeps its index (and its
+    tuning runs their ids) when a grid is extended."""
+    points = grid_points(grid)
+    return points + [p for p in grid_points(extended_grid) if p not in points] if extended_grid else points
+
+
+def _numeric(values: list[Any]) -> bool:
+    return len(values) >= 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def edges(point: dict[str, Any], grid: dict[str, list[Any]]) -> list[str]:
+    """The keys of ``point`` at the edge of their numeric grid axis, as ``lr=0.0045 (largest)``."""
+    found = []
+    for key, value in point.items():
+        values = grid.get(key, [])
+        if _numeric(values) and value in (min(values), max(values)):
+            side = "largest" if value == max(values) else "smallest"
+            found.append(f"{key.partition('.')[2]}={value} ({side} of {len(values)})")
+    return found
+
+
+def extended(point: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``grid`` with one more value past every edge that ``point`` is at (the geometric step of the axis' two
+    values nearest to that edge; an integer axis stays integer); ``grid`` itself where nothing is at an edge."""
+    grid = dict(grid)
+    for key, value in point.items():
+        values = sorted(grid.get(key, []))
+        if not _numeric(values) or value not in (values[0], values[-1]) or 0 in values[:2] + values[-2:]:
+            continue
+        inner, edge = (values[1], values[0]) if value == values[0] else (values[-2], values[-1])
+        new = edge * (edge / inner)
+        if all(isinstance(v, int) for v in values):
+            new = int(round(new)) if round(new) != edge else edge + (edge - inner)
+        grid[key] = [*grid[key], new] if value == values[-1] else [new, *grid[key]]
+    return grid
 
 
 @dataclass
@@ -79,6 +129,7 @@ class Choice:
     score: float | None  #: its mean held-out main metric
     finished: int
     total: int
+    edges: list[str] = dataclasses.field(default_factory=list)  #: the point's keys at an edge of the grid (:func:`edges`)
 
     @property
     def complete(self) -> bool:
@@ -94,7 +145,8 @@ class Choice:
                     "runs failed; its final runs are not started until the whole grid has run (rerun the same "
                     f"command to retry them; so far the best is {point_text(self.point)}, held-out "
                     f"{self.score:.4f})")
-        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f})"
+        edge = f"; at the edge of its grid: {', '.join(self.edges)}" if self.edges else ""
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{edge})"
 
 
 def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | None]]) -> dict[tuple[str, str], Choice]:
@@ -133,19 +185,20 @@ def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str]) -
 
 
 def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None,
-               choices: dict[tuple[str, str], Choice]) -> list[RunSpec]:
-    """Phase 2: the sweep's runs at each (label, task)'s chosen point, with how it was chosen; none for a
-    (label, task) without a choice."""
-    tune, runs = config.tune, []
-    grids = {m.label: config.grid_for(m) for m in config.methods}
+               choices: dict[tuple[str, str], Choice],
+               grids: dict[tuple[str, str], dict[str, list[Any]]] | None = None) -> list[RunSpec]:
+    """Phase 2: the sweep's runs at each (label, task)'s chosen point, with how it was chosen (``grids``: an
+    extended grid per (label, task)); none for a (label, task) without a choice."""
+    tune, runs, grids = config.tune, [], grids or {}
     for spec in expand(config, solved, data):
         choice = choices.get((spec.label, spec.task))
         if choice is None or not choice.complete:
             continue
+        method = next(m for m in config.methods if m.label == spec.label)
         train, params = apply_point(spec.train, spec.params, choice.point)
         runs.append(dataclasses.replace(spec, train=train, params=params, tuned={
-            "values": choice.point, "grid": grids[spec.label], "holdout": tune.holdout, "split_seed": tune.seed,
-            "seeds": list(tune.seeds)}))
+            "values": choice.point, "grid": grids.get((spec.label, spec.task)) or config.grid_for(method),
+            "holdout": tune.holdout, "split_seed": tune.seed, "seeds": list(tune.seeds)}))
     return runs
 
 
@@ -220,7 +273,9 @@ def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
     for run in runs:
         tuned = (run.get("spec") or {}).get("tuned")
         if tuned:
-            tasks = chosen.setdefault(run["label"], {}).setdefault(point_text(tuned["values"]), [])
+            at_edge = edges(tuned["values"], tuned["grid"])
+            text = point_text(tuned["values"]) + (f" [edge of grid: {', '.join(at_edge)}]" if at_edge else "")
+            tasks = chosen.setdefault(run["label"], {}).setdefault(text, [])
             if run["task"] not in tasks:
                 tasks.append(run["task"])
     return [f"{label}: " + "; ".join(f"{values} ({', '.join(tasks)})" for values, tasks in by_values.items())
@@ -254,5 +309,6 @@ def is_tuning_run(run: dict[str, Any]) -> bool:
     return bool((run.get("spec") or {}).get("tuning"))
 
 
-__all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "Choice", "choose", "choose_from_store",
-           "final_runs", "check_grid_counts", "check_holdout", "tuning_note", "chosen_lines", "current_choices", "is_tuning_run"]
+__all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "matched_steps", "ordered_points", "edges",
+           "extended", "Choice", "choose", "choose_from_store", "final_runs", "check_grid_counts", "check_holdout",
+           "tuning_note", "chosen_lines", "current_choices", "is_tuning_run"]

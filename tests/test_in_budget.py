@@ -13,7 +13,7 @@ from peftbench.errors import ConfigError
 from peftbench.hookspecs import hookimpl
 from peftbench.method import Method
 from peftbench.runner import make_host, run_sweep, solve_budgets
-from peftbench.schedule import evaluation_steps, in_budget_plan
+from peftbench.schedule import batches, evaluation_steps, in_budget_plan, train_examples
 from peftbench.store import Store
 from peftbench.sweep import Sweep, SweepSummary
 from peftbench.tables import build
@@ -56,7 +56,7 @@ def _declining_scores(monkeypatch):
     """Dev accuracy that falls as training goes on: the best of any evaluation is always the earliest."""
     def score(model, loader, task, accelerator):
         score.calls += 1
-        return {"accuracy": 1.0 - 0.01 * score.calls}
+        return {"accuracy": 1.0 - 0.01 * score.calls}, None
     score.calls = 0
     monkeypatch.setattr(task_module, "predict_and_score", score)
 
@@ -76,7 +76,7 @@ PRUNEDLORA = {"name": "prunedlora", "params": {"prune_every": None, "final_ratio
 @pytest.mark.parametrize("method", ["adalora", PRUNEDLORA], ids=["adalora", "prunedlora"])
 def test_over_budget_evaluation_never_becomes_the_reported_metric(tmp_path, monkeypatch, method):
     _declining_scores(monkeypatch)
-    host, (run,) = _sweep(tmp_path, [method])
+    host, (run,) = _sweep(tmp_path, [method], select="dev")  # the rule of every select, here readable on dev
     evals = [h for h in run["history"] if "accuracy" in h]
     assert run["in_budget_from"] > 0 and evals[0]["step"] < run["in_budget_from"]
     assert not evals[0]["in_budget"] and evals[-1]["in_budget"]
@@ -116,7 +116,7 @@ def test_prilora_is_evaluated_pruned_and_training_is_unchanged(tmp_path, monkeyp
     def score(model, loader, task, accelerator):
         a = [m.lora_A for m in model.modules() if hasattr(m, "norm_ema")]
         seen.append(sum(int((t == 0).sum()) for t in a) / sum(t.numel() for t in a))
-        return {"accuracy": 0.5}
+        return {"accuracy": 0.5}, None
     monkeypatch.setattr(task_module, "predict_and_score", score)
     method = {"name": "prilora", "params": {"prune_every": 1000}}  # no event during training: only the final one
     host, (run,) = _sweep(tmp_path / "a", [method])
@@ -130,7 +130,8 @@ def test_prilora_is_evaluated_pruned_and_training_is_unchanged(tmp_path, monkeyp
 def test_evaluation_steps_match_the_trainer(tmp_path):
     host, (run,) = _sweep(tmp_path, ["lora"], eval_every=5)
     cfg = TrainConfig(epochs=2, batch_size=16, eval_every=5)
-    assert [h["step"] for h in run["history"] if "accuracy" in h] == evaluation_steps(cfg, 16)
+    batches_ = batches(train_examples(cfg, 256), 16)  # the toy task's 256 examples less the validation split
+    assert batches_ == 15 and [h["step"] for h in run["history"] if "accuracy" in h] == evaluation_steps(cfg, 15)
 
 
 def test_schedule_that_leaves_too_few_in_budget_evaluations_is_a_config_error(tmp_path):
@@ -156,8 +157,8 @@ def test_old_results_are_not_taken_as_in_budget(tmp_path):
 def test_budget_command_shows_the_plan(tmp_path, capsys):
     from peftbench.cli import main
 
-    config = tiny_config(tmp_path, methods=["lora", "adalora"], train={"epochs": 2, "eval_every": 4},
-                         budget={"min_evaluations": 3})
+    config = tiny_config(tmp_path, methods=["lora", "adalora", {"name": "full", "train": {"lr": 1e-4}}],
+                         train={"epochs": 2, "eval_every": 4}, budget={"min_evaluations": 3})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     assert main(["budget", str(path)]) == 0
@@ -165,7 +166,11 @@ def test_budget_command_shows_the_plan(tmp_path, capsys):
     assert "in budget from step" in out
     plan = out[out.index("in budget from step"):]
     line = next(line for line in plan.splitlines() if line.startswith("adalora"))
-    assert line.split() == ["adalora", "toy", "32", "18", "4", "of", "8"]  # tfinal 0.47: mask frozen after 17
+    # 230 of the toy task's 256 examples train (26 are the validation split): 15 steps an epoch; tfinal 0.47:
+    # the mask is frozen after step 16; learning rates of the adapter and of the head
+    assert line.split() == ["adalora", "toy", "30", "17", "4", "of", "9", "0.005", "0.005"]
+    line = next(line for line in plan.splitlines() if line.startswith("full"))
+    assert line.split()[-2:] == ["0.0001", "0.005"]  # its own rate, the head at the sweep's like every method's
     # the rule the sweep applies (check_in_budget): a run with 2 evaluations needs 2 in budget, not 3
     assert ("fewer in budget than the smaller of budget.min_evaluations = 3 and the run's number of evaluations "
             "is a config error") in " ".join(out.split())

@@ -102,16 +102,18 @@ def test_tuning_runs_train_on_the_rest_and_evaluate_on_the_held_out_part(tmp_pat
     real_loaders = data_module.task_loaders
 
     def loaders(spec, task, tokenizer):
-        train_loader, dev_loaders = real_loaders(spec, task, tokenizer)
+        train_loader, dev_loaders, select_loaders = real_loaders(spec, task, tokenizer)
         sizes.append((spec.tuning is not None, len(train_loader.dataset),
-                      {split: len(loader.dataset) for split, loader in dev_loaders.items()}))
-        return train_loader, dev_loaders
+                      {split: len(loader.dataset) for split, loader in {**dev_loaders, **select_loaders}.items()}))
+        return train_loader, dev_loaders, select_loaders
 
     monkeypatch.setattr(data_module, "task_loaders", loaders)
     summary, _, _ = _sweep(_tuned(tmp_path))
     assert summary.ok
-    # the toy task: 256 training examples (128 positive), 128 dev examples
-    assert sizes == [(True, 192, {"holdout": 64}), (True, 192, {"holdout": 64}), (False, 256, {"dev": 128})]
+    # the toy task: 256 training examples (128 positive), 128 dev examples; the validation split (10%) that
+    # chooses the checkpoint comes out of what a run trains on: the tuning run's own training part
+    assert sizes == [(True, 172, {"holdout": 64, "validation": 20}), (True, 172, {"holdout": 64, "validation": 20}),
+                     (False, 230, {"dev": 128, "validation": 26})]
 
 
 def _write(tmp_path, text):
@@ -267,7 +269,7 @@ def test_tables_leave_tuning_runs_out_and_show_the_choice(tmp_path, capsys):
     table = build(done, {"toy": "accuracy"}, "plain")
     assert table == build(final, {"toy": "accuracy"}, "plain")  # tuning runs left out
     assert "hyperparameters tuned per method on a held-out 25% of the training set (grid of 2 points, seeds 0)" \
-        in table and f"chosen: lora: lr={chosen} (toy)" in table
+        in table and f"chosen: lora: lr={chosen} [edge of grid: lr={chosen} (" in table  # of 2 values, always an edge
     assert main(["table", config.output.db, "--tuning", "--format", "plain"]) == 0
     grid = capsys.readouterr().out
     rows_of = {line.split()[1]: line for line in grid.splitlines() if line.startswith("lora ")}
@@ -277,7 +279,7 @@ def test_tables_leave_tuning_runs_out_and_show_the_choice(tmp_path, capsys):
 
 def test_one_row_per_label_when_the_chosen_values_differ_per_task():
     def run(task, lr, seed):
-        tuned = {"values": {"train.lr": lr}, "grid": {"train.lr": [1e-4, 1e-3]}, "holdout": 0.1, "split_seed": 0,
+        tuned = {"values": {"train.lr": lr}, "grid": {"train.lr": [1e-5, 1e-4, 1e-3, 1e-2]}, "holdout": 0.1, "split_seed": 0,
                  "seeds": [0]}
         return {"label": "lora", "task": task, "seed": seed, "best": {"accuracy": 0.5 + seed / 10},
                 "spec": {"train": {"lr": lr}, "task": task, "seed": seed, "tuned": tuned}}
@@ -285,18 +287,19 @@ def test_one_row_per_label_when_the_chosen_values_differ_per_task():
     runs = [run("rte", 1e-4, 0), run("rte", 1e-4, 1), run("mrpc", 1e-3, 0), run("mrpc", 1e-3, 1)]
     table = build(runs, {"rte": "accuracy", "mrpc": "accuracy"}, "plain")
     assert "lora@" not in table and "chosen: lora: lr=0.0001 (rte); lr=0.001 (mrpc)" in table
-    assert "grid of 2 points, seeds 0" in table
+    assert "grid of 4 points, seeds 0" in table
     untuned = [{**r, "spec": {k: v for k, v in r["spec"].items() if k != "tuned"}} for r in runs[:2]]
     assert "hyperparameters not tuned per method" in build(untuned, {"rte": "accuracy"}, "plain")
 
 
 def test_untuned_configs_keep_their_run_ids(tmp_path):
-    """Ids of untuned runs (computed with the in-budget selection rule, RNG-isolated evaluations and
-    ``model.dtype``, which renamed every run on purpose): tuning must not rename any stored run."""
+    """Ids of untuned runs (computed with the in-budget selection rule, RNG-isolated evaluations,
+    ``model.dtype`` and the dev split scored once at a checkpoint chosen off it, with the head at the sweep's rate,
+    which renamed every run on purpose): tuning must not rename any stored run."""
     config = tiny_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "full"}],
                          seeds=[0, 1])
     host = make_host(config)
     runs = expand(config, solve_budgets(config, host), check_data(config, host, config.tasks))
-    assert [spec.run_id for spec in runs] == ['b96760f1d9e8ee99', '1dd5f13a298936aa', '389f1a6917b32906',
-                                              '8f2c17e44737c484']
+    assert [spec.run_id for spec in runs] == ['7555df560d0db876', '01ef78205b9606f6', '70e3082fd6dafe9a',
+                                              '0039f429555066ae']
     assert all(spec.tuning is None and spec.tuned is None for spec in runs)
