@@ -85,7 +85,9 @@ def test_two_processes_train_each_run_together_and_the_main_one_stores_it_once(t
     db = tmp_path / "r.sqlite"
     data = {"name": "ddp", "model": tiny_model_config(), "tasks": ["toy"], "methods": [LORA, {"name": "prunedlora", "params": {"prune_every": None}}],
             "seeds": [0, 1], "budget": {"lora_rank": 4, "min_evaluations": 1},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32, "log_every": 2, "num_threads": 1},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32, "log_every": 2, "num_threads": 1,
+                      # the final model, not a held-out validation part: every batch of the 256 examples stays full
+                      "select": "final"},
             "plugins": ["peftbench.testing"], "output": {"db": str(db), "dir": str(tmp_path / "runs")}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -23,7 +23,7 @@ def test_model_loads_in_fp32_whatever_its_config_says(random_init):
 
 def test_max_length_above_the_position_limit_is_a_config_error(tmp_path):
     config = tiny_config(tmp_path, train={"max_length": 600})  # MiniLM's position embeddings cover 512
-    with pytest.raises(ConfigError, match=r"train.max_length 600 .* 512-token position limit"):
+    with pytest.raises(ConfigError, match=r"train.max_length: 600 .* 512-token position limit"):
         modeling.check_max_length(config)
     modeling.check_max_length(tiny_config(tmp_path, train={"max_length": 512}))
 

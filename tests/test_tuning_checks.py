@@ -22,6 +22,7 @@ methods:
     params: {params}
 tune:
   holdout: {holdout}
+  seeds: [0]
   grid:
     {key}: {values}
 """
@@ -46,7 +47,7 @@ def _dry_run(tmp_path, capsys, method="lora", params="{r: 4}", key="train.lr", v
 ])
 def test_a_grid_key_that_cannot_reach_the_run_is_refused(tmp_path, capsys, method, params, key, values, message):
     code, out = _dry_run(tmp_path, capsys, method=method, params=params, key=key, values=values)
-    assert code == 2 and "c.yaml:14: tune.grid: " in out.err and message in out.err, out.err
+    assert code == 2 and "c.yaml:15: tune.grid: " in out.err and message in out.err, out.err
 
 
 @pytest.mark.parametrize("method, params, key, values", [
@@ -70,13 +71,13 @@ def test_a_grid_cannot_bypass_the_precision_rule(tmp_path, capsys):
     """bf16 weights train under bf16 autocast: a grid value fp32 for train.precision is refused where it is
     written, before the run fails with a dtype error (issue #31, item 5)."""
     code, out = _dry_run(tmp_path, capsys, key="train.precision", values="[bf16, fp32]", dtype=", dtype: bf16")
-    assert code == 2 and "c.yaml:14: tune.grid.train.precision: bf16 weights" in out.err
+    assert code == 2 and "c.yaml:15: tune.grid.train.precision: bf16 weights" in out.err
     assert "must be bf16 or auto, not fp32" in out.err
 
 
 def test_duplicate_grid_values_are_refused(tmp_path, capsys):
     code, out = _dry_run(tmp_path, capsys, values="[1.0e-4, 1.0e-4]")
-    assert code == 2 and "c.yaml:14: tune.grid.train.lr: 0.0001 listed more than once" in out.err, out.err
+    assert code == 2 and "c.yaml:15: tune.grid.train.lr: 0.0001 listed more than once" in out.err, out.err
 
 
 @pytest.mark.parametrize("holdout", [0.999, 0.001])
