@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from peftbench.config import Config
 from peftbench.hookspecs import hookimpl
 from peftbench.runner import make_host, run_sweep
@@ -202,3 +204,19 @@ class RecordingTracker(Tracker):
 class BrokenInitTracker(Tracker):
     def __init__(self, spec, run_dir):
         raise RuntimeError("cannot even start")
+
+
+def tiny_harness_task(tmp_path: Path) -> Path:
+    """A folder with a six-question yes/no lm-evaluation-harness task (``tiny_yesno``), for ``--include-path``."""
+    import json
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
+                                              for i in range(6)))
+    (tasks / "tiny_yesno.yaml").write_text(
+        "task: tiny_yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tasks / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    return tasks

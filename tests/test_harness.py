@@ -1,10 +1,10 @@
 """``peftbench evaluate RUN_ID --harness TASKS``: lm-evaluation-harness on a run's exported adapter, offline (a
 tiny saved Llama, a local YAML task on a local JSONL), results stored in the run and shown by ``table``."""
 
-import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_harness_task
 
 from peftbench import modeling
 from peftbench.cli import main
@@ -60,15 +60,7 @@ def test_harness_on_exported_adapter_offline(tmp_path, monkeypatch, capsys):
     assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 1
     (run,) = store.runs()
     store.close()
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
-                                              for i in range(6)))
-    (tasks / "tiny_yesno.yaml").write_text(
-        "task: tiny_yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tasks / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n")
+    tasks = tiny_harness_task(tmp_path)
     assert main(["evaluate", run["run_id"], "--harness", "tiny_yesno", "--include-path", str(tasks),
                  "--db", config.output.db, "--batch-size", "2"]) == 0
     stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_harness_task
 
 from peftbench.cli import main
 from peftbench.errors import DataError
@@ -197,15 +198,7 @@ def test_evaluate_harness_refuses_bad_input_keeps_limited_results_apart_and_clea
     with Store(config.output.db) as store:
         assert run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None).done == 2
         run, full = sorted(store.runs(), key=lambda r: r["label"] != "lora")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": f"Is {i} even?", "label": i % 2}) + "\n"
-                                              for i in range(6)))
-    (tasks / "tiny_yesno.yaml").write_text(
-        "task: tiny_yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tasks / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n")
+    tasks = tiny_harness_task(tmp_path)
     common = ["evaluate", run["run_id"], "--db", config.output.db, "--batch-size", "2"]
     assert main([*common, "--harness", "no_such_task", "--include-path", str(tasks)]) == 2
     assert "unknown lm-eval task(s) 'no_such_task'" in capsys.readouterr().err
