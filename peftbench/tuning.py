@@ -237,21 +237,34 @@ def check_holdout(config: Config, host, sizes: dict[str, int]) -> None:
     """Before any training: ``tune.holdout`` of each task's training set (``sizes``, after
     ``max_train_samples``) must leave both parts non-empty, and, for classification (split stratified by label),
     room for every class in each part: what :func:`peftbench.data.holdout_split` needs (sizes as scikit-learn
-    rounds them: the held-out part is ``ceil(holdout × n)``)."""
-    if config.tune is None:
-        return
-    fraction = config.tune.holdout
+    rounds them: the held-out part is ``ceil(holdout × n)``). With ``train.select: validation`` every run, a
+    tuning run included, then takes its selection split (``train.validation_size``) out of what it trains on:
+    that split needs the same room (:func:`peftbench.data.selection_split`)."""
+    fraction = config.tune.holdout if config.tune else None
     for method in config.methods:
         for task, size in sizes.items():
-            n = min(size, config.train_for(method, task).max_train_samples or size)
-            held = math.ceil(fraction * n)
-            spec = host.task(task)
-            need = max(1, spec.num_labels)  # causal-LM and regression tasks: not stratified
-            if min(held, n - held) < need:
-                raise ConfigError(
-                    f"{config.locate(('tune', 'holdout'))}tune.holdout: {fraction:g} of {task}'s {n} training "
-                    f"examples holds out {held} and trains on {n - held}; each part needs at least {need}"
-                    f"{' (one per class: the split is stratified by label)' if need > 1 else ''}")
+            train = config.train_for(method, task)
+            n = min(size, train.max_train_samples or size)
+            need = max(1, host.task(task).num_labels)  # causal-LM and regression tasks: not stratified
+            per_class = " (one per class: the split is stratified by label)" if need > 1 else ""
+            trained = {"final runs": n}
+            if fraction:
+                held = math.ceil(fraction * n)
+                if min(held, n - held) < need:
+                    raise ConfigError(
+                        f"{config.locate(('tune', 'holdout'))}tune.holdout: {fraction:g} of {task}'s {n} training "
+                        f"examples holds out {held} and trains on {n - held}; each part needs at least "
+                        f"{need}{per_class}")
+                trained[f"tuning runs (tune.holdout {fraction:g} of {n})"] = n - held
+            if train.select != "validation":
+                continue
+            for runs, left in trained.items():
+                validation = schedule.held_out(left, train.validation_size)
+                if min(validation, left - validation) < need:
+                    raise ConfigError(
+                        f"{config.locate(('train', 'validation_size'))}train.validation_size: the {runs} of {task} "
+                        f"train on {left} examples; the selection split takes {validation} of them and leaves "
+                        f"{left - validation}; each part needs at least {need}{per_class}")
 
 
 def tuning_note(runs: list[dict[str, Any]]) -> str:

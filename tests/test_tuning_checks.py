@@ -86,6 +86,15 @@ def test_an_infeasible_holdout_is_refused_before_training(tmp_path, capsys, hold
     assert code == 2 and "c.yaml:12: tune.holdout: " in out.err and "each part needs at least" in out.err, out.err
 
 
+def test_a_tuning_runs_selection_split_that_cannot_fit_is_refused_before_training(tmp_path, capsys):
+    """tune.holdout 0.99 of toy's 256 examples leaves 2 to train on, one per class: enough for the hold-out,
+    but the tuning run's own selection split (train.validation_size) would leave one example, one class."""
+    code, out = _dry_run(tmp_path, capsys, holdout=0.99)
+    assert code == 2, out.err
+    assert "c.yaml:7: train.validation_size: the tuning runs (tune.holdout 0.99 of 256) of toy train on 2 " in out.err
+    assert "each part needs at least 2 (one per class" in out.err
+
+
 def test_max_length_beyond_the_positions_fails_the_dry_run_naming_its_line(tmp_path, capsys):
     """Issue #31, item 9: it passed --dry-run, and the run's message had an empty line number."""
     path = tmp_path / "c.yaml"
