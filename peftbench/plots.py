@@ -3,7 +3,8 @@
 * ``ranks_<label>``: final rank per layer × module kind, one heatmap per method that reports ``ranks``
 * ``rank_over_steps``: total and per-layer rank during training (methods that report ``rank_history``)
 * ``metric_vs_params``: dev metric against trainable adapter parameters, one panel per task
-* ``curves_<task>``: training loss and dev metric over steps, one line per method
+* ``curves_<task>``: training loss and the evaluated metric over steps (the validation split's under
+  ``train.select: validation``, dev's under ``select: dev``), one line per method
 * ``pareto_<task>``: dev metric (mean ± std over seeds) against trainable adapter parameters, peak memory and
   median step time, one labelled point per method (each point's SVG id: ``pareto-<panel>-<label>``)
 """
@@ -136,6 +137,14 @@ def metric_vs_params(runs: list[dict[str, Any]], main_metric: dict[str, str], ou
     return _save(fig, out, "metric_vs_params", formats)
 
 
+def evaluated_split(runs: list[dict[str, Any]]) -> str:
+    """The split the runs' history evaluations scored: ``validation`` under ``train.select: validation`` (dev is
+    then scored once, at the checkpoint it chose, and is not in the history), ``dev`` otherwise (a run stored
+    without the key selected on dev)."""
+    rules = {((run.get("spec") or {}).get("train") or {}).get("select") or "dev" for run in runs}
+    return " or ".join(sorted({"validation" if rule == "validation" else "dev" for rule in rules}))
+
+
 def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -143,9 +152,11 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
     for task in sorted({r["task"] for r in runs if r["task"] in main_metric}):
         fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
         seen = set()
+        plotted = []
         for run in runs:
             if run["task"] != task or run["label"] in seen:
                 continue
+            plotted.append(run)
             seen.add(run["label"])
             history = run.get("history") or []
             losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -155,7 +166,7 @@ def training_curves(runs: list[dict[str, Any]], main_metric: dict[str, str], out
             if devs:
                 dev_ax.plot(*zip(*devs), marker="o", markersize=3, label=run["label"])
         loss_ax.set_title(f"{task}: training loss")
-        dev_ax.set_title(f"{task}: dev {main_metric[task]} ×100")
+        dev_ax.set_title(f"{task}: {evaluated_split(plotted)} {main_metric[task]} ×100")
         for ax in (loss_ax, dev_ax):
             ax.set_xlabel("optimizer step")
             ax.legend(fontsize=7)

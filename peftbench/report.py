@@ -196,7 +196,9 @@ def figures_section(runs: list[dict[str, Any]], main_metric: dict[str, str]) -> 
         ("Rank allocation", "final rank per layer and module, mean over a method's runs (methods that report "
          "ranks), and the ranks during training",
          lambda out: plots.rank_heatmaps(runs, out, ("png",)) + plots.rank_over_steps(runs, out, ("png",)), "grid"),
-        ("Training and dev curves", "training loss and dev main metric over optimizer steps, one seed per method",
+        ("Training curves", "training loss and the main metric of the evaluations that choose the checkpoint (the "
+         "validation split under train.select: validation, dev under select: dev) over optimizer steps, one seed "
+         "per method",
          lambda out: plots.training_curves(runs, main_metric, out, ("png",)), "grid"),
     ]
     parts = []

@@ -51,3 +51,14 @@ def test_pareto_figure_has_one_point_per_method_and_panel(tmp_path):
     assert sorted(re.findall(r'id="pareto-params-([^"]+)"', svg)) == ["adalora", "lora", "old"]
     assert sorted(re.findall(r'id="pareto-memory-([^"]+)"', svg)) == ["adalora", "lora"]
     assert sorted(re.findall(r'id="pareto-step-([^"]+)"', svg)) == ["adalora", "lora"]
+
+
+def test_curves_name_the_split_their_evaluations_scored(tmp_path):
+    """Under train.select: validation the history holds the validation split's evaluations (dev is scored once,
+    at the chosen checkpoint): the curve's title says so; runs selected on dev (or stored without the key) say dev."""
+    validation = [{**_run("lora", "rte", 0), "spec": {"train": {"select": "validation"}}}]
+    dev = [{**_run("lora", "rte", 0), "spec": {"train": {"select": "dev"}}}]
+    for runs, title in ((validation, "rte: validation accuracy"), (dev, "rte: dev accuracy"),
+                        ([_run("lora", "rte", 0)], "rte: dev accuracy")):
+        (svg,) = [p for p in plot_all(runs, {"rte": "accuracy"}, tmp_path) if p.name == "curves_rte.svg"]
+        assert title in svg.read_text()

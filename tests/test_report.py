@@ -41,7 +41,7 @@ def test_report_of_a_real_store_renders_in_chromium(real_store, tmp_path):
     page = _report(real_store, tmp_path / "report")
     text = page.read_text()
     _self_contained(text)
-    for part in ("Comparison", "Accuracy against cost", "Rank allocation", "Training and dev curves", "Protocol",
+    for part in ("Comparison", "Accuracy against cost", "Rank allocation", "Training curves", "Protocol",
                  "in-budget selection", "Environment", "seeds", "torch"):
         assert part in text, part
     shown = render_in_chromium(page, screenshot=tmp_path / "report.png")
