@@ -33,7 +33,12 @@ from .schema import key_path
 
 def point_text(point: dict[str, Any]) -> str:
     """``lr=0.0003, alpha=16`` (keys without their section)."""
-    return ", ".join(f"{key.partition('.')[2]}={value}" for key, value in point.items()) or "(defaults)"
+    return ", ".join(f"{key.partition('.')[2]}={_short(value)}" for key, value in point.items()) or "(defaults)"
+
+
+def _short(value: Any) -> Any:
+    """A float to 6 significant digits (an extended grid's values stored before they were rounded)."""
+    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def apply_point(train: TrainConfig, params: Any, point: dict[str, Any]) -> tuple[TrainConfig, Any]:
@@ -99,7 +104,7 @@ def edges(point: dict[str, Any], grid: dict[str, list[Any]]) -> list[str]:
         values = grid.get(key, [])
         if _numeric(values) and value in (min(values), max(values)):
             side = "largest" if value == max(values) else "smallest"
-            found.append(f"{key.partition('.')[2]}={value} ({side} of {len(values)})")
+            found.append(f"{key.partition('.')[2]}={_short(value)} ({side} of {len(values)})")
     return found
 
 
@@ -112,7 +117,7 @@ def extended(point: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, lis
         if not _numeric(values) or value not in (values[0], values[-1]) or 0 in values[:2] + values[-2:]:
             continue
         inner, edge = (values[1], values[0]) if value == values[0] else (values[-2], values[-1])
-        new = edge * (edge / inner)
+        new = float(f"{edge * (edge / inner):.12g}")  # 0.0135, not 0.013499999999999996 (in the run's id too)
         if all(isinstance(v, int) for v in values):
             new = int(round(new)) if round(new) != edge else edge + (edge - inner)
         grid[key] = [*grid[key], new] if value == values[-1] else [new, *grid[key]]

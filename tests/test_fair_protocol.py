@@ -20,7 +20,16 @@ from peftbench.schedule import batches, steps_per_epoch, total_steps, train_exam
 from peftbench.sweep import check_sweep_data
 from peftbench.tables import build
 from peftbench.testing import ToyTask, tiny_config
-from peftbench.tuning import Choice, chosen_lines, edges, extended, matched_steps, ordered_points, tuning_runs
+from peftbench.tuning import (
+    Choice,
+    chosen_lines,
+    edges,
+    extended,
+    matched_steps,
+    ordered_points,
+    point_text,
+    tuning_runs,
+)
 
 # -- the checkpoint is chosen off the reported split --------------------------------------------------------
 
@@ -213,6 +222,10 @@ def test_edges_of_a_grid_are_found_and_extended_geometrically():
     wider = extended({"train.lr": 9e-3, "params.alpha": 8, "train.epochs": 2}, grid)
     assert wider["train.lr"] == pytest.approx([1e-3, 3e-3, 9e-3, 2.7e-2]) and wider["params.alpha"] == [4, 8, 16]
     assert wider["train.epochs"] == [2]
+    # the new value rounded (4.5e-3 × 3 is 0.013499999999999996 in floating point): the run's id and every line
+    # that names it read 0.0135
+    assert extended({"train.lr": 4.5e-3}, {"train.lr": [5e-4, 1.5e-3, 4.5e-3]})["train.lr"][-1] == 0.0135
+    assert point_text({"train.lr": 0.013499999999999996}) == "lr=0.0135"
     points = ordered_points(grid, wider)
     assert points[:6] == ordered_points(grid) and len(points) == 12  # the old points keep their indices
     line = dataclasses.replace(Choice("adalora", "stsb", {"train.lr": 9e-3}, 0.5, 2, 2),
