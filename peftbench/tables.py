@@ -147,13 +147,15 @@ def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str
 
 def collect_test(runs: list[dict[str, Any]], main_metric: dict[str, str], labels: list[str]
                  ) -> dict[tuple[str, str], list[float]]:
-    """The main metric on each task's test split (``final``'s ``test_<metric>``: a split scored once, on the
-    final model, like GSM8K's test set) per (label, task), ×100; empty for tasks without one (GLUE)."""
+    """The main metric on each task's test split (``best``'s ``test_<metric>``: a split scored once, at the run's
+    reported checkpoint, like GSM8K's test set) per (label, task), ×100; empty for tasks without one (GLUE). A
+    run stored before the test split was scored at that checkpoint has it in ``final`` only: left out, it is of
+    another checkpoint than its dev column."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs:
         name = f"test_{main_metric.get(run['task'])}"
-        if run["label"] in labels and name in (run.get("final") or {}):
-            values[(run["label"], run["task"])].append(100 * float(run["final"][name]))
+        if run["label"] in labels and name in (run.get("best") or {}):
+            values[(run["label"], run["task"])].append(100 * float(run["best"][name]))
     return values
 
 
@@ -354,8 +356,8 @@ def _note(values: dict[tuple[str, str], list[float]], selection: str, misses: bo
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")
     if test:
-        note += ("; `test`: the task's test split, scored once at the end on the final model (always in budget), "
-                 "not part of avg")
+        note += ("; `test`: the task's test split, scored once at the end at each run's reported checkpoint (the "
+                 "one selected for the dev column; its generations.jsonl and export are of it too), not part of avg")
     return note
 
 
