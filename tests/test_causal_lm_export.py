@@ -168,6 +168,9 @@ def test_one_checkpoint_per_run(base_dir, tmp_path, method, select, capsys):
         dev_right = [r["generation"] == r["reference"] for r in records if r["split"] == "valid"]
         best_eval = next(h for h in run["history"] if h.get("in_budget") is not None and h["step"] == run["best_step"])
         assert best_eval["exact_match"] == run["best"]["exact_match"] == pytest.approx(sum(dev_right) / len(dev_right))
+        # the final model's dev metrics (`table --final`) are another checkpoint's: no test score beside them
+        header = build([run], {"instruct": "exact_match"}, "plain", metric="final").splitlines()[0]
+        assert "instruct (exact_match)" in header and "test" not in header
 
     db, tok = config.output.db, AutoTokenizer.from_pretrained(base_dir)
     assert main(["export", run["run_id"], str(tmp_path / "selected"), "--db", db]) == 0
