@@ -140,7 +140,8 @@ def _plain_generations(model, tok, task, records):
     ({"name": "lora", "params": {"r": 4, "alpha": 8}}, "validation"),
     ({"name": "prunedlora", "params": {"init_ratio": 4, "prune_every": 1, "prune_k": 4}}, "validation"),
     ({"name": "lora", "params": {"r": 4, "alpha": 8}}, "dev"),
-])
+    ({"name": "prilora", "params": {"alpha": 8, "prune_every": 1}}, "validation"),  # evaluated (pruned) form
+], ids=["lora", "prunedlora", "lora-select-dev", "prilora"])
 def test_one_checkpoint_per_run(base_dir, tmp_path, method, select, capsys):
     """Issue #29: the exported adapter, reloaded with plain transformers + PEFT, regenerates the run's stored
     generations token for token, for a run whose reported and final checkpoints differ; the test column, the
