@@ -547,11 +547,11 @@ def cmd_evaluate(args) -> int:
 
 
 def checkpoint_text(run, checkpoint: str) -> str:
-    """``the selected checkpoint (step 12 of 20, train.select: validation)``, and whether it is the reported one."""
+    """``the selected checkpoint (step 12 of 20, train.select: validation; the reported one)``."""
     from .export import checkpoint_info
 
     info = checkpoint_info(run, checkpoint)
-    reported = "the reported one" if info["reported"] else f"not the reported one, step {run.get('best_step')}"
+    reported = "the reported one" if info["reported"] else f"not the reported one, step {run.get('best_step')}'s"
     return (f"the {info['checkpoint']} checkpoint (step {info['step']} of {info['steps']}, train.select: "
             f"{info['select']}; {reported})")
 
