@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_result_commands(sub, plugin)
 
-    p = sub.add_parser("export", parents=[plugin, db], help="write a stored run's best adapter in HF PEFT format")
+    p = sub.add_parser("export", parents=[plugin, db],
+                       help="write a stored run's adapter (its reported checkpoint) in HF PEFT format")
     p.add_argument("run_id", help="run id (or a unique prefix), as printed by `run` and stored in the db")
     p.add_argument("out_dir", help="output folder (adapter_config.json, adapter_model.safetensors)")
+    _checkpoint_option(p)
     p.add_argument("--check", action="store_true",
                    help="load the export with HF PEFT and compare its dev logits with peftbench's model")
     p.add_argument("--data-dir", help="the task's data folder for --check, for every task kind: a GLUE folder "
@@ -85,12 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (local tasks)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    _checkpoint_option(p)
 
     p = sub.add_parser("plugins", parents=[plugin],
                        help="list method and task plugins, their hooks, and failed plugins (a --plugin that "
                             "fails is listed, not fatal)")
     p.add_argument("--traceback", action="store_true", help="print the full traceback of every failed plugin")
     return parser
+
+
+def _checkpoint_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=["selected", "best", "final"], default="selected",
+                   help="which weights: selected (= best, the default): the run's reported checkpoint, that of its "
+                        "table columns and generations.jsonl (train.select); final: after the last step (kept only "
+                        "where it differs, with output.save_adapters)")
 
 
 def _add_result_commands(sub, plugin: argparse.ArgumentParser) -> None:
@@ -393,7 +403,8 @@ def cmd_table(args) -> int:
         from .harness import harness_columns
 
         headers, table = harness_columns(rows)
-        print("\nlm-evaluation-harness (`peftbench evaluate --harness`), per run:")
+        print("\nlm-evaluation-harness (`peftbench evaluate --harness`), per run, at its reported checkpoint "
+              "(TASK@final: after the last step):")
         print(tabulate(table, headers=headers, tablefmt="github" if args.format == "markdown" else "simple",
                        disable_numparse=True))
     return 0
@@ -488,15 +499,15 @@ def cmd_export(args) -> int:
             raise ConfigError("--check loads the export with HF PEFT, which is not installed here: pip install peft "
                               "(or pip install -e '.[dev]')") from None
     host = run_host(run, args.plugins)
-    out = export_run(run, args.out_dir, host)
+    out = export_run(run, args.out_dir, host, args.checkpoint)
     what = "the trained model (full fine-tuning: config.json, model.safetensors)" if run["method"] == "full" \
         else "the adapter"
     print(f"peftbench: exported {what} of run {run['run_id']} ({run['label']}, {run['task']}, seed {run['seed']}) "
-          f"to {out}")
+          f"at {checkpoint_text(run, args.checkpoint)} to {out}")
     if args.check:
         data_dir = args.data_dir or run["spec"].get("data_dir") or os.environ.get("PEFTBENCH_GLUE_DIR")
         try:
-            diff, agree = check_export(run, out, host, data_dir)
+            diff, agree = check_export(run, out, host, data_dir, args.checkpoint)
         except (ConfigError, DataError) as exc:
             if args.data_dir:
                 raise
@@ -521,9 +532,12 @@ def cmd_evaluate(args) -> int:
     if run is None or run["status"] != "done":
         raise ConfigError(f"{db}: no finished run with id {args.run_id!r}")
     results = evaluate_run(run, run_host(run, args.plugins), args.harness.split(","), args.limit, args.include_path,
-                           args.batch_size, args.device)
+                           args.batch_size, args.device, checkpoint=args.checkpoint)
     if args.limit is not None:  # a quick look on part of a task never replaces its full result
         results = {f"{task}@limit={args.limit}": metrics for task, metrics in results.items()}
+    if args.checkpoint == "final":  # nor does another checkpoint's result replace the reported one's
+        results = {f"{task}@final": metrics for task, metrics in results.items()}
+    print(f"peftbench: lm-evaluation-harness on run {run['run_id']} at {checkpoint_text(run, args.checkpoint)}")
     with Store(db) as store:
         store.set_harness(run["run_id"], results)
     for task, entry in results.items():
@@ -532,7 +546,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
+def checkpoint_text(run, checkpoint: str) -> str:
+    """``the selected checkpoint (step 12 of 20, train.select: validation; the reported one)``."""
+    from .export import checkpoint_info
+
+    info = checkpoint_info(run, checkpoint)
+    reported = "the reported one" if info["reported"] else f"not the reported one, step {run.get('best_step')}'s"
+    return (f"the {info['checkpoint']} checkpoint (step {info['step']} of {info['steps']}, train.select: "
+            f"{info['select']}; {reported})")
+
+
+def check_export(run, out, host, data_dir: str | None, checkpoint: str = "selected") -> tuple[float, float]:
     """Max logit difference and prediction agreement between peftbench's model and the PEFT reload."""
     import torch
 
@@ -542,7 +566,7 @@ def check_export(run, out, host, data_dir: str | None) -> tuple[float, float]:
     from .schema import from_dict
 
     spec = run["spec"]
-    ours = rebuild(run, host)[0]
+    ours = rebuild(run, host, checkpoint=checkpoint)[0]
     theirs = load_with_peft(run, out, host)
     task = host.task(spec["task"]).with_options(spec.get("task_options"))
     train = from_dict(TrainConfig, spec["train"], "spec.train")

@@ -319,7 +319,8 @@ class RayExecutor:
         for message in payload["log"]:
             log(f"{tag}: {message} (on {payload['host']})")
         error = payload["error"]
-        return Outcome(fields=payload["fields"], weights=payload["weights"], reason=payload["reason"],
+        return Outcome(fields=payload["fields"], weights=payload["weights"],
+                       final_weights=payload.get("final_weights"), reason=payload["reason"],
                        traceback=payload["traceback"], error=None if error is None else rebuild_error(*error)), False
 
 
@@ -384,12 +385,13 @@ def train_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
         outcome = train_outcome(spec, host, progress=False, checkpoint=checkpoint)
         if outcome.ok and checkpoint is not None:  # the driver may be on another node: no one else can
             checkpoint.remove()
-    weights = None
-    if outcome.ok and outcome.weights is not None:
-        from safetensors.torch import save
+    from safetensors.torch import save
 
-        weights = save({k: v.contiguous() for k, v in outcome.weights.items()})
-    return {"fields": outcome.fields, "weights": weights, "reason": outcome.reason, "traceback": outcome.traceback,
+    weights, final = ((save({k: v.contiguous() for k, v in tensors.items()})
+                       if outcome.ok and tensors is not None else None)
+                      for tensors in (outcome.weights, outcome.final_weights))
+    return {"fields": outcome.fields, "weights": weights, "final_weights": final, "reason": outcome.reason,
+            "traceback": outcome.traceback,
             "error": None if outcome.error is None else (type(outcome.error).__name__, str(outcome.error)),
             "log": messages, "host": socket.gethostname()}
 

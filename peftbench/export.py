@@ -1,4 +1,9 @@
-"""``peftbench export RUN_ID DIR``: a stored run's best adapter in HF PEFT's format.
+"""``peftbench export RUN_ID DIR``: a stored run's adapter in HF PEFT's format, of one checkpoint.
+
+A run has one reported checkpoint, chosen by ``train.select``: its table columns (dev and test), its
+``generations.jsonl`` and, by default, its export are all of it. ``--checkpoint final`` exports the weights after
+the last step instead, kept (as ``trainable_final.safetensors``) only where they differ from the selected ones;
+the export's ``peftbench_run.json`` says which checkpoint and step it holds.
 
 The run's model is rebuilt by the trainer's own :func:`~peftbench.assembly.assemble` (same base, same seed, the
 method injected with the run's solved params, trainable tensors in fp32), its saved best trainable weights are loaded (a layer whose shape changed during
@@ -35,8 +40,25 @@ def run_host(run: dict[str, Any], plugins: list[str] | tuple[str, ...] = ()) -> 
     return host
 
 
-def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
-    """``(model, targets, head, method)`` of a stored run, with its best trainable weights loaded."""
+#: the checkpoints a run can export (``--checkpoint``): ``selected`` (``best``), the reported one; ``final``
+CHECKPOINTS = ("selected", "best", "final")
+
+
+def checkpoint_info(run: dict[str, Any], checkpoint: str = "selected") -> dict[str, Any]:
+    """Which weights ``checkpoint`` is: ``{"checkpoint", "step", "steps", "select", "reported"}`` (``reported``:
+    whether the run's table columns and ``generations.jsonl`` are of these weights)."""
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
+    select = ((run.get("spec") or {}).get("train") or {}).get("select") or "dev"
+    steps = run.get("steps")
+    step = steps if checkpoint == "final" else run.get("best_step")
+    return {"checkpoint": "final" if checkpoint == "final" else "selected", "step": step, "steps": steps,
+            "select": select, "reported": step == run.get("best_step")}
+
+
+def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True, checkpoint: str = "selected"):
+    """``(model, targets, head, method)`` of a stored run, with the trainable weights of ``checkpoint`` loaded
+    (:data:`CHECKPOINTS`)."""
     spec = run["spec"]
     model_config = from_dict(ModelConfig, spec["model"], "spec.model")
     train = from_dict(TrainConfig, spec["train"], "spec.train")
@@ -47,17 +69,25 @@ def rebuild(run: dict[str, Any], host: Host, load_weights: bool = True):
         built = assemble(model_config, task, host, spec["seed"], train.classifier_dropout)
     model, targets, head = built.model, built.targets, built.head
     if load_weights:
-        load_trainable(model, _weights_path(run))
+        load_trainable(model, weights_path(run, checkpoint))
     model.eval()
     return model, targets, head, method
 
 
-def _weights_path(run: dict[str, Any]) -> Path:
-    artifacts = run.get("artifacts")
+def weights_path(run: dict[str, Any], checkpoint: str = "selected") -> Path:
+    """The saved trainable weights of ``checkpoint``: ``trainable.safetensors`` (the selected checkpoint, and the
+    final one where the two are the same), ``trainable_final.safetensors``."""
+    info, artifacts = checkpoint_info(run, checkpoint), run.get("artifacts")
     path = Path(artifacts or "") / "trainable.safetensors"
     if not artifacts or not path.exists():
         raise ConfigError(f"run {run['run_id']} has no saved weights ({path}); it ran with output.save_adapters: "
                           "false, or its output directory moved")
+    if info["checkpoint"] == "final" and not info["reported"]:
+        path = path.with_name("trainable_final.safetensors")
+        if not path.exists():
+            raise ConfigError(f"run {run['run_id']} did not keep its final weights ({path}): its reported checkpoint "
+                              f"is step {run.get('best_step')} of {info['steps']}; runs trained before peftbench kept "
+                              "both have only that one (export it with --checkpoint selected)")
     return path
 
 
@@ -106,11 +136,12 @@ def adapter_file_bytes(model: nn.Module, targets, head: list[str], host: Host) -
     return None
 
 
-def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
-    """Write ``run``'s best adapter in HF PEFT's format into ``out_dir``; a run that trained every weight (full
-    fine-tuning) has no adapter: its trained model is written as a plain transformers model instead
-    (``config.json`` and ``model.safetensors``, loaded by ``from_pretrained(DIR)``)."""
-    model, targets, head, method = rebuild(run, host)
+def export_run(run: dict[str, Any], out_dir: str | Path, host: Host, checkpoint: str = "selected") -> Path:
+    """Write ``run``'s adapter at ``checkpoint`` (:data:`CHECKPOINTS`; by default the reported one) in HF PEFT's
+    format into ``out_dir``; a run that trained every weight (full fine-tuning) has no adapter: its trained
+    model is written as a plain transformers model instead (``config.json`` and ``model.safetensors``, loaded by
+    ``from_pretrained(DIR)``). Its ``peftbench_run.json`` names the checkpoint and its step."""
+    model, targets, head, method = rebuild(run, host, checkpoint=checkpoint)
     with host.activate(method):
         exported = peft_adapter(model, targets, head, host)
     out = Path(out_dir)
@@ -121,7 +152,7 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out), safe_serialization=True)
         _readable(out / "model.safetensors")
-        _write_run_file(run, out)
+        _write_run_file(run, out, checkpoint)
         return out
     if exported is None:
         raise ConfigError(f"method {run['method']!r} does not implement peftbench_export_peft: it cannot be exported "
@@ -139,13 +170,17 @@ def export_run(run: dict[str, Any], out_dir: str | Path, host: Host) -> Path:
     save_file(state, str(out / "adapter_model.safetensors"))
     _readable(out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    _write_run_file(run, out)
+    _write_run_file(run, out, checkpoint)
     return out
 
 
-def _write_run_file(run: dict[str, Any], out: Path) -> None:
+def _write_run_file(run: dict[str, Any], out: Path, checkpoint: str) -> None:
+    """``peftbench_run.json``: the run, and which of its checkpoints the folder holds (``best``: the reported
+    metrics, of the selected checkpoint, whichever is exported)."""
     (out / "peftbench_run.json").write_text(json.dumps(
-        {k: run.get(k) for k in ("run_id", "label", "method", "task", "seed", "best", "best_step", "spec")},
+        {**{k: run.get(k) for k in ("run_id", "label", "method", "task", "seed")},
+         **checkpoint_info(run, checkpoint),
+         **{k: run.get(k) for k in ("best", "best_step", "spec")}},
         indent=2, default=str))
 
 

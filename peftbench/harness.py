@@ -4,7 +4,9 @@ The run is exported as a PEFT adapter (:func:`peftbench.export.export_run`) and 
 ``hf`` model with ``peft=`` (the harness loads the base model and the adapter itself, so its numbers are those
 any user of the exported adapter gets); a full fine-tuning run is exported as its trained model and evaluated
 as it is. Every numeric metric lands in the run's ``harness`` column
-(``{task: {"metrics": {metric: value}, "samples": n}}``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
+(``{task: {"metrics": {metric: value}, "samples": n, "checkpoint": "selected", "step": n}}``: the checkpoint
+evaluated, by default the run's reported one, that of its table columns and ``generations.jsonl``; ``--checkpoint
+final`` results are stored as ``TASK@final``); ``peftbench table`` shows them as columns. lm-eval is an optional extra:
 ``pip install 'peftbench[harness]'``.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 
 from . import modeling
 from .errors import ConfigError
-from .export import export_run
+from .export import checkpoint_info, export_run
 from .host import Host
 from .task import GenerationTask
 
@@ -44,8 +46,9 @@ def task_results(entry: dict[str, Any]) -> tuple[dict[str, float], int | None]:
 
 def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int | None = None,
                  include_path: str | None = None, batch_size: int = 8, device: str = "cpu",
-                 adapter_dir: str | None = None) -> dict[str, dict[str, float]]:
-    """The harness's metrics of ``tasks`` for ``run``'s exported adapter on its base model."""
+                 adapter_dir: str | None = None, checkpoint: str = "selected") -> dict[str, dict[str, Any]]:
+    """The harness's metrics of ``tasks`` for ``run``'s adapter at ``checkpoint`` (exported:
+    :func:`peftbench.export.export_run`) on its base model, each task's saying which checkpoint it is."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
@@ -71,7 +74,7 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
                           "lists them; local YAML tasks need --include-path)")
     with tempfile.TemporaryDirectory(prefix="peftbench-harness-") as scratch:  # removed however the run ends
         adapter = Path(adapter_dir or scratch)
-        export_run(run, adapter, host)
+        export_run(run, adapter, host, checkpoint)
         model_args = {"pretrained": base, "peft": str(adapter), "dtype": "float32"}
         if not (adapter / "adapter_config.json").exists():  # full fine-tuning: the exported model itself
             model_args = {"pretrained": str(adapter), "tokenizer": base, "dtype": "float32"}
@@ -79,7 +82,9 @@ def evaluate_run(run: dict[str, Any], host: Host, tasks: list[str], limit: int |
             model_args["tokenizer"] = modeling.resolve_name(spec_model["tokenizer"])
         out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), limit=limit,
                               task_manager=manager, batch_size=batch_size, device=device)
-    return harness_metrics(out["results"])
+    info = checkpoint_info(run, checkpoint)
+    return {task: {**entry, "checkpoint": info["checkpoint"], "step": info["step"]}
+            for task, entry in harness_metrics(out["results"]).items()}
 
 
 def harness_columns(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:

@@ -8,8 +8,9 @@ split's prefixed with its name, e.g. ``validation_mismatched_accuracy``) and the
 ``adapter_params``, ``adalora_budget``), each sorted by name. A cell a row has no value for is empty.
 Numbers are written as Python's ``repr`` (round-trips exactly). See docs/results-schema.md.
 
-A causal-LM run also writes ``generations.jsonl``: the final evaluation's greedy generations, one JSON object
-per line (``split``, ``index`` in the split, ``reference``, ``generation``: ``null`` where it ran into a cap).
+A causal-LM run also writes ``generations.jsonl``: the greedy generations of its reported checkpoint (those its
+dev and test metrics score), one JSON object per line (``checkpoint``: ``selected``, ``step``, ``split``,
+``index`` in the split, ``reference``, ``generation``: ``null`` where it ran into a cap).
 """
 
 from __future__ import annotations

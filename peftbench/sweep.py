@@ -55,6 +55,7 @@ class Outcome:
 
     fields: dict[str, Any] | None = None  #: the result as stored (:func:`peftbench.record.result_fields`), when it finished
     weights: Any = None  #: best trainable weights: tensors, or safetensors bytes from a remote worker
+    final_weights: Any = None  #: the same after the last step, where they are not the selected ones (else None)
     reason: str | None = None  #: one line, when it failed
     traceback: str = ""
     error: PeftbenchError | None = None  #: bad input (every further run would fail the same way)
@@ -121,7 +122,8 @@ class Sweep:
             raise outcome.error
         if outcome.ok:
             try:
-                artifacts = write_artifacts(self.config, spec, outcome.weights) if spec.save_adapters else None
+                artifacts = write_artifacts(self.config, spec, outcome.weights,
+                                            outcome.final_weights) if spec.save_adapters else None
             except Exception as exc:  # a full disk: the run's failure, like one in training
                 outcome = Outcome(reason=failure_reason(exc), traceback=traceback.format_exc())
         if not outcome.ok:
@@ -155,7 +157,8 @@ class Sweep:
     def _write_files(self, spec: RunSpec, tag: str, history: list[dict[str, Any]],
                      generations: list[dict[str, Any]] | None) -> None:
         """The run's metric history as ``<output.dir>/<run_id>/history.csv`` (:mod:`peftbench.history`) and, for a
-        causal-LM task, its final generations as ``generations.jsonl``; a file that cannot be written is said,
+        causal-LM task, the generations its reported metrics score (those of its one reported checkpoint,
+        each saying so) as ``generations.jsonl``; a file that cannot be written is said,
         never the run's failure (the store holds the history and the metrics)."""
         try:
             write_history(self.config.output.dir, spec.run_id, history)
@@ -347,7 +350,8 @@ def train_outcome(spec: RunSpec, host: Host, progress: bool = True, checkpoint=N
         return Outcome(reason=failure[0], traceback=failure[1])
     # the record's result columns, and the generations for the run's folder (:meth:`Sweep._write_files`)
     fields = {**result_fields(result), "generations": result.generations}
-    return Outcome(fields=fields, weights=result.best_state if spec.save_adapters else None)
+    return Outcome(fields=fields, weights=result.best_state if spec.save_adapters else None,
+                   final_weights=result.final_state if spec.save_adapters else None)
 
 
 def run_one(spec: RunSpec, host: Host, progress: bool = True, checkpoint=None):
@@ -403,20 +407,24 @@ def _spec_fields(spec: RunSpec, budget: Solved, plugins: list[str]) -> dict[str,
     }
 
 
-def write_artifacts(config: Config, spec: RunSpec, weights) -> str | None:
-    """The best checkpoint's trainable weights (tensors, or the safetensors bytes a remote worker sent) as the
-    run's ``trainable.safetensors``, with its ``spec.json``, for export; returns the run's folder (``None``:
+def write_artifacts(config: Config, spec: RunSpec, weights, final_weights=None) -> str | None:
+    """The selected checkpoint's trainable weights (tensors, or the safetensors bytes a remote worker sent) as
+    the run's ``trainable.safetensors`` (and the final ones, where they differ, as
+    ``trainable_final.safetensors``), with its ``spec.json``, for export; returns the run's folder (``None``:
     no weights)."""
     if weights is None:
         return None
     out = Path(config.output.dir) / spec.run_id
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(weights, bytes):
-        (out / "trainable.safetensors").write_bytes(weights)
-    else:
-        from safetensors.torch import save_file
+    for name, tensors in (("trainable.safetensors", weights), ("trainable_final.safetensors", final_weights)):
+        if tensors is None:
+            (out / name).unlink(missing_ok=True)  # a rerun's final checkpoint is its selected one
+        elif isinstance(tensors, bytes):
+            (out / name).write_bytes(tensors)
+        else:
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "trainable.safetensors"))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name))
     (out / "spec.json").write_text(json.dumps({"run_id": spec.run_id, **spec.identity()}, indent=2, default=str))
     return str(out)
 

@@ -145,15 +145,18 @@ def collect(runs: list[dict[str, Any]], main_metric: dict[str, str], metric: str
     return labels, tasks, values, params
 
 
-def collect_test(runs: list[dict[str, Any]], main_metric: dict[str, str], labels: list[str]
+def collect_test(runs: list[dict[str, Any]], main_metric: dict[str, str], labels: list[str], metric: str = "best"
                  ) -> dict[tuple[str, str], list[float]]:
-    """The main metric on each task's test split (``final``'s ``test_<metric>``: a split scored once, on the
-    final model, like GSM8K's test set) per (label, task), ×100; empty for tasks without one (GLUE)."""
+    """The main metric on each task's test split (``test_<metric>``: a split scored once, at the run's reported
+    checkpoint, like GSM8K's test set) per (label, task), ×100, from the same stored metrics as the dev columns
+    (``metric``: where those are another checkpoint's, they have no test score); empty for tasks without one
+    (GLUE). A run stored before the test split was scored at its reported checkpoint (``select: dev``) may have
+    it in ``final`` only: left out of ``best``, it is of another checkpoint than its dev column."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs:
         name = f"test_{main_metric.get(run['task'])}"
-        if run["label"] in labels and name in (run.get("final") or {}):
-            values[(run["label"], run["task"])].append(100 * float(run["final"][name]))
+        if run["label"] in labels and name in (run.get(metric) or {}):
+            values[(run["label"], run["task"])].append(100 * float(run[metric][name]))
     return values
 
 
@@ -291,7 +294,7 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         return None
     dev = _scores(values, labels, tasks, digits)
     averages = _averages(dev, values, labels, tasks, digits)
-    test_values = collect_test(runs, main_metric, labels)
+    test_values = collect_test(runs, main_metric, labels, metric)
     test_tasks = [t for t in tasks if any(task == t for (_, task) in test_values)]
     test = _scores(test_values, labels, test_tasks, digits)
     header = ["method", *(["setting"] if ablation else []), "params", "peak",
@@ -354,8 +357,8 @@ def _note(values: dict[tuple[str, str], list[float]], selection: str, misses: bo
         note += (f"; {MISS_MARK} a run's measured final adapter count missed its budget by more than the "
                  "tolerance (`--format json`: audit)")
     if test:
-        note += ("; `test`: the task's test split, scored once at the end on the final model (always in budget), "
-                 "not part of avg")
+        note += ("; `test`: the task's test split, scored once at the end at each run's reported checkpoint, the "
+                 "same as its dev column's (so are its generations.jsonl and export), not part of avg")
     return note
 
 

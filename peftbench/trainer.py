@@ -73,12 +73,16 @@ class RunResult:
     #: memory in use over the run, sampled every 50 ms: ``{"avg", "p99", "samples"}`` (same kind as the peak)
     mem_stats: dict[str, int] | None = None
     eval_s: float = 0.0  #: seconds spent in dev evaluations (generation, for a causal-LM task), inside ``train_s``
-    #: a causal-LM task: the final evaluation's generations, one ``{split, index, reference, generation}`` each
-    #: (``generation`` ``None``: ran into a length cap), written to the run's ``generations.jsonl``
+    #: a causal-LM task: the reported checkpoint's generations (dev and test, those its metrics score), one
+    #: ``{checkpoint: "selected", step, split, index, reference, generation}`` each (``generation`` ``None``: ran
+    #: into a length cap), written to the run's ``generations.jsonl``
     generations: list[dict[str, Any]] = field(default_factory=list)
     #: per-example predictions of the reported dev scoring, per split: ``{"predictions": [...], "labels": [...]}``
     #: (regression: values; classification: label ids; causal LM: correctness 0/1 against labels of 1)
     dev_predictions: dict[str, dict[str, list]] = field(default_factory=dict)
+    #: trainable weights after the last step (CPU, evaluated form), for ``peftbench export --checkpoint final``:
+    #: only with ``output.save_adapters`` and where the selected checkpoint is another one
+    final_state: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class LoopState(TrainState):
     #: trainable weights at the best in-budget evaluation (CPU), in its evaluated form (PRILoRA: pruned)
     best_weights: dict[str, torch.Tensor] | None = None
     best_predictions: dict[str, dict[str, list]] = field(default_factory=dict)  #: ``select: dev``: the best's
+    best_generations: list[dict[str, Any]] = field(default_factory=list)  #: ``select: dev``: the best's (causal LM)
     best_any_score: float = -math.inf  #: the same over every evaluation, over-budget ones included (information)
     best_any_metrics: dict[str, float] = field(default_factory=dict)
     best_any_step: int = 0
@@ -163,7 +168,7 @@ class Run:
     #: the loaders of the task's final-only splits (prepared), evaluated once at the end
     final_loaders: dict[str, Any] = field(default_factory=dict)
     data: Loaders | None = None  #: what the task gave (:meth:`peftbench.task.Task.loaders`), for its evaluation
-    generations: list[dict[str, Any]] = field(default_factory=list)  #: of the final evaluation (:class:`RunResult`)
+    generations: list[dict[str, Any]] = field(default_factory=list)  #: of the reported scoring (:class:`RunResult`)
     #: the loaders whose evaluations choose the checkpoint (``train.select``): the validation split, the dev
     #: splits themselves (``dev``), or none (``final``)
     select_loaders: dict[str, Any] = field(default_factory=dict)
@@ -291,16 +296,15 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     whether and how often it evaluates."""
     state, select = run.state, run.spec.train.select
     started = time.perf_counter()
-    metrics, examples = {}, {}
+    metrics, examples, generations = {}, {}, []
     with evaluated_form(run, host), torch.random.fork_rng(devices=[]):
         for i, (split, loader) in enumerate(run.select_loaders.items()):
             prefix = "" if i == 0 else f"{split}_"
-            scored, examples[split] = score_split(run, split, loader, final and select == "dev")
+            scored, examples[split], kept = score_split(run, split, loader)
+            generations += kept if select == "dev" else ()  # dev's, kept if this becomes the reported evaluation
             metrics.update({prefix + k: v for k, v in scored.items()})
-        for split, loader in run.final_loaders.items() if final and select == "dev" else ():  # a test set, once
-            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, final)[0].items()})
         in_budget = final or state.step >= state.in_budget_from
-        keep_best(run, metrics, in_budget, examples)  # its weights in the evaluated form (PRILoRA: pruned)
+        keep_best(run, metrics, in_budget, examples, generations)  # weights in the evaluated form (PRILoRA: pruned)
     state.eval_s += time.perf_counter() - started
     # of the selection split (``train.select``: the validation split, or dev)
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "in_budget": in_budget, **state.logs})
@@ -310,10 +314,11 @@ def evaluate(run: Run, host: Host, final: bool = False) -> dict[str, float]:
     return metrics
 
 
-def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: dict[str, Any]) -> None:
+def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: dict[str, Any],
+              generations: list[dict[str, Any]] = ()) -> None:
     """Count an evaluation and keep it if it is the best so far (of all; of the in-budget ones, with the trainable
-    weights as they were evaluated, needed to score dev at it and to export it)."""
-    state, score = run.state, metrics[run.task.main_metric]
+    weights as they were evaluated, needed to score dev (``select: dev``: the test split) at it and to export it)."""
+    state, score, select = run.state, metrics[run.task.main_metric], run.spec.train.select
     state.evaluations += 1
     if score > state.best_any_score:
         state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
@@ -321,33 +326,40 @@ def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: di
         state.in_budget_evals += 1
         if score > state.best_score:
             state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
-            keep = run.spec.save_adapters or run.spec.train.select == "validation"
+            keep = run.spec.save_adapters or select == "validation" or (select == "dev" and run.final_loaders)
             state.best_weights = trainable_state(run.raw_model) if keep else None
             state.best_predictions = {split: e for split, e in examples.items() if e is not None
-                                      } if run.spec.train.select == "dev" else {}
+                                      } if select == "dev" else {}
+            state.best_generations = list(generations)
 
 
 def score_reported(run: Run, host: Host) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
-    """The reported metrics and per-example predictions. ``select: validation`` and ``final``: every dev split
-    (and a causal-LM task's final splits) scored once, here, with the selected checkpoint's weights in place,
-    in the method's evaluated form; ``select: dev``: the best in-budget dev evaluation's."""
+    """The reported metrics and per-example predictions, all of one checkpoint, the selected one: ``select:
+    validation`` and ``final``: every dev split scored once, here, with the selected checkpoint's weights in
+    place, in the method's evaluated form; ``select: dev``: the best in-budget dev evaluation's. A causal-LM
+    task's final splits (a test set) are scored here, once, at the same weights; ``run.generations`` gets the
+    generations of exactly these scorings."""
     state, select = run.state, run.spec.train.select
-    if select == "dev":
-        return state.best_metrics, state.best_predictions
     started = time.perf_counter()
     metrics, examples = {}, {}
-    best = state.best_weights if select == "validation" else None
+    best = state.best_weights if select != "final" else None
     with swapped_in(run.raw_model, best), evaluated_form(run, host), torch.random.fork_rng(devices=[]):
         if select == "final":  # the only candidate: the final model, in budget by construction
             state.best_step = state.best_any_step = state.step
             state.evaluations = state.in_budget_evals = 1
             state.best_weights = trainable_state(run.raw_model) if run.spec.save_adapters else None
-        for i, (split, loader) in enumerate(run.dev_loaders.items()):
+        if select == "dev":  # dev was scored at the selected evaluation already
+            metrics, examples = dict(state.best_metrics), dict(state.best_predictions)
+            run.generations += state.best_generations
+        for i, (split, loader) in enumerate(run.dev_loaders.items() if select != "dev" else ()):
             prefix = "" if i == 0 else f"{split}_"
-            scored, examples[split] = score_split(run, split, loader, True)
+            scored, examples[split], kept = score_split(run, split, loader)
+            run.generations += kept
             metrics.update({prefix + k: v for k, v in scored.items()})
         for split, loader in run.final_loaders.items():  # a test set, scored once like dev
-            metrics.update({f"{split}_{k}": v for k, v in score_split(run, split, loader, True)[0].items()})
+            scored, _, kept = score_split(run, split, loader)
+            run.generations += kept
+            metrics.update({f"{split}_{k}": v for k, v in scored.items()})
     state.eval_s += time.perf_counter() - started
     return metrics, {split: e for split, e in examples.items() if e is not None}
 
@@ -381,15 +393,12 @@ def swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None):
         model.load_state_dict(own, strict=False)
 
 
-def score_split(run: Run, split: str, loader, keep_generations: bool = False
-                ) -> tuple[dict[str, float], dict[str, list] | None]:
-    """One split's metrics and per-example predictions, as the task evaluates it
-    (:meth:`peftbench.task.Task.evaluate`: logits or greedy generations); what it keeps of an evaluation (a
-    causal-LM task's generations) goes into ``run.generations`` with ``keep_generations``."""
+def score_split(run: Run, split: str, loader
+                ) -> tuple[dict[str, float], dict[str, list] | None, list[dict[str, Any]]]:
+    """One split's metrics, per-example predictions and what a run keeps of it (a causal-LM task's generations),
+    as the task evaluates it (:meth:`peftbench.task.Task.evaluate`: logits or greedy generations)."""
     metrics, kept, examples = run.task.evaluate(run.model, split, loader, run.data, run.accelerator)
-    if keep_generations:
-        run.generations += kept
-    return metrics, examples
+    return metrics, examples, kept
 
 
 def result(run: Run, final: dict[str, float], reported: tuple[dict[str, float], dict], report: dict[str, Any],
@@ -421,8 +430,19 @@ def result(run: Run, final: dict[str, float], reported: tuple[dict[str, float], 
         tokens_per_s=tokens / max(train_s, 1e-9), peak_mem_bytes=int(peak), mem_kind=mem_kind, steps=state.step,
         step_times=state.step_times, method_report=report, best_state=state.best_weights,
         adapter_bytes=exported_bytes(run, host), eval_s=state.eval_s, mem_stats=memory.stats(),
-        generations=run.generations, dev_predictions=predictions,
+        # each says its checkpoint: the run's one reported checkpoint, that of its metrics and its export
+        generations=[{"checkpoint": "selected", "step": state.best_step, **g} for g in run.generations],
+        dev_predictions=predictions, final_state=final_weights(run, host),
     )
+
+
+def final_weights(run: Run, host: Host) -> dict[str, torch.Tensor] | None:
+    """The trainable weights after the last step, in the evaluated form (``peftbench export --checkpoint
+    final``); ``None`` without ``output.save_adapters`` or where they are the selected checkpoint's."""
+    if not run.spec.save_adapters or run.state.best_step == run.state.step:
+        return None
+    with evaluated_form(run, host):
+        return trainable_state(run.raw_model)
 
 
 def exported_bytes(run: Run, host: Host) -> int | None:

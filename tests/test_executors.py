@@ -269,10 +269,13 @@ def test_ray_sweep_streams_results_to_the_driver_which_alone_writes_the_store(ra
            (lora["history"], lora["best"], lora["final"], lora["steps"])
     from safetensors.torch import load_file
 
-    ray_weights = load_file(Path(lora["artifacts"]) / "trainable.safetensors")
-    local_weights = load_file(Path(here["artifacts"]) / "trainable.safetensors")
-    assert ray_weights.keys() == local_weights.keys()
-    assert all(torch.equal(ray_weights[k], local_weights[k]) for k in ray_weights)
+    # the selected checkpoint's weights, and the final ones (kept: here they are another checkpoint)
+    assert here["best_step"] < here["steps"]
+    for name in ("trainable.safetensors", "trainable_final.safetensors"):
+        ray_weights = load_file(Path(lora["artifacts"]) / name)
+        local_weights = load_file(Path(here["artifacts"]) / name)
+        assert ray_weights.keys() == local_weights.keys()
+        assert all(torch.equal(ray_weights[k], local_weights[k]) for k in ray_weights)
     assert json.loads((Path(lora["artifacts"]) / "spec.json").read_text())["run_id"] == lora["run_id"]
 
     # resume as in local mode: the finished run is skipped, the failed one redone (and fails again)

@@ -38,9 +38,9 @@ def _count_dev_scorings(monkeypatch) -> list[str]:
     """Every split that ``score_split`` scores, in order (a list the test reads)."""
     scored, real = [], trainer.score_split
 
-    def score_split(run, split, loader, keep_generations=False):
+    def score_split(run, split, loader):
         scored.append(split)
-        return real(run, split, loader, keep_generations)
+        return real(run, split, loader)
 
     monkeypatch.setattr(trainer, "score_split", score_split)
     return scored

@@ -66,7 +66,9 @@ def test_harness_on_exported_adapter_offline(tmp_path, monkeypatch, capsys):
     stored = Store(config.output.db, readonly=True).get(run["run_id"])["harness"]
     assert 0.0 <= stored["tiny_yesno"]["metrics"]["acc,none"] <= 1.0
     assert stored["tiny_yesno"]["samples"] == 6 and "sample_len" not in stored["tiny_yesno"]["metrics"]
-    capsys.readouterr()
+    # which weights it evaluated: the run's reported checkpoint, that of its table columns and generations
+    assert (stored["tiny_yesno"]["checkpoint"], stored["tiny_yesno"]["step"]) == ("selected", run["best_step"])
+    assert f"at the selected checkpoint (step {run['best_step']} of {run['steps']}" in capsys.readouterr().out
     assert main(["table", config.output.db]) == 0
     out = capsys.readouterr().out
     assert "tiny_yesno:acc,none" in out and "tiny_yesno n" in out and "sample_len" not in out
