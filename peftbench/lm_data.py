@@ -5,7 +5,8 @@ A training example is ``[bos] prompt response [eos]``; its labels are the ids th
 them) with every prompt and padding position set to -100, so the loss is the response's alone and the model
 learns to stop. An evaluation example is ``[bos] prompt``; its label is the example's index in the split, by
 which the generated text is matched with its reference (batches are sorted by length, so their order is not
-the split's).
+the split's). HF PEFT's MetaMathQA protocol (docs/causal_lm.md) encodes, labels and orders otherwise: task options
+``answer_prefix_joined``, ``loss_on_prompt`` and ``order: bucket``.
 """
 
 from __future__ import annotations

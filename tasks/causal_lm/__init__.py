@@ -13,6 +13,10 @@ Data: GSM8K from ``data_dir`` (``train.jsonl``/``test.jsonl`` with ``question``/
 ``task_options.gsm8k.train_file`` (JSON or JSONL with ``query``/``response``), else the hub
 (``meta-math/MetaMathQA``). ``instruct``: JSONL files of the user's with a prompt and a response field, scored
 by exact match of the whole response (whitespace normalised). Options go under ``task_options.<task>``.
+
+HF PEFT's MetaMathQA protocol differs from peftbench's in switches of :class:`~peftbench.task.GenerationOptions`
+(``max_chars``, ``val_sample``, ...) and in ``scoring: hf_peft`` here (:func:`hf_peft_answer`);
+``protocol: hf_peft_metamathqa`` sets them all (docs/causal_lm.md).
 """
 
 from __future__ import annotations
