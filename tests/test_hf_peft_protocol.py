@@ -177,6 +177,22 @@ def test_a_key_the_preset_sets_otherwise_names_its_line(tmp_path):
         load_config(str(path))
 
 
+@pytest.mark.parametrize("key, value", [("loss_on_prompt", True), ("answer_prefix_joined", True),
+                                        ("order", "bucket"), ("max_chars", 1300), ("val_sample", "hf_peft"),
+                                        ("scoring", "hf_peft")])
+def test_each_switch_works_alone_and_is_in_the_identity(tmp_path, tok, key, value):
+    config = hf_config(tmp_path, protocol="peftbench")
+    config.task_options["gsm8k"] = {**config.task_options["gsm8k"], "train_source": "metamathqa", key: value}
+    spec, task = spec_and_task(config)
+    assert spec.identity()["task_options"][key] == value and getattr(task.options, key) == value
+    others = {k: v for k, v in PROTOCOLS["hf_peft_metamathqa"]["task_options"].items() if k not in (key, "val_seed")}
+    assert all(getattr(task.options, k) != v for k, v in others.items() if k != "train_source")
+    batch = next(iter(task.loaders(spec, tok, modeling.load_model(spec.model, 0, seed=0, causal_lm=True)).train))
+    labelled = (batch["labels"] != -100).sum(1)
+    # the loss on the prompt too (peftbench's encoding: its own EOS included) only where that switch is on
+    assert (labelled >= batch["attention_mask"].sum(1)).all() == (key == "loss_on_prompt")
+
+
 @needs_gsm8k
 def test_gsm8k_runs_at_the_defaults_keep_their_ids(tmp_path):
     """The new task options and ``train.autocast`` are left out of the identity at their defaults: GSM8K runs
