@@ -29,8 +29,8 @@ from .export import PREFIX, lora_peft_export, peft_alpha
 from .layer import LoRALinear, MergedLoRAFunction, in_own_dtype, merge_is_exact, merged_linear, recomputing
 from .resize import keep_rank, resize_rank
 
-__all__ = ["PREFIX", "LoRALinear", "MergedLoRAFunction", "inject_lora", "keep_rank", "lora_layers",
-           "lora_peft_export", "in_own_dtype", "merge_is_exact", "merged_linear", "peft_alpha", "rank_cost", "recomputing",
+__all__ = ["PREFIX", "LoRALinear", "MergedLoRAFunction", "in_own_dtype", "inject_lora", "keep_rank", "lora_layers",
+           "lora_peft_export", "merge_is_exact", "merged_linear", "peft_alpha", "rank_cost", "recomputing",
            "resize_rank"]
 
 
