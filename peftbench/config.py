@@ -100,6 +100,10 @@ class TrainConfig:
     #: pad every training batch to ``max_length`` instead of its longest example (benchmarks the padding cost)
     pad_to_max_length: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  #: auto: bf16 autocast on GPUs that have it
+    #: ``false``: no autocast at all, whatever ``precision`` says: half-precision frozen weights (``model.dtype``)
+    #: compute in their dtype, fp32 adapters in fp32, casting their input up and their output back (HF PEFT's
+    #: ``autocast_adapter_dtype`` without AMP, its MetaMathQA protocol)
+    autocast: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: ``torch.compile`` the model in place (parameter names, counts and exports stay those of an uncompiled run)
     compile: bool = False
@@ -127,7 +131,7 @@ class TrainConfig:
 
 #: :class:`TrainConfig` keys added after runs were stored, with their default: a run at the default leaves them
 #: out of its identity, so its id stays the one it had before the key existed
-ADDED_TRAIN_KEYS = {"lr_scheduler": "linear"}
+ADDED_TRAIN_KEYS = {"lr_scheduler": "linear", "autocast": True}
 #: the same for :class:`ModelConfig`
 ADDED_MODEL_KEYS = {"gguf_file": None}
 
@@ -233,6 +237,9 @@ class Config:
     #: task plugin (:meth:`peftbench.task.Task.with_options`)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     tune: TuneConfig | None = None  #: tune each method's hyperparameters on held-out training data first
+    #: a named protocol (:data:`PROTOCOLS`): it sets task options and training keys, which then cannot be set
+    #: otherwise in the config; ``peftbench``: none (peftbench's own fair protocol)
+    protocol: Literal["peftbench", "hf_peft_metamathqa"] = "peftbench"
     source: str = field(default="<config>", compare=False)
 
     _data = None  # the checked mapping, with its lines (set by parse_config)
@@ -561,6 +568,68 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     return parse_config(data, str(path))
 
 
+#: named protocols: the task options (of each of its tasks) and training keys each sets. ``hf_peft_metamathqa``:
+#: HF PEFT's method_comparison/MetaMathQA as its code runs it (docs/causal_lm.md lists each switch and what is left)
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "hf_peft_metamathqa": {
+        "tasks": ("gsm8k",),
+        "task_options": {"train_source": "metamathqa", "loss_on_prompt": True, "answer_prefix_joined": True,
+                         "order": "bucket", "max_chars": 1300, "val_sample": "hf_peft", "val_seed": 0,
+                         "scoring": "hf_peft"},
+        # the final model is reported (nothing held out of the training data to select on), warmup 10 %
+        "train": {"warmup_ratio": 0.1, "warmup_steps": 0, "lr_scheduler": "cosine", "autocast": False,
+                  "select": "final"},
+    },
+}
+
+
+def _apply_protocol(data: Located, source: str) -> None:
+    """Write a named protocol's settings into ``data`` (their lines: the ``protocol`` key's). A key that the
+    config sets otherwise (in ``train``, ``task_options``, or a per-task or per-method override) is an error
+    naming it: a run would silently not be the protocol."""
+    name = data.get("protocol")
+    if name not in PROTOCOLS:
+        return  # "peftbench", or a wrong name: the field's own check names it
+    preset, line = PROTOCOLS[name], getattr(data, "lines", {}).get("protocol")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or [str(t).lower() for t in tasks] != list(preset["tasks"]):
+        raise ConfigError(f"{locate(data, ('protocol',), f'{source}: ')}protocol: {name} is a protocol of task(s) "
+                          f"{', '.join(preset['tasks'])}; tasks is {tasks!r}")
+
+    def fill(steps: tuple, values: dict[str, Any]) -> None:
+        node = data
+        for step in steps:
+            if not isinstance(node.get(step), dict):
+                node[step] = Located()
+                node.lines[step] = line
+            node = node[step]
+        for key, value in values.items():
+            if key in node and node[key] != value:
+                raise ConfigError(f"{locate(data, (*steps, key), f'{source}: ')}{key_path('', (*steps, key))}: "
+                                  f"protocol {name} sets it to {value!r}, not {node[key]!r}; remove the key (or "
+                                  "the protocol)")
+            node[key] = value
+            if isinstance(node, Located):
+                node.lines.setdefault(key, line)
+
+    for task in preset["tasks"]:
+        fill(("task_options", task), preset["task_options"])
+    fill(("train",), preset["train"])
+    overrides = [(("per_task", task), preset["train"]) for task in preset["tasks"]]
+    for i, method in enumerate(data.get("methods") or []):
+        if isinstance(method, dict):
+            overrides.append((("methods", i, "train"), preset["train"]))
+            overrides += [(("methods", i, "per_task", task, "train"), preset["train"]) for task in preset["tasks"]]
+    for steps, values in overrides:  # a method's or a task's own value would make its runs another protocol
+        node = data
+        for step in steps:
+            node = node.get(step) if isinstance(node, dict) else node[step] if isinstance(node, list) else None
+        for key in values if isinstance(node, dict) else ():
+            if key in node and node[key] != values[key]:
+                raise ConfigError(f"{locate(data, (*steps, key), f'{source}: ')}{key_path('', (*steps, key))}: "
+                                  f"protocol {name} sets train.{key} to {values[key]!r} for every run")
+
+
 def parse_config(data: dict, source: str = "<config>") -> Config:
     """Check ``data`` (a config mapping, ``--set`` applied) into a :class:`Config`: every framework key,
     training overrides included. Method params are checked against their plugins once those are loaded
@@ -574,6 +643,7 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
         data["seeds"] = list(range(seeds))
     _check_labels(data, source)
     _check_control_characters(data, source)
+    _apply_protocol(data, source)
     config = from_dict(Config, data, "", f"{source}: ")
     config.source, config._data = source, data
     config.tasks = [t.lower() for t in config.tasks]

@@ -11,30 +11,43 @@ from __future__ import annotations
 import torch
 
 from .lm_data import eos_id, pad_id
+from .task import Capped
 
 
 @torch.no_grad()
-def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
-                 max_total_length: int, keep_unfinished: bool = False) -> list[list[int] | None]:
-    """Greedy continuations of a left-padded batch: each row's new token ids up to its EOS (excluded), or
-    ``None`` for a row that reached a cap without one (its tokens with ``keep_unfinished``)."""
+def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
+           max_total_length: int) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of a left-padded batch: each row's new token ids up to its EOS (excluded), and whether
+    it reached that EOS before a cap."""
     from transformers import GenerationConfig
 
     eos, new = eos_id(tokenizer), min(max_new_tokens, max_total_length - input_ids.shape[1])
     if new < 1:  # the prompt alone fills the total length
-        return [None] * len(input_ids)
+        return [([], False)] * len(input_ids)
     config = GenerationConfig(max_new_tokens=new, do_sample=False, num_beams=1, use_cache=True,
                               eos_token_id=eos, pad_token_id=pad_id(tokenizer))
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     rows = out[:, input_ids.shape[1]:].tolist()
-    return [row[:row.index(eos)] if eos in row else (row if keep_unfinished else None) for row in rows]
+    return [(row[:row.index(eos)], True) if eos in row else (row, False) for row in rows]
+
+
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
+                 max_total_length: int, keep_unfinished: bool = False) -> list[list[int] | None]:
+    """:func:`greedy`'s token ids, ``None`` for a row that reached a cap without its EOS (its tokens with
+    ``keep_unfinished``)."""
+    return [ids if done or keep_unfinished else None
+            for ids, done in greedy(model, input_ids, attention_mask, tokenizer, max_new_tokens, max_total_length)]
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, max_new_tokens: int,
-             max_total_length: int) -> list[str | None]:
-    """:func:`generate_ids`, decoded (``None`` past a cap)."""
-    rows = generate_ids(model, input_ids, attention_mask, tokenizer, max_new_tokens, max_total_length)
-    return [None if row is None else tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+             max_total_length: int, keep_unfinished: bool = False) -> list[str | None]:
+    """:func:`greedy`, decoded; a row past a cap is ``None``, or with ``keep_unfinished`` its text as a
+    :class:`Capped`."""
+    texts = []
+    for ids, done in greedy(model, input_ids, attention_mask, tokenizer, max_new_tokens, max_total_length):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        texts.append(text if done else Capped(text) if keep_unfinished else None)
+    return texts
 
 
 @torch.no_grad()
@@ -50,8 +63,8 @@ def generate_and_score(model, loader, task, accelerator, tokenizer,
     options, texts = task.options, {}
     for batch in loader:
         with accelerator.autocast():
-            generated = generate(raw, batch["input_ids"], batch["attention_mask"], tokenizer,
-                                 options.max_new_tokens, options.max_total_length)
+            generated = generate(raw, batch["input_ids"], batch["attention_mask"], tokenizer, options.max_new_tokens,
+                                 options.max_total_length, task.scores_unfinished)
         for index, text in zip(batch["labels"].tolist(), generated):
             texts[index] = text
     if accelerator.num_processes > 1:

@@ -5,7 +5,8 @@ A training example is ``[bos] prompt response [eos]``; its labels are the ids th
 them) with every prompt and padding position set to -100, so the loss is the response's alone and the model
 learns to stop. An evaluation example is ``[bos] prompt``; its label is the example's index in the split, by
 which the generated text is matched with its reference (batches are sorted by length, so their order is not
-the split's).
+the split's). HF PEFT's MetaMathQA protocol (docs/causal_lm.md) encodes, labels and orders otherwise: task options
+``answer_prefix_joined``, ``loss_on_prompt`` and ``order: bucket``.
 """
 
 from __future__ import annotations
@@ -59,16 +60,25 @@ def pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_id(tokenizer)
 
 
-def encode_lm(split: Split, tokenizer, max_length: int, with_response: bool, use_cache: bool = True) -> Encoded:
+def encode_lm(split: Split, tokenizer, max_length: int, with_response: bool, use_cache: bool = True,
+              joined: bool = False) -> Encoded:
     """Token ids of every example (``with_response``: training, else the prompt alone), cached on disk.
 
     A prompt that leaves no room for a response token within ``max_length`` is a :class:`DataError` naming the
-    example; a response that does not fit is cut (the example then teaches no EOS)."""
-    role = "train" if with_response else "prompt"
+    example; a response that does not fit is cut (the example then teaches no EOS). ``joined``: HF PEFT's
+    encoding (task option ``answer_prefix_joined``): ``tokenizer(prompt + response)`` as one string with the
+    tokenizer's own special tokens, cut to ``max_length``, no EOS appended (:class:`LMCollator` trains the EOS of
+    the first padding position); a prompt alone is ``tokenizer(prompt)``, cut alike."""
+    role = ("train" if with_response else "prompt") + ("-joined" if joined else "")
     path = cache_dir() / f"lm-{role}-{_fingerprint(split, tokenizer, max_length)}.npz"
     cached = _read_cache(path) if use_cache else None
     if cached is not None:
         return cached
+    if joined:
+        encoded = _encode_joined(split, tokenizer, max_length, with_response)
+        if use_cache:
+            _write_cache(path, encoded)
+        return encoded
     bos = [bos_id(tokenizer)] if bos_id(tokenizer) is not None else []
     prompts = tokenizer(split.texts[0], add_special_tokens=False)["input_ids"]
     responses = tokenizer([" " + r for r in split.texts[1]], add_special_tokens=False)["input_ids"] \
@@ -94,6 +104,18 @@ def encode_lm(split: Split, tokenizer, max_length: int, with_response: bool, use
     return encoded
 
 
+def _encode_joined(split: Split, tokenizer, max_length: int, with_response: bool) -> Encoded:
+    prompts = tokenizer(split.texts[0])["input_ids"]
+    rows = tokenizer([p + r for p, r in zip(*split.texts)])["input_ids"] if with_response else prompts
+    rows = [row[:max_length] for row in rows]
+    # the loss (without loss_on_prompt) starts where the joint tokens stop being the prompt's alone
+    prompt_lengths = [next((i for i, (a, b) in enumerate(zip(p, row)) if a != b), min(len(p), len(row)))
+                      for p, row in zip(prompts, rows)]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    return Encoded(flat, None, offsets, np.arange(len(rows), dtype=np.float32), np.asarray(prompt_lengths, np.int64))
+
+
 def _gather(e: Encoded, idx: np.ndarray, width: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, mask, positions)`` of examples ``idx`` padded to ``width`` (on the left for generation: every
     prompt then ends at the last column, where the new tokens follow)."""
@@ -113,42 +135,87 @@ class LMCollator:
     from the position before the batch's earliest response token), with its labels cut to those columns. The
     LM head then skips every position that only predicts prompt tokens: the loss is the same, and the
     ``tokens × vocabulary`` logits (a large share of an LLM step's memory at Llama-3's 128k vocabulary) shrink
-    to the response part."""
+    to the response part.
+
+    ``loss_on_prompt``: labels on every token, and the loss a sum over tokens divided by the batch's real tokens
+    (``num_items_in_batch``: HF PEFT's normalisation). ``eos``: a row shorter than its batch gets this id at its
+    first padding position, with the loss on it (HF PEFT pads with EOS and trains the first one; task option
+    ``answer_prefix_joined``, whose examples end without EOS)."""
 
     def __init__(self, encoded: Encoded, pad: int, generation: bool, pad_to: int | None = None,
-                 trim_logits: bool = False):
+                 trim_logits: bool = False, loss_on_prompt: bool = False, eos: int | None = None):
         self.encoded, self.pad, self.generation, self.pad_to = encoded, pad, generation, pad_to
         self.trim_logits = trim_logits and not generation
+        self.loss_on_prompt, self.eos = loss_on_prompt, eos
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         e, idx = self.encoded, np.asarray(indices)
         width = max(self.pad_to or 0, int(e.lengths[idx].max()))
         ids, mask, positions = _gather(e, idx, width, left=self.generation)
-        batch = {"input_ids": torch.from_numpy(np.where(mask, ids, self.pad).astype(np.int64)),
-                 "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        ids = np.where(mask, ids, self.pad)
+        batch = {"attention_mask": torch.from_numpy(mask.astype(np.int64))}
         if self.generation:
             batch["labels"] = torch.from_numpy(e.labels[idx].astype(np.int64))
         else:
-            answer = mask & (positions >= e.prompt_lengths[idx][:, None])
+            answer = mask & (positions >= (0 if self.loss_on_prompt else e.prompt_lengths[idx][:, None]))
+            if self.eos is not None:  # the EOS after each row, where the batch has room for it
+                first_pad = positions == e.lengths[idx][:, None]
+                ids, answer = np.where(first_pad, self.eos, ids), answer | first_pad
             labels = np.where(answer, ids, IGNORE_INDEX).astype(np.int64)
+            if self.loss_on_prompt:
+                batch["num_items_in_batch"] = int(mask.sum())
             if self.trim_logits:
                 first = int(np.argmax(answer.any(0))) if answer.any() else width - 1
                 keep = width - max(first - 1, 0)  # the logit at position t predicts token t + 1
                 labels, batch["logits_to_keep"] = labels[:, width - keep:], keep
             batch["labels"] = torch.from_numpy(np.ascontiguousarray(labels))
+        batch["input_ids"] = torch.from_numpy(ids.astype(np.int64))
         return batch
 
 
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """HF PEFT's ``BucketIterator`` (method_comparison/MetaMathQA): the examples in their order, in buckets of
+    ``factor × batch_size``; each bucket sorted by length, longest first (``torch.argsort(descending=True)``, so
+    ties fall as they fall there), then cut into batches. Its quirk is kept: when the last bucket is partial, its
+    batches come twice. The same order every epoch (the reference makes one pass)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, factor: int = 20):
+        self.lengths, self.batch_size, self.factor = np.asarray(lengths), batch_size, factor
+
+    def set_epoch(self, epoch: int) -> None:  # the order does not depend on it
+        pass
+
+    def batches(self) -> list[np.ndarray]:
+        n, size = len(self.lengths), self.batch_size * self.factor
+        buckets = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+        if n % size:
+            buckets.append(np.arange(n - n % size, n))
+        batches = []
+        for bucket in buckets:
+            order = bucket[torch.argsort(torch.tensor(self.lengths[bucket]), descending=True).numpy()]
+            batches += [order[j:j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        return batches
+
+    def __iter__(self):
+        return (b.tolist() for b in self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by_length: bool, seed: int,
-                   pad: int, pad_to: int | None = None, trim_logits: bool = False) -> torch.utils.data.DataLoader:
-    """Training: shuffled (length-grouped) batches; generation: every prompt sorted by length, longest first
-    (least padding, and an out-of-memory batch shows at once)."""
+                   pad: int, pad_to: int | None = None, trim_logits: bool = False, order: str = "shuffle",
+                   loss_on_prompt: bool = False, eos: int | None = None) -> torch.utils.data.DataLoader:
+    """Training: shuffled (length-grouped) batches, or ``order: bucket`` (:class:`BucketBatchSampler`);
+    generation: every prompt sorted by length, longest first (least padding, and an out-of-memory batch shows at
+    once). ``loss_on_prompt``, ``eos``: :class:`LMCollator`."""
     from .data import EncodedDataset
 
-    sampler = LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle=not generation,
-                                        group_by_length=group_by_length or generation, seed=seed)
-    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
-                                       collate_fn=LMCollator(encoded, pad, generation, pad_to, trim_logits))
+    sampler = BucketBatchSampler(encoded.lengths, batch_size) if order == "bucket" and not generation else \
+        LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle=not generation,
+                                  group_by_length=group_by_length or generation, seed=seed)
+    collator = LMCollator(encoded, pad, generation, pad_to, trim_logits, loss_on_prompt, eos)
+    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler, collate_fn=collator)
 
 
 def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool = False):
@@ -156,11 +223,13 @@ def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool
     evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
     selection split's loader (:func:`peftbench.data.selection_split`, from the training prompts).
     ``trim_logits``: training batches ask for logits of the response part only (:class:`LMCollator`)."""
-    cfg, pad = spec.train, pad_id(tokenizer)
+    cfg, pad, options = spec.train, pad_id(tokenizer), task.options
+    joined = options.answer_prefix_joined
 
     def encoded(split: str, with_response: bool, limit: int | None):
         data = task.load(split, spec.data_dir)
-        return subsample(encode_lm(data, tokenizer, cfg.max_length, with_response), limit), data.texts[1]
+        return subsample(encode_lm(data, tokenizer, cfg.max_length, with_response, joined=joined), limit), \
+            data.texts[1]
 
     train_data, train_refs = encoded("train", True, cfg.max_train_samples)
     if spec.tuning:  # hold out part of the training set and generate from its prompts
@@ -176,7 +245,9 @@ def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool
     # a tuning run reads neither dev nor test
     final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
-                                  pad_to=cfg.max_length if cfg.pad_to_max_length else None, trim_logits=trim_logits)
+                                  pad_to=cfg.max_length if cfg.pad_to_max_length else None, trim_logits=trim_logits,
+                                  order=options.order, loss_on_prompt=options.loss_on_prompt,
+                                  eos=eos_id(tokenizer) if joined else None)
 
     def loaders(splits):
         return {split: make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)

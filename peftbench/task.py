@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -171,6 +171,11 @@ def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float
     return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
+class Capped(str):
+    """The text of a generation that ran into a length cap, for a task that scores those too
+    (:attr:`GenerationTask.scores_unfinished`, e.g. GSM8K's ``scoring: hf_peft``); others get ``None`` for it."""
+
+
 @dataclass
 class GenerationOptions:
     """Options every generation task has (``task_options.<task>`` in a config)."""
@@ -181,6 +186,23 @@ class GenerationOptions:
     max_total_length: PositiveInt = 800  #: ... or at this many tokens, prompt included (past either cap: scored wrong)
     val_size: PositiveInt = 50  #: validation questions sampled from the training data (and removed from it)
     val_seed: int = 0  #: seed of that sample: the same questions for every method and seed
+    #: how that sample is drawn: ``peftbench`` (numpy's ``default_rng(val_seed)``), or ``hf_peft`` as HF PEFT's
+    #: MetaMathQA comparison draws it (``np.random.seed(val_seed)``, a shuffle of ``arange``, the first ``val_size``)
+    val_sample: Literal["peftbench", "hf_peft"] = "peftbench"
+    #: the switches below reproduce HF PEFT's MetaMathQA protocol (``protocol: hf_peft_metamathqa`` sets them all;
+    #: docs/causal_lm.md); off, peftbench's own protocol
+    #: training examples whose ``f"{query} {response}"`` is longer than this many characters are dropped
+    max_chars: PositiveInt | None = None
+    #: the loss on every token, prompt included (else on the response and its EOS only)
+    loss_on_prompt: bool = False
+    #: one string ``prompt + response`` tokenized with the tokenizer's own special tokens and cut to
+    #: ``train.max_length``; no EOS appended: the first padding position of a batch is the EOS and is trained on
+    #: (the longest example of a batch has none), as HF PEFT pads with EOS. Else ``[BOS] prompt``, then
+    #: ``" " + response`` tokenized apart, then EOS
+    answer_prefix_joined: bool = False
+    #: training order: ``shuffle`` (seeded, length-grouped batches if ``train.group_by_length``), or ``bucket``: the
+    #: file's order in buckets of 20 batches, each sorted longest first, one pass (HF PEFT's ``BucketIterator``)
+    order: Literal["shuffle", "bucket"] = "shuffle"
 
     def __post_init__(self):
         if "{query}" not in self.prompt_template:
@@ -196,6 +218,9 @@ class GenerationTask(Task):
     kind: ClassVar[str] = "causal_lm"
     peft_task_type: ClassVar[str | None] = "CAUSAL_LM"  #: PeftModel.from_pretrained gives a PeftModelForCausalLM
     Options: ClassVar[type] = GenerationOptions
+    #: whether :meth:`score` gets the text of a generation that ran into a cap (a
+    #: :class:`~peftbench.generation.Capped`) instead of ``None``
+    scores_unfinished: ClassVar[bool] = False
     options: Any = None
 
     def __post_init__(self):
@@ -257,7 +282,8 @@ class GenerationTask(Task):
         """Prompt + response, as the trainer encodes them."""
         from .lm_data import encode_lm
 
-        return encode_lm(self.load("train", data_dir), tokenizer, max_length, with_response=True)
+        return encode_lm(self.load("train", data_dir), tokenizer, max_length, with_response=True,
+                         joined=self.options.answer_prefix_joined)
 
     def check_fits(self, data_dir: str | None, tokenizer: Callable[[], Any], max_length: int) -> None:
         """Every prompt leaves room for a response within ``max_length`` (a :class:`DataError` naming the example
@@ -265,11 +291,13 @@ class GenerationTask(Task):
         from .lm_data import encode_lm
 
         for split in ("train", *self.dev_splits, *self.final_splits):
-            encode_lm(self.load(split, data_dir), tokenizer(), max_length, with_response=split == "train")
+            encode_lm(self.load(split, data_dir), tokenizer(), max_length, with_response=split == "train",
+                      joined=self.options.answer_prefix_joined)
 
     def check_loader(self, split: str, data_dir: str | None, tokenizer, train: TrainConfig):
         """The prompts of ``split``: agreement of the next-token predictions after each."""
         from . import lm_data
 
-        data = lm_data.encode_lm(self.load(split, data_dir), tokenizer, train.max_length, with_response=False)
+        data = lm_data.encode_lm(self.load(split, data_dir), tokenizer, train.max_length, with_response=False,
+                                 joined=self.options.answer_prefix_joined)
         return lm_data.make_lm_loader(data, train.eval_batch_size, True, True, 0, lm_data.pad_id(tokenizer))

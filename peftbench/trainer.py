@@ -485,9 +485,7 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     optimizer = torch.optim.AdamW(param_groups(model, cfg, head_names), lr=cfg.lr,
                                   fused=not use_cpu and torch.cuda.is_available())
     total_steps = schedule.total_steps(cfg, len(train_loader))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    schedule_fn = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
-    scheduler = schedule_fn[cfg.lr_scheduler](optimizer, warmup, total_steps)
+    scheduler = lr_scheduler(optimizer, cfg, total_steps)
 
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     dev_loaders = {split: accelerator.prepare(loader) for split, loader in dev_loaders.items()}
@@ -514,6 +512,14 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
                memory, final_loaders=final_loaders, data=data, select_loaders=select_loaders)
 
 
+def lr_scheduler(optimizer, cfg, total_steps: int):
+    """Warmup over ``warmup_steps`` (else ``int(warmup_ratio × total_steps)``, as HF PEFT rounds its 10 %), then
+    linear or cosine decay to 0 (transformers' schedules)."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    schedule_fn = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
+    return schedule_fn[cfg.lr_scheduler](optimizer, warmup, total_steps)
+
+
 #: the run hooks the loop calls (each only if some registered plugin implements it)
 RUN_HOOKS = ("peftbench_train_start", "peftbench_extra_loss", "peftbench_after_backward",
              "peftbench_after_optimizer_step", "peftbench_on_log", "peftbench_before_evaluate",
@@ -535,6 +541,8 @@ def _accelerator(spec: RunSpec) -> tuple[Accelerator, bool]:
     _fresh_accelerator_state()
     # several processes (accelerate launch) split every batch between them: train.batch_size stays the batch of
     # an optimizer step, and a run gives the same result on any number of processes
+    if not cfg.autocast:  # half-precision weights and fp32 adapters each compute in their own dtype
+        precision = "fp32"
     accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
                               gradient_accumulation_steps=cfg.grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))

@@ -26,10 +26,10 @@ from torch import nn
 from ..hookspecs import TargetModule
 from ..modeling import replace_module
 from .export import PREFIX, lora_peft_export, peft_alpha
-from .layer import LoRALinear, MergedLoRAFunction, merge_is_exact, merged_linear, recomputing
+from .layer import LoRALinear, MergedLoRAFunction, in_own_dtype, merge_is_exact, merged_linear, recomputing
 from .resize import keep_rank, resize_rank
 
-__all__ = ["PREFIX", "LoRALinear", "MergedLoRAFunction", "inject_lora", "keep_rank", "lora_layers",
+__all__ = ["PREFIX", "LoRALinear", "MergedLoRAFunction", "in_own_dtype", "inject_lora", "keep_rank", "lora_layers",
            "lora_peft_export", "merge_is_exact", "merged_linear", "peft_alpha", "rank_cost", "recomputing",
            "resize_rank"]
 

@@ -65,6 +65,13 @@ def merge_is_exact(x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor,
             and not (training and isinstance(dropout, nn.Dropout)))
 
 
+def in_own_dtype(x: torch.Tensor, adapter: torch.Tensor) -> bool:
+    """Whether an adapter computes in its own dtype: half-precision input (frozen bf16/fp16 weights), an fp32
+    adapter and no autocast (``train.autocast: false``). Then, as PEFT's ``autocast_adapter_dtype`` does, the
+    input is cast up, the update computed and added to the base output in fp32, the sum cast back."""
+    return x.dtype != adapter.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 class MergedLoRAFunction(torch.autograd.Function):
     """``x (W + s·B A)ᵀ + b`` with the gradients of ``x``, ``A``, ``B`` (and of ``W``, ``b`` if they train)."""
 
@@ -138,6 +145,10 @@ class LoRALinear(nn.Module):
         if self.can_merge(x):
             return MergedLoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                             self.scaling)
+        if in_own_dtype(x, self.lora_A):
+            out = self.base(x)
+            update = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
+            return (out + update * self.scaling).to(out.dtype)
         out = self.base(x)
         # the scale on the r channels (not the d_out-wide output), and the update added inside the GEMM
         h = F.linear(self.dropout(x), self.lora_A) * self.scaling

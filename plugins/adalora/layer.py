@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.lora import MergedLoRAFunction, merge_is_exact, merged_linear
+from peftbench.lora import MergedLoRAFunction, in_own_dtype, merge_is_exact, merged_linear
 
 
 class SVDLinear(nn.Module):
@@ -52,6 +52,10 @@ class SVDLinear(nn.Module):
         scaled_q = self.Q * (self.E * self.scaling).unsqueeze(1)
         if merge_is_exact(x, self.base.weight, self.Q, self.dropout, self.training):
             return MergedLoRAFunction.apply(x, self.base.weight, self.base.bias, scaled_q, self.P, 1.0)
+        if in_own_dtype(x, self.Q):
+            out = self.base(x)
+            update = F.linear(F.linear(self.dropout(x.to(self.Q.dtype)), scaled_q), self.P)
+            return (out + update).to(out.dtype)
         out = self.base(x)
         # otherwise (bf16/fp16, dropout): the low-rank path, one token-sized r-wide activation saved per layer;
         # addmm adds the update inside the GEMM, no extra pass over the layer's output

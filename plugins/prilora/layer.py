@@ -82,7 +82,7 @@ class PRILoRALinear(LoRALinear):
             if self.statistic == "input":
                 self.observe(self.input_norms(x))  # the module's input x, before LoRA dropout
             elif self.statistic == "rank":
-                self.observe(feature_norms(F.linear(x.detach(), self.lora_A.detach())))  # h = A x, before dropout
+                self.observe(feature_norms(F.linear(x.detach().to(self.lora_A.dtype), self.lora_A.detach())))  # h = A x, before dropout
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -34,10 +34,11 @@ class PrunedLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_energy is None or not self.training:
             return super().forward(x)
-        z = F.linear(self.dropout(x), self.lora_A)
+        out = self.base(x)
+        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # the adapter's dtype (train.autocast)
         if not recomputing():  # a batch counts once (gradient checkpointing recomputes the forward)
             self.input_energy += z.detach().float().square().flatten(0, -2).sum(0)
-        return self.base(x) + F.linear(z, self.lora_B) * self.scaling
+        return (out + F.linear(z, self.lora_B) * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def keep_components(self, keep: torch.Tensor, new_b: torch.Tensor, new_a: torch.Tensor,

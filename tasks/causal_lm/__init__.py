@@ -13,6 +13,10 @@ Data: GSM8K from ``data_dir`` (``train.jsonl``/``test.jsonl`` with ``question``/
 ``task_options.gsm8k.train_file`` (JSON or JSONL with ``query``/``response``), else the hub
 (``meta-math/MetaMathQA``). ``instruct``: JSONL files of the user's with a prompt and a response field, scored
 by exact match of the whole response (whitespace normalised). Options go under ``task_options.<task>``.
+
+HF PEFT's MetaMathQA protocol differs from peftbench's in switches of :class:`~peftbench.task.GenerationOptions`
+(``max_chars``, ``val_sample``, ...) and in ``scoring: hf_peft`` here (:func:`hf_peft_answer`);
+``protocol: hf_peft_metamathqa`` sets them all (docs/causal_lm.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
+from decimal import Decimal, DivisionByZero, InvalidOperation
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -28,7 +33,7 @@ import numpy as np
 from peftbench import hub
 from peftbench.errors import ConfigError, DataError
 from peftbench.hookspecs import hookimpl
-from peftbench.task import GenerationOptions, GenerationTask, Split
+from peftbench.task import Capped, GenerationOptions, GenerationTask, Split
 
 PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
@@ -179,11 +184,67 @@ def hub_rows(name: str, config: str | None, split: str, fields: tuple[str, str])
     return list(zip(ds[fields[0]], ds[fields[1]]))
 
 
-def validation_sample(n: int, size: int, seed: int, key: str = "val_size") -> np.ndarray:
-    """Indices of the fixed validation sample of ``n`` training rows (sorted); ``key``: the option, for errors."""
+def validation_sample(n: int, size: int, seed: int, key: str = "val_size", how: str = "peftbench") -> np.ndarray:
+    """Indices of the fixed validation sample of ``n`` training rows; ``key``: the option, for errors.
+    ``peftbench``: sorted, from ``default_rng(seed)``; ``hf_peft``: HF PEFT's MetaMathQA draw, in its order
+    (``np.random.seed(seed)``, then ``np.random.shuffle(np.arange(n))``: the legacy global generator is a
+    ``RandomState``, so a seeded one of our own gives the same indices without touching global state)."""
     if size >= n:
         raise DataError(f"{key} {size:,} leaves no training data from {n:,} rows; set it below {n:,}")
+    if how == "hf_peft":
+        indices = np.arange(n)
+        np.random.RandomState(seed).shuffle(indices)
+        return indices[:size]
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+def short_rows(rows: list[tuple[str, str]], max_chars: int | None) -> list[tuple[str, str]]:
+    """The rows whose ``f"{query} {response}"`` has at most ``max_chars`` characters (all without a limit): HF PEFT's
+    MetaMathQA filter (1,300 keeps about 94 % of it), by characters so that it is the same for every tokenizer."""
+    return rows if max_chars is None else [(q, r) for q, r in rows if len(f"{q} {r}") <= max_chars]
+
+
+# -- HF PEFT's answer extraction (method_comparison/MetaMathQA/utils.py), for `scoring: hf_peft` -------------
+
+#: where the final answer follows, tried in this order: the first one found anywhere is taken at its last use
+HF_PEFT_DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
+
+
+def hf_peft_answer(text: str | None) -> str | None:
+    """The final answer as HF PEFT's MetaMathQA comparison parses it, or ``None`` without a delimiter."""
+    if text is None:
+        return None
+    text = text.strip().rstrip(".!?")
+    delimiter = next((d for d in HF_PEFT_DELIMITERS if d in text), None)
+    if delimiter is None:
+        return None
+    # its first line, without surrounding punctuation; "%" too: GSM8K writes 50% as 50
+    return text.rpartition(delimiter)[2].strip().split("\n", 1)[0].strip(" .!?$%")
+
+
+def hf_peft_value(answer: str | None) -> float | str | None:
+    """An extracted answer as HF PEFT compares it: a number (``"20/14"``: a fraction) as a float, else the text."""
+    if answer is None:
+        return None
+    try:
+        if "/" in answer:
+            parts = answer.strip().split("/")
+            if len(parts) != 2:
+                return answer
+            return float(Decimal(parts[0].strip()) / Decimal(parts[1].strip()))
+        return float(Decimal(answer.strip()))
+    except (InvalidOperation, DivisionByZero, ValueError):  # 0/0 is an InvalidOperation
+        return answer
+
+
+def hf_peft_correct(generation: str | None, reference: str) -> bool:
+    """HF PEFT's rule: both answers parsed (numbers compared as floats, other text as text); an unparsed
+    generation is wrong. A reference without a delimiter is a :class:`DataError`, as it is an error there."""
+    gold = hf_peft_answer(reference)
+    if gold is None:
+        raise DataError(f"reference without a final answer HF PEFT's parser finds: {reference[-80:]!r}")
+    predicted = hf_peft_answer(generation)
+    return predicted is not None and hf_peft_value(predicted) == hf_peft_value(gold)
 
 
 # -- tasks ------------------------------------------------------------------------------------------------
@@ -197,6 +258,9 @@ class Gsm8kOptions(GenerationOptions):
     #: what the model is trained to answer: the whole ``solution`` (the reference protocol), or its ``final``
     #: line alone (``#### 72``: short answers, for smoke tests and direct-answer baselines)
     response: Literal["solution", "final"] = "solution"
+    #: ``lm_eval``: ``strict_match``/``flexible_extract`` alone; ``hf_peft`` adds ``hf_peft_accuracy``, HF PEFT's
+    #: MetaMathQA answer extraction (:func:`hf_peft_answer`), which parses generations that ran into a cap too
+    scoring: Literal["lm_eval", "hf_peft"] = "lm_eval"
 
 
 @dataclass
@@ -212,9 +276,11 @@ class Gsm8kTask(GenerationTask):
             rows, source = self._gsm8k("test" if split == "test" else "train", data_dir)
             if split != "test":
                 held = validation_sample(len(rows), self.options.val_size, self.options.val_seed,
-                                         f"task_options.{self.name}.val_size ({source})")
+                                         f"task_options.{self.name}.val_size ({source})", self.options.val_sample)
                 keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
                 rows, source = [rows[i] for i in keep], f"{source}[{split}]"
+        if split == "train":
+            rows = short_rows(rows, self.options.max_chars)
         if split == "train" and self.options.response == "final":
             rows = [(q, final_line(a)) for q, a in rows]
         return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), source)
@@ -253,16 +319,28 @@ class Gsm8kTask(GenerationTask):
         """lm-eval's two GSM8K scores: ``strict_match`` (the main metric: the number right after the first
         answer marker of the trained format, ``#### `` or MetaMathQA's ``The answer is: ``) and
         ``flexible_extract`` (the last number of the generation), each compared as lm-eval's ``exact_match``
-        does. A generation that ran into a length cap (``None``) is wrong in both: it never finished its answer."""
+        does. A generation that ran into a length cap (``None``, or a :class:`Capped` text) is wrong in both: it
+        never finished its answer. ``scoring: hf_peft`` adds ``hf_peft_accuracy``, which parses capped ones too."""
         strict = strict_pattern("The answer is:" if self.options.train_source == "metamathqa" else "####")
+        capped = [g is None or isinstance(g, Capped) for g in generations]
+        finished = [None if c else g for g, c in zip(generations, capped)]
 
         def accuracy(pattern: re.Pattern, last: bool) -> float:
             return float(np.mean([g is not None and lm_eval_match(extract(g, pattern, last), r)
-                                  for g, r in zip(generations, references)]))
+                                  for g, r in zip(finished, references)]))
 
-        return {"strict_match": accuracy(strict, last=False), "flexible_extract": accuracy(FLEXIBLE, last=True),
-                "formatted": float(np.mean([is_formatted(g) for g in generations])),
-                "past_cap": float(np.mean([g is None for g in generations]))}
+        metrics = {"strict_match": accuracy(strict, last=False), "flexible_extract": accuracy(FLEXIBLE, last=True),
+                   "formatted": float(np.mean([is_formatted(g) for g in finished])),
+                   "past_cap": float(np.mean(capped))}
+        if self.options.scoring == "hf_peft":
+            metrics["hf_peft_accuracy"] = float(np.mean([hf_peft_correct(g, r)
+                                                         for g, r in zip(generations, references)]))
+        return metrics
+
+    @property
+    def scores_unfinished(self) -> bool:
+        """Whether generations that ran into a cap reach :meth:`score` as their text (a :class:`Capped`)."""
+        return self.options.scoring == "hf_peft"
 
 
 @dataclass
@@ -292,9 +370,12 @@ class InstructTask(GenerationTask):
             raise ConfigError(f"task_options.{self.name}.{key}: {path} does not exist")
         rows = read_rows(path, (o.prompt_field, o.response_field))
         if split != "test" and not o.dev_file:
-            held = validation_sample(len(rows), o.val_size, o.val_seed, f"task_options.{self.name}.val_size ({path})")
+            held = validation_sample(len(rows), o.val_size, o.val_seed, f"task_options.{self.name}.val_size ({path})",
+                                     o.val_sample)
             keep = held if split == "valid" else np.setdiff1d(np.arange(len(rows)), held)
             rows = [rows[i] for i in keep]
+        if split == "train":
+            rows = short_rows(rows, o.max_chars)
         return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), str(path))
 
     def with_options(self, options, where: str = "") -> InstructTask:
