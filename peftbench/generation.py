@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 
 from .lm_data import eos_id, pad_id
-from .task import Capped
+
+
+class Capped(str):
+    """The text of a generation that ran into a length cap, for a task that scores those too
+    (:attr:`peftbench.task.GenerationTask.scores_unfinished`, e.g. GSM8K's ``scoring: hf_peft``); others get
+    ``None`` for it."""
 
 
 @torch.no_grad()

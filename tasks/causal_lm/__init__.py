@@ -32,8 +32,9 @@ import numpy as np
 
 from peftbench import hub
 from peftbench.errors import ConfigError, DataError
+from peftbench.generation import Capped
 from peftbench.hookspecs import hookimpl
-from peftbench.task import Capped, GenerationOptions, GenerationTask, Split
+from peftbench.task import GenerationOptions, GenerationTask, Split
 
 PEFTBENCH_API_VERSION = 2
 __version__ = "1.0"
