@@ -66,6 +66,10 @@ class Task:
     #: the version of the task's scoring, in its runs' identity when set: results scored another way (an
     #: earlier metric) are other runs, retrained rather than mixed with these in a table
     scoring: ClassVar[str | None] = None
+    #: metrics that break a tie on the main metric when a checkpoint is chosen, in order (higher is better): on
+    #: a small selection split a coarse main metric ties often (GSM8K's strict match at 0 on every evaluation),
+    #: and the earliest evaluation would win, the one trained least
+    tie_break: ClassVar[tuple[str, ...]] = ()
 
     name: str  #: lower-case id used in configs, e.g. ``"rte"``
     text_fields: tuple[str, ...]  #: column names of the one or two input texts

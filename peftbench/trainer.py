@@ -96,6 +96,8 @@ class LoopState(TrainState):
     history: list[dict[str, Any]] = field(default_factory=list)  #: one entry per evaluation / log point
     in_budget_from: int = 0  #: evaluations from this completed step on count toward ``best_*`` (and the final)
     best_score: float = -math.inf  #: the task's main dev metric at the best in-budget evaluation so far
+    #: that evaluation's main metric and the task's tie-breaking ones (:attr:`peftbench.task.Task.tie_break`)
+    best_key: tuple[float, ...] = (-math.inf,)
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
     #: trainable weights at the best in-budget evaluation (CPU), in its evaluated form (PRILoRA: pruned)
@@ -137,6 +139,8 @@ class LoopState(TrainState):
         self.logs.update(saved.pop("logs"))
         for name, value in saved.items():
             setattr(self, name, value)
+        # a tuple again (and, from a checkpoint written before tie-breaking, the saved best score alone)
+        self.best_key = tuple(saved.get("best_key", (self.best_score,)))
 
 
 #: live objects and per-process counters: rebuilt by every (re)start, not saved
@@ -324,8 +328,9 @@ def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: di
         state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
     if in_budget:
         state.in_budget_evals += 1
-        if score > state.best_score:
-            state.best_score, state.best_metrics, state.best_step = score, metrics, state.step
+        key = (score, *(metrics.get(name, -math.inf) for name in run.task.tie_break))
+        if key > state.best_key:
+            state.best_key, state.best_score, state.best_metrics, state.best_step = key, score, metrics, state.step
             keep = run.spec.save_adapters or select == "validation" or (select == "dev" and run.final_loaders)
             state.best_weights = trainable_state(run.raw_model) if keep else None
             state.best_predictions = {split: e for split, e in examples.items() if e is not None

@@ -353,7 +353,7 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         assert set(run["final"]) == {"strict_match", "flexible_extract", "formatted", "past_cap",
                                      "test_strict_match", "test_flexible_extract", "test_formatted",
                                      "test_past_cap"}
-        assert run["spec"]["data"]["scoring"] == "lm_eval_strict_flexible"  # in the identity
+        assert run["spec"]["data"]["scoring"] == "lm_eval_strict_flexible;ties:flexible_extract,formatted"  # in the identity
         lines = (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()
         generations = [json.loads(line) for line in lines]
         assert [g["split"] for g in generations] == ["valid"] * 4 + ["test"] * (len(generations) - 4)
@@ -461,7 +461,7 @@ def test_tuning_generates_from_the_held_out_prompts(tmp_path):
     assert len(tuning) == 2 and all("strict_match" in r["best"] for r in tuning)
     assert not any("test_strict_match" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
     assert all("test_strict_match" in r["final"] for r in runs if r not in tuning)
-    assert all(r["spec"]["data"]["scoring"] == "lm_eval_strict_flexible" for r in tuning)
+    assert all(r["spec"]["data"]["scoring"] == "lm_eval_strict_flexible;ties:flexible_extract,formatted" for r in tuning)
 
 
 #: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives

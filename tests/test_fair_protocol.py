@@ -267,3 +267,40 @@ def test_a_choice_at_the_edge_is_warned_about_and_extends_the_grid(tmp_path, mon
     tuned = next(r for r in runs if r["spec"].get("tuned"))
     assert tuned["spec"]["tuned"]["values"] == {"train.lr": 0.004}
     assert sum(bool(r["spec"].get("tuning")) for r in runs) == 3
+
+
+# -- a tie on the main metric ----------------------------------------------------------------------------------
+
+
+def _select_step(task, evaluations: list[dict[str, float]]) -> int:
+    """The step :func:`peftbench.trainer.keep_best` keeps of ``evaluations`` (steps 1, 2, ...), all in budget."""
+    import math
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(evaluations=0, in_budget_evals=0, best_any_score=-math.inf, best_score=-math.inf,
+                            best_key=(-math.inf,), step=0, best_step=0)
+    spec = SimpleNamespace(train=SimpleNamespace(select="dev"), save_adapters=False)
+    run = SimpleNamespace(state=state, task=task, spec=spec, final_loaders={})
+    for step, metrics in enumerate(evaluations, 1):
+        state.step = step
+        trainer.keep_best(run, metrics, True, {})
+    return state.best_step
+
+
+def test_a_tie_on_the_main_metric_goes_to_the_tasks_tie_break_metrics():
+    """GSM8K's strict match at 0 on every evaluation of a few validation questions: the earliest evaluation, the
+    one trained least, used to win; the flexible match, then the share of formatted answers decide (a SmolLM2
+    LoRA run's `formatted` rose 0.1 → 1.0 while strict_match stayed 0 and step 4 of 22 was reported)."""
+    from peftbench.host import Host
+
+    gsm8k = Host().task("gsm8k")
+    assert gsm8k.tie_break == ("flexible_extract", "formatted")
+    evaluations = [{"strict_match": 0.0, "flexible_extract": 0.0, "formatted": f} for f in (0.1, 0.6, 1.0, 0.9)]
+    assert _select_step(gsm8k, evaluations) == 3
+    evaluations[1]["flexible_extract"] = 0.1  # the flexible match outranks the format
+    assert _select_step(gsm8k, evaluations) == 2
+    evaluations[0]["strict_match"] = 0.1  # and the main metric outranks both
+    assert _select_step(gsm8k, evaluations) == 1
+    # a task without tie-break metrics (GLUE's): the earliest of equal evaluations, as before
+    toy = ToyTask("toy", ("sentence",), 2, "accuracy")
+    assert _select_step(toy, [{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.7}]) == 2

@@ -267,8 +267,11 @@ class Gsm8kOptions(GenerationOptions):
 @dataclass
 class Gsm8kTask(GenerationTask):
     Options = Gsm8kOptions
-    #: lm-eval's strict and flexible answers (before: the last number, under the name ``accuracy``)
-    scoring: ClassVar[str] = "lm_eval_strict_flexible"
+    #: lm-eval's strict and flexible answers (before: the last number, under the name ``accuracy``); a tie on
+    #: the strict match (often all 0 on a few validation questions) goes to the flexible one, then to the
+    #: share of answers in the ``#### N`` format (before: to the earliest evaluation)
+    scoring: ClassVar[str] = "lm_eval_strict_flexible;ties:flexible_extract,formatted"
+    tie_break: ClassVar[tuple[str, ...]] = ("flexible_extract", "formatted")
 
     def load(self, split: str, data_dir: str | None) -> Split:
         if split == "train" and self.options.train_source == "metamathqa":
