@@ -266,7 +266,8 @@ def cmd_run(args) -> int:
             print_summary(summary, started)
     if rows:
         print()
-        print(build(rows, main_metrics(rows, host), "plain"))
+        main_metric = main_metrics(rows, host)
+        print(build(rows, main_metric, "plain", tie_break=tie_breaks(main_metric, host)))
     return 0 if summary.ok else 1
 
 
@@ -391,10 +392,11 @@ def cmd_table(args) -> int:
     from .tables import build
 
     rows = _stored_runs(args)
-    main_metric = main_metrics(rows, Host(plugins=args.plugins))
+    host = Host(plugins=args.plugins)
+    main_metric = main_metrics(rows, host)
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     text = build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
-                 ablation=args.ablation, tuning=args.tuning, cost=args.cost)
+                 ablation=args.ablation, tuning=args.tuning, cost=args.cost, tie_break=tie_breaks(main_metric, host))
     # a store written by an older peftbench may hold control characters in names: shown escaped, never raw
     print(re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", lambda m: repr(m[0])[1:-1], text))
     if args.format in ("markdown", "plain") and any(r.get("harness") for r in rows):
@@ -424,6 +426,12 @@ def main_metrics(rows, host) -> dict[str, str]:
     return main_metric
 
 
+def tie_breaks(main_metric: dict[str, str], host) -> dict[str, tuple[str, ...]]:
+    """Each task's tie-break metrics (:attr:`peftbench.task.Task.tie_break`), as the tuning's choice used them;
+    none for a task of no loaded plugin."""
+    return {name: host.task(name).tie_break for name in main_metric if name in host.tasks}
+
+
 def _stored_runs(args, status: str | None = "done"):
     from .errors import ConfigError
     from .store import Store
@@ -448,8 +456,9 @@ def cmd_plot(args) -> int:
     except ImportError:
         raise ConfigError("peftbench plot needs matplotlib: pip install 'peftbench[plot]'") from None
     stored = _stored_runs(args)
-    metrics = main_metrics(stored, Host(plugins=args.plugins))
-    rows = [row for row in current_choices(stored, metrics) if not is_tuning_run(row)]
+    host = Host(plugins=args.plugins)
+    metrics = main_metrics(stored, host)
+    rows = [row for row in current_choices(stored, metrics, tie_breaks(metrics, host)) if not is_tuning_run(row)]
     _output_folder(args.out_dir, "--out-dir")
     try:
         written = plot_all(rows, metrics, args.out_dir)
@@ -468,9 +477,11 @@ def cmd_report(args) -> int:
     rows = [row for row in stored if row["status"] == "done"]
     _output_folder(args.out, "--out")
     try:
-        page = write_report(rows, main_metrics(rows, Host(plugins=args.plugins)), args.out,
+        host = Host(plugins=args.plugins)
+        main_metric = main_metrics(rows, host)
+        page = write_report(rows, main_metric, args.out,
                             unfinished=[row for row in stored if row["status"] != "done"], source=args.db,
-                            title=args.title)
+                            title=args.title, tie_break=tie_breaks(main_metric, host))
     except OSError as exc:
         raise ConfigError(f"--out {args.out!r}: cannot write the report ({exc})") from None
     print(f"peftbench: wrote {page} ({len(rows)} finished run(s))")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .lm_data import eos_id, pad_id
+from .lm_data import IGNORE_INDEX, eos_id, pad_id
 
 
 class Capped(str):
@@ -79,3 +79,29 @@ def generate_and_score(model, loader, task, accelerator, tokenizer,
         texts = merged
     texts = dict(sorted(texts.items()))
     return task.score(list(texts.values()), [references[i] for i in texts]), texts
+
+
+@torch.no_grad()
+def gold_logprob(model, loader, accelerator) -> float:
+    """The mean log-probability per token of the gold responses of ``loader``'s batches given their prompts,
+    teacher-forced (:func:`peftbench.lm_data.make_gold_loader`: labels -100 wherever there is no loss): minus
+    the token-weighted mean cross-entropy that training minimises, one forward per batch and no generation. A
+    low-noise score of a model that a coarse accuracy ties at 0 (a small model's GSM8K strict match).
+
+    Each process sums its share per example; ``gather_for_metrics`` drops the examples accelerate repeats to
+    even out the last batch."""
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    for batch in loader:
+        labels = batch.pop("labels")
+        with accelerator.autocast():
+            logits = model(**batch).logits
+        labels = labels[:, -logits.shape[1]:][:, 1:]  # the logit at position t predicts token t + 1
+        logprobs = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none",
+                                    ignore_index=IGNORE_INDEX).view(labels.shape)
+        sums, tokens = accelerator.gather_for_metrics((logprobs.sum(1), (labels != IGNORE_INDEX).sum(1)))
+        total += sums.double().sum().cpu()
+        count += tokens.sum().cpu()
+    return float(total / count) if count else float("nan")

@@ -11,6 +11,7 @@ the split's). HF PEFT's MetaMathQA protocol (docs/causal_lm.md) encodes, labels 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
@@ -220,41 +221,63 @@ def make_lm_loader(encoded: Encoded, batch_size: int, generation: bool, group_by
 
 def lm_loaders(spec: RunSpec, task: GenerationTask, tokenizer, trim_logits: bool = False):
     """A causal-LM task's loaders: training on prompt + response, generation from the prompts of every
-    evaluation split, the final-only ones apart; each evaluation split's references (its responses); and the
-    selection split's loader (:func:`peftbench.data.selection_split`, from the training prompts).
-    ``trim_logits``: training batches ask for logits of the response part only (:class:`LMCollator`)."""
+    evaluation split, the final-only ones apart; each evaluation split's references (its responses); the
+    selection split's loader (:func:`peftbench.data.selection_split`, from the training prompts); and each
+    evaluation split's prompt + response batches, for its ``gold_logprob`` (:func:`make_gold_loader`).
+    ``trim_logits``: training and gold batches ask for logits of the response part only (:class:`LMCollator`)."""
     cfg, pad, options = spec.train, pad_id(tokenizer), task.options
     joined = options.answer_prefix_joined
+    eos = eos_id(tokenizer) if joined else None
+    gold: dict[str, Encoded] = {}  # every evaluation split's prompt + response, encoded as training encodes them
 
     def encoded(split: str, with_response: bool, limit: int | None):
         data = task.load(split, spec.data_dir)
+        if not with_response:  # an evaluation split
+            gold[split] = subsample(encode_lm(task.trained_form(data), tokenizer, cfg.max_length, True,
+                                              joined=joined), limit)
         return subsample(encode_lm(data, tokenizer, cfg.max_length, with_response, joined=joined), limit), \
             data.texts[1]
+
+    def prompts_only(split: str, data: Encoded) -> Encoded:
+        """A held-out part of the training data generates from its prompts; its gold is the whole example."""
+        gold[split] = dataclasses.replace(data)
+        data.ids, data.offsets = _prompts_only(data)
+        return data
 
     train_data, train_refs = encoded("train", True, cfg.max_train_samples)
     if spec.tuning:  # hold out part of the training set and generate from its prompts
         train_data, held_out = holdout_split(train_data, spec.tuning["holdout"], spec.tuning["split_seed"], False)
-        held_out.ids, held_out.offsets = _prompts_only(held_out)
-        dev = {"holdout": (held_out, train_refs)}
+        dev = {"holdout": (prompts_only("holdout", held_out), train_refs)}
     else:
         dev = {split: encoded(split, False, cfg.max_eval_samples) for split in task.dev_splits}
     train_data, select = selection_split(spec, train_data, stratify=False)  # generates from its prompts
-    for held_out in select.values():
-        held_out.ids, held_out.offsets = _prompts_only(held_out)
-    select = {split: (data, train_refs) for split, data in select.items()}
+    select = {split: (prompts_only(split, data), train_refs) for split, data in select.items()}
     # a tuning run reads neither dev nor test
     final = {} if spec.tuning else {split: encoded(split, False, cfg.max_eval_samples) for split in task.final_splits}
     train_loader = make_lm_loader(train_data, cfg.batch_size, False, cfg.group_by_length, spec.seed, pad,
                                   pad_to=cfg.max_length if cfg.pad_to_max_length else None, trim_logits=trim_logits,
-                                  order=options.order, loss_on_prompt=options.loss_on_prompt,
-                                  eos=eos_id(tokenizer) if joined else None)
+                                  order=options.order, loss_on_prompt=options.loss_on_prompt, eos=eos)
 
     def loaders(splits):
         return {split: make_lm_loader(data, cfg.eval_batch_size, True, True, 0, pad)
                 for split, (data, _) in splits.items()}
 
     references = {split: refs for split, (_, refs) in {**dev, **final, **select}.items()}
-    return train_loader, loaders(dev), loaders(final), references, loaders(select)
+    gold_loaders = {split: make_gold_loader(data, cfg.eval_batch_size, pad, trim_logits, eos)
+                    for split, data in gold.items()}
+    return train_loader, loaders(dev), loaders(final), references, loaders(select), gold_loaders
+
+
+def make_gold_loader(encoded: Encoded, batch_size: int, pad: int, trim_logits: bool = False,
+                     eos: int | None = None) -> torch.utils.data.DataLoader:
+    """An evaluation split's prompt + response batches in the split's order, labelled as training labels them
+    (:class:`LMCollator`), the prompt masked even with ``loss_on_prompt``: what ``gold_logprob`` is the mean
+    log-probability of (:func:`peftbench.generation.gold_logprob`)."""
+    from .data import EncodedDataset
+
+    sampler = LengthGroupedBatchSampler(encoded.lengths, batch_size, shuffle=False, group_by_length=False, seed=0)
+    collator = LMCollator(encoded, pad, False, trim_logits=trim_logits, eos=eos)
+    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler, collate_fn=collator)
 
 
 def _prompts_only(encoded):

@@ -101,17 +101,18 @@ def e(value: Any) -> str:
 
 def write_report(runs: list[dict[str, Any]], main_metric: dict[str, str], out_dir: str | Path,
                  unfinished: list[dict[str, Any]] | None = None, source: str | Path | None = None,
-                 title: str = "peftbench report") -> Path:
+                 title: str = "peftbench report", tie_break: dict[str, tuple[str, ...]] | None = None) -> Path:
     """Write ``<out_dir>/index.html`` from stored ``done`` runs (``unfinished``: the store's other runs, listed
-    as such); ``source``: the store it was read from. Returns the page's path."""
+    as such); ``source``: the store it was read from; ``tie_break``: each task's tie-break metrics, which the
+    tuning's choice used (:func:`peftbench.tuning.choose`). Returns the page's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final = [run for run in current_choices(runs, main_metric) if not is_tuning_run(run)]
+    final = [run for run in current_choices(runs, main_metric, tie_break) if not is_tuning_run(run)]
     tuning = [run for run in runs if is_tuning_run(run)]
     body = [summary(final, tuning, unfinished or [], source),
             table_section(final, main_metric),
             figures_section(final, main_metric),
-            protocol_section(final, tuning, main_metric),
+            protocol_section(final, tuning, main_metric, tie_break),
             environment_section(runs, source),
             runs_section(final, unfinished or [], main_metric)]
     page = out / "index.html"
@@ -220,7 +221,8 @@ def _figure(path: Path) -> str:
 # -- protocol ----------------------------------------------------------------------------------------------
 
 
-def protocol_section(runs: list[dict[str, Any]], tuning: list[dict[str, Any]], main_metric: dict[str, str]) -> str:
+def protocol_section(runs: list[dict[str, Any]], tuning: list[dict[str, Any]], main_metric: dict[str, str],
+                     tie_break: dict[str, tuple[str, ...]] | None = None) -> str:
     """How the numbers were obtained: selection rule, budgets, seeds, tuning, the settings of every method."""
     seeds = sorted({r["seed"] for r in runs})
     budgets = sorted({(r.get("budget") or {}).get("target") for r in runs} - {None})
@@ -241,7 +243,7 @@ def protocol_section(runs: list[dict[str, Any]], tuning: list[dict[str, Any]], m
     out.append(_settings(runs))
     if tuning:
         out.append(f"<details><summary>Tuning runs ({len(tuning)})</summary><pre>"
-                   f"{e(tuning_table(tuning, main_metric, 'plain'))}</pre></details>")
+                   f"{e(tuning_table(tuning, main_metric, 'plain', tie_break=tie_break))}</pre></details>")
     return "\n".join(out)
 
 

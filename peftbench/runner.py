@@ -201,6 +201,7 @@ def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolve
     ``tune.extend_edges`` times), then the sweep's runs at the chosen points."""
     solved, data, sizes = resolved.solved, resolved.data, resolved.sizes
     main_metric = {task: host.task(task).main_metric for task in config.tasks}
+    tie_break = {task: host.task(task).tie_break for task in config.tasks}  # ties broken as selection breaks them
     # the main process reads the store; under `accelerate launch` the others follow its choice
     decide = getattr(executor, "on_main", lambda config, decide: decide())
     grids: dict[tuple[str, str], dict] = {}
@@ -214,7 +215,7 @@ def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolve
             + (f" (grids extended past an edge: {extension})" if extension else ""))), fail_fast=fail_fast)
         if fail_fast and summary.failed:
             return
-        choices = decide(config, lambda phase=phase: choose_from_store(phase, store, main_metric))
+        choices = decide(config, lambda phase=phase: choose_from_store(phase, store, main_metric, tie_break))
         wider = {}
         for (label, task), choice in choices.items():
             grid = grids.get((label, task)) or config.grid_for(next(m for m in config.methods if m.label == label))

@@ -25,7 +25,15 @@ from . import record, stats
 from .audit import MISS_MARK, missed, stored_audit
 from .costs import MEM_KINDS
 from .record import human_count
-from .tuning import choose, chosen_lines, current_choices, is_tuning_run, point_text, tuning_note
+from .tuning import (
+    choose,
+    chosen_lines,
+    current_choices,
+    held_out_key,
+    is_tuning_run,
+    point_text,
+    tuning_note,
+)
 
 FORMATS = ("markdown", "latex", "csv", "plain", "json")
 
@@ -193,18 +201,18 @@ def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
 
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
           digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
-          tuning: bool = False, cost: bool | None = None) -> str:
+          tuning: bool = False, cost: bool | None = None, tie_break: dict[str, tuple[str, ...]] | None = None) -> str:
     """The comparison table. Cells: mean±std ×100 over seeds; best mean per column marked; ``†`` where a paired
     t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params.
     Tuning runs (:mod:`peftbench.tuning`) are left out; ``tuning``: the table of those alone
     (:func:`tuning_table`). ``cost`` adds :func:`cost_columns` (default: in CSV only; JSON always holds every
-    run's costs)."""
+    run's costs). ``tie_break``: each task's tie-break metrics, which the tuning's choice used."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
     if tuning:
         runs = [run for run in runs if is_tuning_run(run)]
-        return runs_json(runs) if fmt == "json" else tuning_table(runs, main_metric, fmt, digits)
-    runs = [run for run in current_choices(runs, main_metric) if not is_tuning_run(run)]
+        return runs_json(runs) if fmt == "json" else tuning_table(runs, main_metric, fmt, digits, tie_break)
+    runs = [run for run in current_choices(runs, main_metric, tie_break) if not is_tuning_run(run)]
     if fmt == "json":
         return runs_json(runs)
     table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)
@@ -378,19 +386,20 @@ def _render(header: list[str], rows: list[list[str]], notes: list[str], fmt: str
 
 
 def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown",
-                 digits: int = 2) -> str:
+                 digits: int = 2, tie_break: dict[str, tuple[str, ...]] | None = None) -> str:
     """The tuning runs: one row per method label × grid point, each task's held-out main metric ×100 (mean over
-    the tuning seeds that finished), the point chosen per method and task marked."""
+    the tuning seeds that finished), the point chosen per method and task marked (ties broken by ``tie_break``,
+    each task's tie-break metrics, as the sweep chose)."""
     scored = [(r["label"], r["task"], r["spec"]["tuning"]["index"], r["spec"]["tuning"]["point"],
-               float((r.get("best") or {})[main_metric[r["task"]]])) for r in runs
-              if r["task"] in main_metric and main_metric[r["task"]] in (r.get("best") or {})]
+               held_out_key(r.get("best"), (main_metric[r["task"]], *(tie_break or {}).get(r["task"], ()))))
+              for r in runs if r["task"] in main_metric and main_metric[r["task"]] in (r.get("best") or {})]
     if not scored:
         return "(no finished tuning runs match)"
-    choices = choose(scored)
+    choices = choose(scored, tie_break)
     tasks = [t for t in main_metric if any(s[1] == t for s in scored)]
     cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     points: dict[tuple[str, int], dict[str, Any]] = {}
-    for label, task, index, point, score in scored:
+    for label, task, index, point, (score, *_) in scored:
         cells[(label, index)][task].append(100 * score)
         points[(label, index)] = point
     rows = []

@@ -51,6 +51,8 @@ class Loaders:
     tokenizer: Any = None
     #: the split whose evaluations choose the checkpoint (``train.select: validation``), out of the training data
     select: dict[str, Any] = field(default_factory=dict)
+    #: a generation task: each evaluation split's prompt + response batches, for its ``gold_logprob``
+    gold: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +239,11 @@ class GenerationTask(Task):
     def prompt(self, query: str) -> str:
         return self.options.prompt_template.replace("{query}", query)
 
+    def trained_form(self, split: Split) -> Split:
+        """An evaluation split with its responses as the training split has them (the gold of its
+        ``gold_logprob``): as they are, unless a task trains on another form of them."""
+        return split
+
     def score(self, generations: list[str | None], references: list[str]) -> dict[str, float]:  # pragma: no cover
         """Metrics of ``generations`` (``None``: ran past a length cap, always wrong) against the references
         (the splits' responses)."""
@@ -257,19 +264,22 @@ class GenerationTask(Task):
         from .lm_data import lm_loaders
         from .modeling import takes_logits_to_keep
 
-        train, dev, final, references, select = lm_loaders(spec, self, tokenizer,
-                                                           trim_logits=takes_logits_to_keep(model))
-        return Loaders(train, dev, final, references, tokenizer, select)
+        train, dev, final, references, select, gold = lm_loaders(spec, self, tokenizer,
+                                                                 trim_logits=takes_logits_to_keep(model))
+        return Loaders(train, dev, final, references, tokenizer, select, gold)
 
     def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
                  ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
-        """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`), the generations, one
-        ``{split, index, reference, generation}`` each, and each example's correctness (1.0 or 0.0, by the
-        main metric) against labels of 1."""
-        from .generation import generate_and_score
+        """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`) and ``gold_logprob``,
+        the teacher-forced mean log-probability per token of the split's gold responses
+        (:func:`peftbench.generation.gold_logprob`); the generations, one ``{split, index, reference,
+        generation}`` each; and each example's correctness (1.0 or 0.0, by the main metric) against labels of 1."""
+        from .generation import generate_and_score, gold_logprob
 
         references = data.references[split]
         metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
+        if split in data.gold:
+            metrics["gold_logprob"] = gold_logprob(model, data.gold[split], accelerator)
         right = [float(self.score([text], [references[i]])[self.main_metric]) for i, text in texts.items()]
         return metrics, [{"split": split, "index": i, "reference": references[i], "generation": text}
                          for i, text in texts.items()], {"predictions": right, "labels": [1.0] * len(right)}
@@ -286,12 +296,17 @@ class GenerationTask(Task):
 
     def check_fits(self, data_dir: str | None, tokenizer: Callable[[], Any], max_length: int) -> None:
         """Every prompt leaves room for a response within ``max_length`` (a :class:`DataError` naming the example
-        otherwise), checked before training as the trainer encodes them (the encodings are cached for it)."""
+        otherwise), checked before training as the trainer encodes them (the encodings are cached for it): an
+        evaluation split's prompts alone (generation) and with their responses (``gold_logprob``)."""
         from .lm_data import encode_lm
 
+        joined = self.options.answer_prefix_joined
         for split in ("train", *self.dev_splits, *self.final_splits):
-            encode_lm(self.load(split, data_dir), tokenizer(), max_length, with_response=split == "train",
-                      joined=self.options.answer_prefix_joined)
+            data = self.load(split, data_dir)
+            encode_lm(self.trained_form(data) if split != "train" else data, tokenizer(), max_length,
+                      with_response=True, joined=joined)
+            if split != "train":
+                encode_lm(data, tokenizer(), max_length, with_response=False, joined=joined)
 
     def check_loader(self, split: str, data_dir: str | None, tokenizer, train: TrainConfig):
         """The prompts of ``split``: agreement of the next-token predictions after each."""

@@ -497,6 +497,7 @@ def setup(spec: RunSpec, host: Host, memory: PeakMemory | None = None) -> Run:
     final_loaders = {split: accelerator.prepare(loader) for split, loader in final_loaders.items()}
     select_loaders = dev_loaders if cfg.select == "dev" else {
         split: accelerator.prepare(loader) for split, loader in select_loaders.items()}
+    data.gold = {split: accelerator.prepare(loader) for split, loader in data.gold.items()}  # gold_logprob's
     if cfg.compile:
         # in place, not torch.compile's wrapper: parameter names, counts, method reports and exports stay those
         # of an uncompiled run; a fresh dynamo cache per run (graphs of an earlier run's model would be reused)

@@ -8,7 +8,9 @@ final runs train on exactly the tuning runs' train part plus held-out part; ``tr
 not cap the held-out part. A grid value overrides the key's value from ``train:`` and every override.
 
 Phase 2 chooses, per (method label, task), the grid point with the best mean held-out main metric over the
-tuning seeds that finished (the stored ``best``; ties: the earlier point), then trains the sweep's seeds at
+tuning seeds that finished (the stored ``best``); a tie goes to the best mean of each of the task's tie-break
+metrics in order (:attr:`peftbench.task.Task.tie_break`, as checkpoint selection breaks one; GSM8K's strict
+match often ties at 0), a full tie to the earlier point. It then trains the sweep's seeds at
 that point on the full training set, evaluated on dev as without tuning. Both phases are ordinary sweeps
 (:class:`peftbench.sweep.Sweep`): resumable, each run trained once. Tuning runs carry ``tuning`` in their
 identity, final runs ``tuned`` (the chosen values and the grid), so neither collides with untuned runs and
@@ -135,6 +137,8 @@ class Choice:
     finished: int
     total: int
     edges: list[str] = dataclasses.field(default_factory=list)  #: the point's keys at an edge of the grid (:func:`edges`)
+    #: the tie-break metric that decided between points of an equal main metric, and the point's mean of it
+    tie_break: tuple[str, float] | None = None
 
     @property
     def complete(self) -> bool:
@@ -150,43 +154,86 @@ class Choice:
                     "runs failed; its final runs are not started until the whole grid has run (rerun the same "
                     f"command to retry them; so far the best is {point_text(self.point)}, held-out "
                     f"{self.score:.4f})")
+        tie = f", a tie broken by {self.tie_break[0]} {self.tie_break[1]:.4f}" if self.tie_break else ""
         edge = f"; at the edge of its grid: {', '.join(self.edges)}" if self.edges else ""
-        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{edge})"
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{tie}{edge})"
 
 
-def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | None]]) -> dict[tuple[str, str], Choice]:
-    """Per (label, task), from ``(label, task, point index, point, held-out score or None)`` of every tuning
-    run (``None``: not finished; ``-inf``: diverged, a finished run at the worst score): the point with the best
-    mean score, the earlier point on ties."""
-    by_point: dict[tuple[str, str], dict[int, tuple[dict, list[float]]]] = {}
+def held_out_key(best: dict[str, Any] | None, metrics: tuple[str, ...]) -> tuple[float, ...] | None:
+    """A tuning run's held-out ``metrics`` (main metric, then the task's tie-break ones) from its stored ``best``,
+    as :func:`choose` ranks them: a tie-break metric it lacks counts as ``-inf``, as in checkpoint selection;
+    ``None`` without the main metric."""
+    best = best or {}
+    if best.get(metrics[0]) is None:
+        return None
+    return tuple(float(best.get(name, -math.inf)) for name in metrics)
+
+
+def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | tuple[float, ...] | None]],
+           tie_break: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], Choice]:
+    """Per (label, task), from ``(label, task, point index, point, held-out score)`` of every tuning run, where
+    the score is the main metric or ``(main metric, *its tie-break metrics)`` (:func:`held_out_key`; their names
+    per task in ``tie_break``), ``None``: not finished, ``-inf``: diverged (a finished run at the worst score):
+    the point with the best mean main metric; on a tie, the best mean of each tie-break metric in order (the
+    rule of checkpoint selection); on a full tie, the earlier point."""
+    by_point: dict[tuple[str, str], dict[int, tuple[dict, list[tuple[float, ...]]]]] = {}
     totals: dict[tuple[str, str], int] = {}
     for label, task, index, point, score in scored:
         key = (label, task)
         totals[key] = totals.get(key, 0) + 1
         scores = by_point.setdefault(key, {}).setdefault(index, (point, []))[1]
-        if score is not None and not math.isnan(score):
-            scores.append(score)  # -inf: diverged, finished at the worst score
+        score = (score,) if isinstance(score, (int, float)) else score
+        if score is not None and not math.isnan(score[0]):  # -inf: diverged, finished at the worst score
+            scores.append(tuple(-math.inf if math.isnan(v) else v for v in score))
     choices = {}
     for key, points in by_point.items():
-        means = {i: (statistics.fmean(s), p) for i, (p, s) in points.items() if s and max(s) > -math.inf}
+        means = {i: (_means(s), p) for i, (p, s) in points.items() if s and max(k[0] for k in s) > -math.inf}
         best = max(sorted(means), key=lambda i: means[i][0], default=None)  # max keeps the first of ties
+        names = (tie_break or {}).get(key[1], ())
         choices[key] = Choice(*key, means[best][1] if best is not None else None,
-                              means[best][0] if best is not None else None,
-                              sum(len(s) for _, s in points.values()), totals[key])
+                              means[best][0][0] if best is not None else None,
+                              sum(len(s) for _, s in points.values()), totals[key],
+                              tie_break=_decided_by({i: m for i, (m, _) in means.items()}, best, names))
     return choices
 
 
-def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str]) -> dict[tuple[str, str], Choice]:
-    """:func:`choose` over the tuning ``runs`` as stored (their ``best`` held-out metrics)."""
+def _means(keys: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The mean of each place of ``keys`` over the tuning seeds (a diverged run's ``(-inf,)``: -inf in each)."""
+    width = max(len(k) for k in keys)
+    return tuple(statistics.fmean(column) for column in zip(*(k + (-math.inf,) * (width - len(k)) for k in keys)))
+
+
+def _decided_by(means: dict[int, tuple[float, ...]], best: int | None, names: tuple[str, ...]
+                ) -> tuple[str, float] | None:
+    """The tie-break metric (and ``best``'s mean of it) that set ``best`` apart from the points of its main
+    score; ``None`` where the main metric decided, or the tie was full (the earlier point)."""
+    if best is None:
+        return None
+    top = means[best]
+    rivals = [m for i, m in means.items() if i != best and m[0] == top[0]]
+    for place in range(1, len(top)):
+        if not rivals:
+            return None
+        left = [m for m in rivals if m[place] == top[place]]
+        if len(left) < len(rivals):
+            return (names[place - 1] if place <= len(names) else f"tie-break {place}"), top[place]
+        rivals = left
+    return None
+
+
+def choose_from_store(runs: list[RunSpec], store, main_metric: dict[str, str],
+                      tie_break: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], Choice]:
+    """:func:`choose` over the tuning ``runs`` as stored (their ``best`` held-out metrics; ``tie_break``: each
+    task's tie-break metrics, :attr:`peftbench.task.Task.tie_break`)."""
     scored = []
     for spec in runs:
         row = store.get(spec.run_id) or {}
-        score = (row.get("best") or {}).get(main_metric[spec.task]) if row.get("status") == "done" else None
+        metrics = (main_metric[spec.task], *(tie_break or {}).get(spec.task, ()))
+        score = held_out_key(row.get("best"), metrics) if row.get("status") == "done" else None
         if row.get("status") == "failed" and str(row.get("error") or "").startswith("Diverged"):
             score = -math.inf  # the learning rate is too large: an outcome of the search, not a failure
-        scored.append((spec.label, spec.task, spec.tuning["index"], spec.tuning["point"],
-                       None if score is None else float(score)))
-    return choose(scored)
+        scored.append((spec.label, spec.task, spec.tuning["index"], spec.tuning["point"], score))
+    return choose(scored, tie_break)
 
 
 def final_runs(config: Config, solved: dict, data: dict[str, dict[str, str]] | None,
@@ -300,18 +347,20 @@ def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
             for label, by_values in chosen.items()]
 
 
-def current_choices(runs: list[dict[str, Any]], main_metric: dict[str, str]) -> list[dict[str, Any]]:
+def current_choices(runs: list[dict[str, Any]], main_metric: dict[str, str],
+                    tie_break: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
     """``runs`` less the final runs trained at a point that the stored tuning runs no longer choose (a choice an
     earlier peftbench made on an incomplete grid, superseded once the grid completed): one setting per tuned
-    label and task. Untuned runs, and tuning runs, pass through."""
+    label and task. Untuned runs, and tuning runs, pass through. ``tie_break``: each task's tie-break metrics,
+    as the sweep chose with them (:func:`choose_from_store`)."""
     scored = []
     for run in runs:
         tuning = (run.get("spec") or {}).get("tuning")
         if tuning and run.get("status", "done") == "done" and run["task"] in main_metric:
-            score = (run.get("best") or {}).get(main_metric[run["task"]])
+            metrics = (main_metric[run["task"]], *(tie_break or {}).get(run["task"], ()))
             scored.append((run["label"], run["task"], tuning["index"], tuning["point"],
-                           None if score is None else float(score)))
-    choices = choose(scored)
+                           held_out_key(run.get("best"), metrics)))
+    choices = choose(scored, tie_break)
     keep = []
     for run in runs:
         tuned = (run.get("spec") or {}).get("tuned")
@@ -328,5 +377,5 @@ def is_tuning_run(run: dict[str, Any]) -> bool:
 
 
 __all__ = ["grid_points", "point_text", "apply_point", "tuning_runs", "matched_steps", "ordered_points", "edges",
-           "extended", "Choice", "choose", "choose_from_store", "final_runs", "check_grid_counts", "check_holdout",
+           "extended", "Choice", "held_out_key", "choose", "choose_from_store", "final_runs", "check_grid_counts", "check_holdout",
            "tuning_note", "chosen_lines", "current_choices", "is_tuning_run"]

@@ -33,6 +33,8 @@ if not (GSM8K / "train.jsonl").exists():
     GSM8K = Path("/work/shared/gsm8k")
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="no local GSM8K copy")
 ROOT = Path(__file__).resolve().parents[1]
+#: GSM8K's scoring version (Gsm8kTask.scoring), in its runs' identity
+SCORING = "lm_eval_strict_flexible;ties:flexible_extract,formatted,gold_logprob"
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,46 @@ def llm_config(tmp_path, methods=None, **overrides):
 
 
 # -- prompt masking ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trim_logits", [False, True])
+def test_gold_logprob_is_minus_the_teacher_forced_loss_per_response_token(tiny, trim_logits):
+    """Two examples of other lengths in one padded batch: the token-weighted mean of HF's own loss of each
+    alone (prompt masked, EOS included), negated; the same with logits of the response part only."""
+    from accelerate import Accelerator
+
+    from peftbench.generation import gold_logprob
+    from peftbench.trainer import _fresh_accelerator_state
+
+    mc, tok, model = tiny
+    split = Split([["Question: 2+2? Answer:", "Q: one"], ["4 #### 4", "a longer answer here #### 7"]], [0.0, 0.0],
+                  "mem")
+    enc = lm_data.encode_lm(split, tok, 64, with_response=True, use_cache=False)
+    _fresh_accelerator_state()
+    accelerator = Accelerator(cpu=True)
+    loader = lm_data.make_gold_loader(enc, 2, lm_data.pad_id(tok), trim_logits=trim_logits)
+    total = tokens = 0.0
+    for i in range(2):
+        ids = torch.tensor(enc.ids[enc.offsets[i]:enc.offsets[i + 1]], dtype=torch.long)[None]
+        labels = ids.clone()
+        labels[0, :int(enc.prompt_lengths[i])] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss  # HF's mean over the response tokens and EOS
+        n = int(enc.lengths[i] - enc.prompt_lengths[i])
+        total, tokens = total - n * float(loss), tokens + n
+        if i == 0:  # one example alone: minus HF's loss itself
+            one = lm_data.make_gold_loader(enc.subset(np.array([0])), 1, lm_data.pad_id(tok), trim_logits)
+            assert gold_logprob(model, one, accelerator) == pytest.approx(-float(loss), rel=1e-5)
+    assert gold_logprob(model, loader, accelerator) == pytest.approx(total / tokens, rel=1e-5)
+    assert [len(b["input_ids"]) for b in loader] == [2]  # one forward for both
+
+
+def test_gold_is_the_response_as_training_has_it(host):
+    split = Split([["Q: a"], ["Some steps.\n#### 72"]], [0.0], "mem")
+    assert host.task("gsm8k").trained_form(split) is split
+    final = host.task("gsm8k").with_options({"response": "final"}).trained_form(split)
+    assert final.texts == [["Q: a"], ["#### 72"]]
+
 
 
 def test_loss_only_on_response_tokens_and_eos(tiny):
@@ -349,11 +391,14 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
     summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
     assert summary.done == 2, summary.failed
     for run in store.runs():
-        assert {"strict_match", "flexible_extract", "formatted", "past_cap"} <= set(run["best"])
-        assert set(run["final"]) == {"strict_match", "flexible_extract", "formatted", "past_cap",
+        assert {"strict_match", "flexible_extract", "formatted", "past_cap", "gold_logprob"} <= set(run["best"])
+        assert set(run["final"]) == {"strict_match", "flexible_extract", "formatted", "past_cap", "gold_logprob",
                                      "test_strict_match", "test_flexible_extract", "test_formatted",
-                                     "test_past_cap"}
-        assert run["spec"]["data"]["scoring"] == "lm_eval_strict_flexible;ties:flexible_extract,formatted"  # in the identity
+                                     "test_past_cap", "test_gold_logprob"}
+        # a mean log-probability per token of the gold solutions: below 0, above a uniform guess's (random init)
+        assert -np.log(30522) - 1 < run["final"]["test_gold_logprob"] < 0
+        assert all(-np.log(30522) - 1 < h["gold_logprob"] < 0 for h in run["history"] if "gold_logprob" in h)
+        assert run["spec"]["data"]["scoring"] == SCORING  # in the identity
         lines = (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()
         generations = [json.loads(line) for line in lines]
         assert [g["split"] for g in generations] == ["valid"] * 4 + ["test"] * (len(generations) - 4)
@@ -461,7 +506,8 @@ def test_tuning_generates_from_the_held_out_prompts(tmp_path):
     assert len(tuning) == 2 and all("strict_match" in r["best"] for r in tuning)
     assert not any("test_strict_match" in r["final"] for r in tuning)  # a tuning run reads neither dev nor test
     assert all("test_strict_match" in r["final"] for r in runs if r not in tuning)
-    assert all(r["spec"]["data"]["scoring"] == "lm_eval_strict_flexible;ties:flexible_extract,formatted" for r in tuning)
+    assert all(r["spec"]["data"]["scoring"] == SCORING for r in tuning)
+    assert all("gold_logprob" in r["best"] for r in tuning)  # of the held-out part
 
 
 #: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives

@@ -294,13 +294,21 @@ def test_a_tie_on_the_main_metric_goes_to_the_tasks_tie_break_metrics():
     from peftbench.host import Host
 
     gsm8k = Host().task("gsm8k")
-    assert gsm8k.tie_break == ("flexible_extract", "formatted")
+    assert gsm8k.tie_break == ("flexible_extract", "formatted", "gold_logprob")
     evaluations = [{"strict_match": 0.0, "flexible_extract": 0.0, "formatted": f} for f in (0.1, 0.6, 1.0, 0.9)]
     assert _select_step(gsm8k, evaluations) == 3
     evaluations[1]["flexible_extract"] = 0.1  # the flexible match outranks the format
     assert _select_step(gsm8k, evaluations) == 2
     evaluations[0]["strict_match"] = 0.1  # and the main metric outranks both
     assert _select_step(gsm8k, evaluations) == 1
+    # all three tied: the gold solutions' log-probability per token decides, the last
+    evaluations = [{"strict_match": 0.0, "flexible_extract": 0.0, "formatted": 0.5, "gold_logprob": g}
+                   for g in (-2.0, -1.2, -1.5)]
+    assert _select_step(gsm8k, evaluations) == 2
+    evaluations[2]["formatted"] = 0.75  # the format outranks it
+    assert _select_step(gsm8k, evaluations) == 3
+    assert _select_step(gsm8k, [{"strict_match": 0.0, "flexible_extract": 0.0, "formatted": 0.5,
+                                 "gold_logprob": -1.0}] * 2) == 1  # a full tie: the earliest
     # a task without tie-break metrics (GLUE's): the earliest of equal evaluations, as before
     toy = ToyTask("toy", ("sentence",), 2, "accuracy")
     assert _select_step(toy, [{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.7}]) == 2

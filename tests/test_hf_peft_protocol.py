@@ -195,14 +195,14 @@ def test_each_switch_works_alone_and_is_in_the_identity(tmp_path, tok, key, valu
 def test_gsm8k_runs_at_the_defaults_keep_their_ids(tmp_path):
     """The new task options and ``train.autocast`` are left out of the identity at their defaults: GSM8K runs
     stored before them keep their ids (GLUE's: tests/test_tuning.py::test_untuned_configs_keep_their_run_ids).
-    The ids pinned are those since GSM8K's scoring version named its tie-break (Gsm8kTask.scoring), a change of
-    results that must not mix with runs selected the earlier way."""
+    The ids pinned are those since GSM8K's scoring version named its tie-break with ``gold_logprob`` last
+    (Gsm8kTask.scoring), a change of results that must not mix with runs selected the earlier way."""
     from test_causal_lm import llm_config
 
     config = llm_config(tmp_path, methods=[{"name": "lora", "params": {"r": 4, "alpha": 8}}, {"name": "full"}])
     host = make_host(config)
     runs = expand(config, solve_budgets(config, host), check_data(config, host, config.tasks))
-    assert [spec.run_id for spec in runs] == ["e836179d50978188", "3934d4b4768598b0"]
+    assert [spec.run_id for spec in runs] == ["5aceede0cbbb5950", "07d51cc3491d4631"]
 
 
 def test_the_reproduction_config_is_the_preset_and_its_lora_is_9175040_parameters(capsys):

@@ -258,6 +258,61 @@ def test_tables_hide_a_superseded_choice():
     assert [r["spec"]["tuned"]["values"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [1e-3, 1e-3]
 
 
+def test_a_tie_on_the_held_out_main_metric_goes_to_the_tie_break_metrics_as_in_checkpoint_selection():
+    """GSM8K's strict match at 0 on every point of a learning-rate grid: the tie-break metrics decide in order
+    (their means over the tuning seeds), the earlier point only on a full tie."""
+    from peftbench.tuning import choose, held_out_key
+
+    names = ("strict_match", "flexible_extract", "formatted", "gold_logprob")
+    ties = {"gsm8k": names[1:]}
+
+    def runs(*points):
+        return [("lora", "gsm8k", i, {"train.lr": lr}, held_out_key(dict(zip(names, metrics)), names))
+                for i, (lr, seeds) in enumerate(points) for metrics in seeds]
+
+    logprob = runs((1e-4, [(0, 0, 0.5, -2.0), (0, 0, 0.5, -1.8)]), (1e-3, [(0, 0, 0.5, -1.0), (0, 0, 0.5, -1.4)]),
+                   (1e-2, [(0, 0, 0.5, -1.3), (0, 0, 0.5, -1.3)]))
+    choice = choose(logprob, ties)[("lora", "gsm8k")]
+    assert choice.point == {"train.lr": 1e-3} and choice.score == 0 and choice.tie_break == ("gold_logprob", pytest.approx(-1.2))
+    assert "lr=0.001 (held-out 0.0000, a tie broken by gold_logprob -1.2000)" in choice.line()
+    # without the task's tie-break metrics: the earlier point, as before
+    assert choose([(*run[:4], run[4][:1]) for run in logprob])[("lora", "gsm8k")].point == {"train.lr": 1e-4}
+    # the metrics in order: the format outranks the log-probability, the main metric outranks both
+    formatted = runs((1e-4, [(0, 0, 0.5, -1.0)]), (1e-3, [(0, 0, 0.75, -3.0)]))
+    assert choose(formatted, ties)[("lora", "gsm8k")].tie_break == ("formatted", 0.75)
+    main = runs((1e-4, [(0, 0, 0.5, -1.0)]), (1e-3, [(0.1, 0, 0, -3.0)]))
+    assert choose(main, ties)[("lora", "gsm8k")].point == {"train.lr": 1e-3}
+    assert choose(main, ties)[("lora", "gsm8k")].tie_break is None
+    # a full tie: the earlier point, no tie-break named
+    full = runs((1e-4, [(0, 0, 0.5, -1.0)]), (1e-3, [(0, 0, 0.5, -1.0)]))
+    assert choose(full, ties)[("lora", "gsm8k")].point == {"train.lr": 1e-4}
+    assert choose(full, ties)[("lora", "gsm8k")].tie_break is None
+    # a diverged point stays the worst, whatever its tie-break metrics
+    diverged = [*runs((1e-4, [(0, 0, 0.5, -1.0)])), ("lora", "gsm8k", 1, {"train.lr": 1e-3}, -float("inf"))]
+    assert choose(diverged, ties)[("lora", "gsm8k")].point == {"train.lr": 1e-4}
+
+
+def test_tables_keep_the_final_runs_of_a_choice_made_by_a_tie_break():
+    """The sweep chose 1e-3 by the tie-break: tables (current_choices) keep its final runs, not the earlier
+    point's."""
+    from peftbench.tuning import current_choices
+
+    def tuning(index, lr, gold):
+        return {"label": "lora", "task": "gsm8k", "seed": 0, "status": "done",
+                "best": {"strict_match": 0.0, "gold_logprob": gold},
+                "spec": {"tuning": {"index": index, "point": {"train.lr": lr}}}}
+
+    def final(lr):
+        return {"label": "lora", "task": "gsm8k", "seed": 0, "status": "done", "best": {"strict_match": 0.0},
+                "spec": {"tuned": {"values": {"train.lr": lr}}}}
+
+    runs = [tuning(0, 1e-4, -2.0), tuning(1, 1e-3, -1.0), final(1e-4), final(1e-3)]
+    kept = current_choices(runs, {"gsm8k": "strict_match"}, {"gsm8k": ("gold_logprob",)})
+    assert [r["spec"]["tuned"]["values"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [1e-3]
+    kept = current_choices(runs, {"gsm8k": "strict_match"})
+    assert [r["spec"]["tuned"]["values"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [1e-4]
+
+
 def test_tables_leave_tuning_runs_out_and_show_the_choice(tmp_path, capsys):
     config = _tuned(tmp_path)
     summary, rows, lines = _sweep(config)

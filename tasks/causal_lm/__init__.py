@@ -269,9 +269,10 @@ class Gsm8kTask(GenerationTask):
     Options = Gsm8kOptions
     #: lm-eval's strict and flexible answers (before: the last number, under the name ``accuracy``); a tie on
     #: the strict match (often all 0 on a few validation questions) goes to the flexible one, then to the
-    #: share of answers in the ``#### N`` format (before: to the earliest evaluation)
-    scoring: ClassVar[str] = "lm_eval_strict_flexible;ties:flexible_extract,formatted"
-    tie_break: ClassVar[tuple[str, ...]] = ("flexible_extract", "formatted")
+    #: share of answers in the ``#### N`` format, then to the gold solutions' log-probability (before: to the
+    #: earliest evaluation; then without ``gold_logprob``)
+    scoring: ClassVar[str] = "lm_eval_strict_flexible;ties:flexible_extract,formatted,gold_logprob"
+    tie_break: ClassVar[tuple[str, ...]] = ("flexible_extract", "formatted", "gold_logprob")
 
     def load(self, split: str, data_dir: str | None) -> Split:
         if split == "train" and self.options.train_source == "metamathqa":
@@ -288,6 +289,12 @@ class Gsm8kTask(GenerationTask):
         if split == "train" and self.options.response == "final":
             rows = [(q, final_line(a)) for q, a in rows]
         return Split([[self.prompt(q) for q, _ in rows], [a for _, a in rows]], [0.0] * len(rows), source)
+
+    def trained_form(self, split: Split) -> Split:
+        """``response: final``: the validation and test solutions cut to their final line, as training has them."""
+        if self.options.response != "final":
+            return split
+        return replace(split, texts=[split.texts[0], [final_line(a) for a in split.texts[1]]])
 
     def _gsm8k(self, split: str, data_dir: str | None) -> tuple[list[tuple[str, str]], str]:
         path = Path(data_dir or "") / f"{split}.jsonl"
@@ -361,6 +368,10 @@ class InstructTask(GenerationTask):
     """A user's instruction data; the prompt template defaults to the prompt as it is."""
 
     Options = InstructOptions
+    #: an exact match of whole responses ties often (at 0 early on); the gold responses' log-probability
+    #: breaks it (before: the earliest evaluation)
+    scoring: ClassVar[str] = "exact_match;ties:gold_logprob"
+    tie_break: ClassVar[tuple[str, ...]] = ("gold_logprob",)
 
     def load(self, split: str, data_dir: str | None) -> Split:
         o = self.options
