@@ -141,7 +141,9 @@ class Sweep:
         self.summary.done += 1
         self.trained_s.append(fields["wall_s"])
         self._write_files(spec, tag, fields["history"], generations)
-        main = self.host.task(spec.task).main_metric
+        task = self.host.task(spec.task)
+        # the main metric, or where the run chose without one (`select_on: gold_logprob`), what it chose on
+        main = next((m for m in (task.main_metric, *task.tie_break) if m in fields["best"]), task.main_metric)
         peak = f" (peak {checked['peak']:,})" if checked["peak"] != checked["final"] else ""
         chosen = {"validation": "chosen on the validation split, dev scored once", "final": "the final model",
                   "dev": "the best of the dev evaluations"}[spec.train.select]

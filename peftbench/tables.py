@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -390,17 +391,27 @@ def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: s
     """The tuning runs: one row per method label × grid point, each task's held-out main metric ×100 (mean over
     the tuning seeds that finished), the point chosen per method and task marked (ties broken by ``tie_break``,
     each task's tie-break metrics, as the sweep chose)."""
+    def names(task: str) -> tuple[str, ...]:
+        return (main_metric[task], *(tie_break or {}).get(task, ()))
+
     scored = [(r["label"], r["task"], r["spec"]["tuning"]["index"], r["spec"]["tuning"]["point"],
-               held_out_key(r.get("best"), (main_metric[r["task"]], *(tie_break or {}).get(r["task"], ()))))
-              for r in runs if r["task"] in main_metric and main_metric[r["task"]] in (r.get("best") or {})]
+               held_out_key(r.get("best"), names(r["task"]))) for r in runs if r["task"] in main_metric]
+    scored = [s for s in scored if s[4] is not None]
     if not scored:
         return "(no finished tuning runs match)"
     choices = choose(scored, tie_break)
     tasks = [t for t in main_metric if any(s[1] == t for s in scored)]
+    # each task's column: its main metric ×100, or where its runs chose without one (a causal-LM task's
+    # `select_on: gold_logprob`), the first tie-break metric they have, as it is
+    def shown_place(task: str) -> int:
+        keys = [s[4] for s in scored if s[1] == task]
+        return next((i for i in range(len(names(task))) if any(k[i] > -math.inf for k in keys)), 0)
+
+    shown = {t: shown_place(t) for t in tasks}
     cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     points: dict[tuple[str, int], dict[str, Any]] = {}
-    for label, task, index, point, (score, *_) in scored:
-        cells[(label, index)][task].append(100 * score)
+    for label, task, index, point, key in scored:
+        cells[(label, index)][task].append((100 if shown[task] == 0 else 1) * key[shown[task]])
         points[(label, index)] = point
     rows = []
     for label, index in sorted(cells, key=lambda k: ([s[0] for s in scored].index(k[0]), k[1])):
@@ -411,7 +422,7 @@ def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: s
             text = f"{statistics.fmean(values):.{digits}f}" if values else "—"
             row.append(mark_best(text, fmt) if chosen else text)
         rows.append(row)
-    header = ["method", "point", *[f"{t} (held-out {main_metric[t]})" for t in tasks]]
+    header = ["method", "point", *[f"{t} (held-out {names(t)[shown[t]]})" for t in tasks]]
     note = ("tuning runs: held-out main metric ×100, mean over tuning seeds; the point chosen per method and task "
             + best_legend(fmt))
     return _render(header, rows, [note], fmt)

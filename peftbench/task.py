@@ -10,6 +10,7 @@ memory planning, export, the harness and the sweep's data check call these and n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -86,6 +87,12 @@ class Task:
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+    def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """What chooses between evaluations (checkpoints) and between grid points (tuning), compared as a tuple,
+        higher first: the main metric, then the tie-break metrics in order; a metric an evaluation lacks counts
+        as ``-inf`` (a causal-LM evaluation that only chooses, ``select_on: gold_logprob``, has no answers)."""
+        return tuple(float(metrics.get(name, -math.inf)) for name in (self.main_metric, *self.tie_break))
 
     def with_options(self, options: dict[str, Any] | None, where: str = "") -> Task:
         """This task configured by the config's ``task_options.<name>`` (a task without options takes none)."""
@@ -177,6 +184,12 @@ def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float
     return task.compute_metrics(preds, gold), {"predictions": preds.tolist(), "labels": gold.tolist()}
 
 
+#: the evaluation splits whose scores only choose, never reported: the validation split held out of a run's
+#: training data (checkpoints, :func:`peftbench.data.selection_split`) and a tuning run's held-out part (grid
+#: points, :mod:`peftbench.tuning`)
+CHOOSING_SPLITS = ("validation", "holdout")
+
+
 @dataclass
 class GenerationOptions:
     """Options every generation task has (``task_options.<task>`` in a config)."""
@@ -204,6 +217,12 @@ class GenerationOptions:
     #: training order: ``shuffle`` (seeded, length-grouped batches if ``train.group_by_length``), or ``bucket``: the
     #: file's order in buckets of 20 batches, each sorted longest first, one pass (HF PEFT's ``BucketIterator``)
     order: Literal["shuffle", "bucket"] = "shuffle"
+    #: what the evaluations that only choose (:data:`CHOOSING_SPLITS`: a checkpoint, a grid point) score:
+    #: ``answers``, greedy generations scored as the reported splits are (the main metric and its tie-breaks), or
+    #: ``gold_logprob`` alone, teacher-forced, with no generation: a choice by likelihood, seconds instead of
+    #: minutes per evaluation, for models too small for the answers to tell checkpoints apart (SmolLM2-135M's
+    #: strict match is 0 on nearly every evaluation). The reported splits are always answered.
+    select_on: Literal["answers", "gold_logprob"] = "answers"
 
     def __post_init__(self):
         if "{query}" not in self.prompt_template:
@@ -269,13 +288,16 @@ class GenerationTask(Task):
         return Loaders(train, dev, final, references, tokenizer, select, gold)
 
     def evaluate(self, model: nn.Module, split: str, loader, data: Loaders, accelerator
-                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list]]:
+                 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list] | None]:
         """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`) and ``gold_logprob``,
         the teacher-forced mean log-probability per token of the split's gold responses
         (:func:`peftbench.generation.gold_logprob`); the generations, one ``{split, index, reference,
-        generation}`` each; and each example's correctness (1.0 or 0.0, by the main metric) against labels of 1."""
+        generation}`` each; and each example's correctness (1.0 or 0.0, by the main metric) against labels of 1.
+        With ``select_on: gold_logprob``, a split that only chooses gets ``gold_logprob`` alone."""
         from .generation import generate_and_score, gold_logprob
 
+        if self.options.select_on == "gold_logprob" and split in CHOOSING_SPLITS:
+            return {"gold_logprob": gold_logprob(model, data.gold[split], accelerator)}, [], None
         references = data.references[split]
         metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
         if split in data.gold:

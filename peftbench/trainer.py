@@ -105,6 +105,7 @@ class LoopState(TrainState):
     best_predictions: dict[str, dict[str, list]] = field(default_factory=dict)  #: ``select: dev``: the best's
     best_generations: list[dict[str, Any]] = field(default_factory=list)  #: ``select: dev``: the best's (causal LM)
     best_any_score: float = -math.inf  #: the same over every evaluation, over-budget ones included (information)
+    best_any_key: tuple[float, ...] = (-math.inf,)  #: its selection key (:meth:`peftbench.task.Task.selection_key`)
     best_any_metrics: dict[str, float] = field(default_factory=dict)
     best_any_step: int = 0
     evaluations: int = 0
@@ -141,6 +142,7 @@ class LoopState(TrainState):
             setattr(self, name, value)
         # a tuple again (and, from a checkpoint written before tie-breaking, the saved best score alone)
         self.best_key = tuple(saved.get("best_key", (self.best_score,)))
+        self.best_any_key = tuple(saved.get("best_any_key", (self.best_any_score,)))
 
 
 #: live objects and per-process counters: rebuilt by every (re)start, not saved
@@ -322,13 +324,15 @@ def keep_best(run: Run, metrics: dict[str, float], in_budget: bool, examples: di
               generations: list[dict[str, Any]] = ()) -> None:
     """Count an evaluation and keep it if it is the best so far (of all; of the in-budget ones, with the trainable
     weights as they were evaluated, needed to score dev (``select: dev``: the test split) at it and to export it)."""
-    state, score, select = run.state, metrics[run.task.main_metric], run.spec.train.select
+    state, select = run.state, run.spec.train.select
+    key = run.task.selection_key(metrics)
+    score = key[0]
     state.evaluations += 1
-    if score > state.best_any_score:
-        state.best_any_score, state.best_any_metrics, state.best_any_step = score, metrics, state.step
+    if key > state.best_any_key:
+        state.best_any_key, state.best_any_score, state.best_any_metrics, state.best_any_step = \
+            key, score, metrics, state.step
     if in_budget:
         state.in_budget_evals += 1
-        key = (score, *(metrics.get(name, -math.inf) for name in run.task.tie_break))
         if key > state.best_key:
             state.best_key, state.best_score, state.best_metrics, state.best_step = key, score, metrics, state.step
             keep = run.spec.save_adapters or select == "validation" or (select == "dev" and run.final_loaders)

@@ -155,16 +155,19 @@ class Choice:
                     f"command to retry them; so far the best is {point_text(self.point)}, held-out "
                     f"{self.score:.4f})")
         tie = f", a tie broken by {self.tie_break[0]} {self.tie_break[1]:.4f}" if self.tie_break else ""
+        score = f"held-out {self.score:.4f}{tie}"
+        if self.tie_break and self.score == -math.inf:  # no main metric: chosen on the tie-break alone
+            score = f"held-out {self.tie_break[0]} {self.tie_break[1]:.4f}"
         edge = f"; at the edge of its grid: {', '.join(self.edges)}" if self.edges else ""
-        return f"tuned {self.label} {self.task}: {point_text(self.point)} (held-out {self.score:.4f}{tie}{edge})"
+        return f"tuned {self.label} {self.task}: {point_text(self.point)} ({score}{edge})"
 
 
 def held_out_key(best: dict[str, Any] | None, metrics: tuple[str, ...]) -> tuple[float, ...] | None:
     """A tuning run's held-out ``metrics`` (main metric, then the task's tie-break ones) from its stored ``best``,
-    as :func:`choose` ranks them: a tie-break metric it lacks counts as ``-inf``, as in checkpoint selection;
-    ``None`` without the main metric."""
+    as :func:`choose` ranks them: a metric it lacks counts as ``-inf``, as in checkpoint selection (a causal-LM
+    run that chose on ``gold_logprob`` alone has no answers to score); ``None`` without any of them."""
     best = best or {}
-    if best.get(metrics[0]) is None:
+    if all(best.get(name) is None for name in metrics):
         return None
     return tuple(float(best.get(name, -math.inf)) for name in metrics)
 
@@ -187,7 +190,8 @@ def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | tuple[f
             scores.append(tuple(-math.inf if math.isnan(v) else v for v in score))
     choices = {}
     for key, points in by_point.items():
-        means = {i: (_means(s), p) for i, (p, s) in points.items() if s and max(k[0] for k in s) > -math.inf}
+        # a point whose every run diverged (each key all -inf) is out of the choice
+        means = {i: (_means(s), p) for i, (p, s) in points.items() if s and max(max(k) for k in s) > -math.inf}
         best = max(sorted(means), key=lambda i: means[i][0], default=None)  # max keeps the first of ties
         names = (tie_break or {}).get(key[1], ())
         choices[key] = Choice(*key, means[best][1] if best is not None else None,

@@ -510,6 +510,38 @@ def test_tuning_generates_from_the_held_out_prompts(tmp_path):
     assert all("gold_logprob" in r["best"] for r in tuning)  # of the held-out part
 
 
+def test_select_on_gold_logprob_chooses_by_likelihood_without_generating(tmp_path):
+    """Checkpoints and grid points chosen on gold_logprob alone: the choosing evaluations (the validation split,
+    the tuning runs' held-out part) generate nothing; the reported dev and test splits are answered; the option
+    is in the runs' identity."""
+    options = {"val_size": 4, "max_new_tokens": 8, "max_total_length": 256, "select_on": "gold_logprob"}
+    config = llm_config(tmp_path, task_options={"gsm8k": options},
+                        tune={"grid": {"train.lr": [1e-3, 3e-2]}, "holdout": 0.25, "seeds": [0]},
+                        train={"epochs": 2, "batch_size": 2, "eval_batch_size": 4, "lr": 3e-3, "max_length": 256,
+                               "max_train_samples": 12, "validation_size": 2, "max_eval_samples": 4,
+                               "eval_every": 1, "log_every": 1, "num_threads": 1, "precision": "fp32"})
+    store = Store(config.output.db)
+    summary = run_sweep(config, make_host(config), store, progress=False, log=lambda *a: None)
+    assert summary.ok, summary.failed
+    runs = store.runs()
+    tuning = [r for r in runs if r["spec"].get("tuning")]
+    final = [r for r in runs if not r["spec"].get("tuning")]
+    assert len(tuning) == 2 and len(final) == 1
+    assert all(set(r["best"]) == {"gold_logprob"} for r in tuning)  # no answers: nothing generated
+    held_out = {r["spec"]["tuning"]["point"]["train.lr"]: r["best"]["gold_logprob"] for r in tuning}
+    assert final[0]["spec"]["tuned"]["values"]["train.lr"] == max(held_out, key=held_out.get)
+    run = final[0]
+    evaluations = [h for h in run["history"] if "gold_logprob" in h]
+    assert len(evaluations) >= 3 and not any("strict_match" in h for h in evaluations)
+    in_budget = [h for h in evaluations if h["in_budget"]]
+    assert run["best_step"] == max(in_budget, key=lambda h: h["gold_logprob"])["step"]  # the earlier on a tie
+    assert {"strict_match", "gold_logprob", "test_strict_match", "test_gold_logprob"} <= set(run["best"])
+    generations = [json.loads(line) for line in
+                   (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()]
+    assert {g["split"] for g in generations} == {"valid", "test"}  # the reported splits only
+    assert run["spec"]["task_options"]["gsm8k"]["select_on"] == "gold_logprob"  # the task options: identity
+
+
 #: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives
 REAL_GOLDS = [(1, "72"), (346, "1080"), (368, "850000"), (498, "10000"), (645, "109200000"), (1265, "2520000"),
               (4964, "16800000"), (5716, "-7"), (5845, "-47")]

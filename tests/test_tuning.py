@@ -292,6 +292,31 @@ def test_a_tie_on_the_held_out_main_metric_goes_to_the_tie_break_metrics_as_in_c
     assert choose(diverged, ties)[("lora", "gsm8k")].point == {"train.lr": 1e-4}
 
 
+def test_runs_that_chose_on_gold_logprob_alone_are_ranked_by_it_and_never_taken_as_diverged():
+    """``select_on: gold_logprob``: a tuning run's held-out metrics have no answers (no main metric): its key is
+    -inf up to gold_logprob, which decides; such a point is finished, unlike a diverged one."""
+    from peftbench.tables import tuning_table
+    from peftbench.tuning import choose, held_out_key
+
+    names = ("strict_match", "flexible_extract", "formatted", "gold_logprob")
+    ties = {"gsm8k": names[1:]}
+    assert held_out_key({"gold_logprob": -1.5}, names) == (-float("inf"),) * 3 + (-1.5,)
+    assert held_out_key({}, names) is None
+    scored = [("lora", "gsm8k", 0, {"train.lr": 1e-4}, held_out_key({"gold_logprob": -1.5}, names)),
+              ("lora", "gsm8k", 1, {"train.lr": 1e-3}, held_out_key({"gold_logprob": -1.1}, names)),
+              ("lora", "gsm8k", 2, {"train.lr": 1e-2}, -float("inf"))]  # diverged
+    choice = choose(scored, ties)[("lora", "gsm8k")]
+    assert choice.point == {"train.lr": 1e-3} and choice.complete
+    assert "lr=0.001 (held-out gold_logprob -1.1000)" in choice.line()
+    alone = choose(scored[:1], ties)[("lora", "gsm8k")]  # one finished point: still a choice
+    assert alone.point == {"train.lr": 1e-4}
+    rows = [{"label": "lora", "task": "gsm8k", "seed": 0, "status": "done", "best": {"gold_logprob": g},
+             "spec": {"tuning": {"index": i, "point": {"train.lr": lr}}}}
+            for i, (lr, g) in enumerate([(1e-4, -1.5), (1e-3, -1.1)])]
+    table = tuning_table(rows, {"gsm8k": "strict_match"}, "plain", tie_break=ties)
+    assert "gsm8k (held-out gold_logprob)" in table and "-1.10" in table and "-1.50" in table
+
+
 def test_tables_keep_the_final_runs_of_a_choice_made_by_a_tie_break():
     """The sweep chose 1e-3 by the tie-break: tables (current_choices) keep its final runs, not the earlier
     point's."""
