@@ -68,7 +68,8 @@ def train_config(args):
                     {"name": "decoder_floor", "label": "floor"}],
         "budget": {"lora_rank": args.rank, "min_evaluations": 1},
         "train": {"epochs": 100, "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                  "eval_batch_size": 8, "max_eval_samples": 1, "lr": 1e-4, "log_every": 10 ** 6,
+                  # the evaluations are not timed: as few as can be (8 validation questions, 1 dev and test)
+                  "eval_batch_size": 8, "max_eval_samples": 1, "validation_size": 8, "lr": 1e-4, "log_every": 10 ** 6,
                   "precision": "fp32", "device": "cpu", "deterministic": False, "num_threads": args.threads},
         "data_dir": str(args.data_dir),
         "plugins": ["benchmarks.peft_baselines", "benchmarks.smollm_speed"],

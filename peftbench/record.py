@@ -139,7 +139,7 @@ class RunRecord:
     #: average and 99th percentile of the memory in use (same kind as the peak)
     mem_stats: dict = column("TEXT", json=True, result=True)
     audit: dict = column("TEXT", json=True)  #: measured final count vs the budget (:mod:`peftbench.audit`)
-    eval_s: float = column("REAL", result=True)  #: seconds in dev evaluations, inside ``train_s``
+    eval_s: float = column("REAL", result=True)  #: seconds evaluating: choosing evaluations (in ``train_s``), then the reported splits
     harness: dict = column("TEXT", json=True)  #: lm-evaluation-harness results (``peftbench evaluate --harness``)
     #: per-example predictions of the reported dev scoring, per split: ``{"predictions", "labels"}``
     #: (:class:`~peftbench.trainer.RunResult`), for the tables' paired bootstrap (:mod:`peftbench.stats`)

@@ -72,7 +72,9 @@ class RunResult:
     adapter_bytes: int | None = None  #: size of the exported adapter file (:func:`exported_bytes`)
     #: memory in use over the run, sampled every 50 ms: ``{"avg", "p99", "samples"}`` (same kind as the peak)
     mem_stats: dict[str, int] | None = None
-    eval_s: float = 0.0  #: seconds spent in dev evaluations (generation, for a causal-LM task), inside ``train_s``
+    #: seconds spent evaluating (generation, for a causal-LM task): the choosing evaluations, inside ``train_s``,
+    #: and the reported splits' scoring after it
+    eval_s: float = 0.0
     #: a causal-LM task: the reported checkpoint's generations (dev and test, those its metrics score), one
     #: ``{checkpoint: "selected", step, split, index, reference, generation}`` each (``generation`` ``None``: ran
     #: into a length cap), written to the run's ``generations.jsonl``

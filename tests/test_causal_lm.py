@@ -407,7 +407,7 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         test_refs = [json.loads(line)["answer"] for line in (GSM8K / "test.jsonl").read_text().splitlines()]
         assert all(g["reference"] == test_refs[g["index"]] for g in generations if g["split"] == "test")
         assert all(g["generation"] is None or isinstance(g["generation"], str) for g in generations)
-        assert run["eval_s"] > 0 and run["train_s"] >= run["eval_s"]
+        assert 0 < run["eval_s"] < run["wall_s"]
         assert run["spec"]["task_options"]["val_size"] == 4
         assert np.isfinite([h["loss"] for h in run["history"] if "loss" in h]).all()
     # the test split scored at the end is a column of its own, beside the in-budget dev metric
