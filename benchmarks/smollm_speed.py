@@ -92,7 +92,7 @@ def generation_speed(args) -> dict[str, dict[str, float]]:
     split = task.load("test", str(args.data_dir))
     split.texts, split.labels = [c[:args.prompts] for c in split.texts], split.labels[:args.prompts]
     mc = ModelConfig(name_or_path="smollm2-135m")
-    tokenizer, model = modeling.load_tokenizer(mc), modeling.load_model(mc, 0, seed=0, kind="causal_lm").eval()
+    tokenizer, model = modeling.load_tokenizer(mc), modeling.load_model(mc, 0, seed=0, causal_lm=True).eval()
     loader = make_lm_loader(encode_lm(split, tokenizer, 1024, with_response=False), args.gen_batch_size,
                             generation=True, group_by_length=True, seed=0, pad=pad_id(tokenizer))
     batches = list(loader)
@@ -142,15 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=GSM8K)
+    parser.add_argument("--part", choices=["both", "training", "generation"], default="both")
     args = parser.parse_args(argv)
     if args.targets == ["auto"]:
         args.targets = "auto"
     torch.set_num_threads(args.threads)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.part != "generation":
+        training_rows(args)
+    if args.part != "training":
+        generation_rows(args)
+    return 0
+
+
+def training_rows(args) -> None:
     started = time.perf_counter()
     stats = run_interleaved(train_config(args), rounds=args.rounds, warmup=2, probe_memory=False)
     base, floor = stats["hf_peft_lora"], stats["floor"]
     targets = "q,k,v,o,gate,up,down" if args.targets == "auto" else ",".join(args.targets)
-    print(f"<!-- python -m benchmarks.smollm_speed {' '.join(sys.argv[1:] if argv is None else argv)}: {machine()}, "
+    print(f"<!-- python -m benchmarks.smollm_speed {' '.join(args.argv)}: {machine()}, "
           f"load average {os.getloadavg()[0]:.1f}, training part {time.perf_counter() - started:.0f} s -->")
     print(f"SmolLM2-135M (Q4_1 GGUF, dequantized to fp32); LoRA r={args.rank} on {targets}; GSM8K batches of "
           f"{args.batch_size} (question + solution, at most {args.max_length} tokens), {args.threads} threads; "
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['tokens_per_s']:,.0f} | {s['median_step_s'] / base['median_step_s']:.3f} | "
               f"{s['median_step_s'] / floor['median_step_s']:.3f} |")
     sys.stdout.flush()  # the training rows stand even if the generation part is cut short
+
+
+def generation_rows(args) -> None:
     gen = generation_speed(args)
     print(f"\nGreedy generation, {args.prompts} GSM8K test questions in batches of {args.gen_batch_size}, at most "
           f"{args.new_tokens} new tokens, median of {args.gen_rounds}:\n")
@@ -173,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     for label, g in gen.items():
         print(f"| {label} | {g['median_s']:.1f} | {g['cpu_s']:.1f} | {g['tokens_per_s']:,.1f} | "
               f"{g['median_s'] / gen['model.generate']['median_s']:.3f} |")
-    return 0
 
 
 if __name__ == "__main__":
