@@ -121,6 +121,10 @@ def _add_result_commands(sub, plugin: argparse.ArgumentParser) -> None:
                              "(the old selection, for comparison; not budget-matched)")
     p.add_argument("--baseline", default="lora", help="method label for the paired significance test (default: lora)")
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
+    p.add_argument("--show", metavar="METRIC",
+                   help="this stored metric instead of each task's main one, dev and test (e.g. formatted, "
+                        "gold_logprob); no significance marks: the stored per-example predictions are the main "
+                        "metric's")
     p.add_argument("--tuning", action="store_true",
                    help="the tuning runs instead: one row per method × grid point, held-out metrics, chosen marked")
     p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=None,
@@ -396,7 +400,8 @@ def cmd_table(args) -> int:
     main_metric = main_metrics(rows, host)
     metric = "final" if args.final else "best_any" if args.any_eval else "best"
     text = build(rows, main_metric, args.format, metric=metric, baseline=args.baseline,
-                 ablation=args.ablation, tuning=args.tuning, cost=args.cost, tie_break=tie_breaks(main_metric, host))
+                 ablation=args.ablation, tuning=args.tuning, cost=args.cost, tie_break=tie_breaks(main_metric, host),
+                 show=args.show)
     # a store written by an older peftbench may hold control characters in names: shown escaped, never raw
     print(re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", lambda m: repr(m[0])[1:-1], text))
     if args.format in ("markdown", "plain") and any(r.get("harness") for r in rows):

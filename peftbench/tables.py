@@ -202,12 +202,15 @@ def varying_params(runs: list[dict[str, Any]]) -> dict[str, str]:
 
 def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "markdown", metric: str = "best",
           digits: int = 2, baseline: str | None = "lora", alpha: float = 0.05, ablation: bool = False,
-          tuning: bool = False, cost: bool | None = None, tie_break: dict[str, tuple[str, ...]] | None = None) -> str:
+          tuning: bool = False, cost: bool | None = None, tie_break: dict[str, tuple[str, ...]] | None = None,
+          show: str | None = None) -> str:
     """The comparison table. Cells: mean±std ×100 over seeds; best mean per column marked; ``†`` where a paired
     t-test across seeds against ``baseline`` gives p < ``alpha``. ``ablation`` adds the varying params.
     Tuning runs (:mod:`peftbench.tuning`) are left out; ``tuning``: the table of those alone
     (:func:`tuning_table`). ``cost`` adds :func:`cost_columns` (default: in CSV only; JSON always holds every
-    run's costs). ``tie_break``: each task's tie-break metrics, which the tuning's choice used."""
+    run's costs). ``tie_break``: each task's tie-break metrics, which the tuning's choice used. ``show``: this
+    stored metric in the task columns instead of each task's main one (e.g. GSM8K's ``formatted`` or
+    ``gold_logprob``), with no significance marks (the stored per-example predictions are the main metric's)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
     if tuning:
@@ -216,6 +219,8 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     runs = [run for run in current_choices(runs, main_metric, tie_break) if not is_tuning_run(run)]
     if fmt == "json":
         return runs_json(runs)
+    if show:  # after the choices above, which the main metric made
+        main_metric, baseline = {task: show for task in main_metric}, None
     table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)
     return render(table, fmt) if table else "(no finished runs match)"
 

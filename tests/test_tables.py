@@ -158,3 +158,24 @@ def test_unmatched_references_are_named_under_the_table():
     assert "unmatched references (trainable count not matched to the budget; `params` is their own): full, " \
            "peft:ia3" in text
     assert "unmatched references" not in build(RUNS, MAIN, "plain")
+
+
+def test_show_puts_another_stored_metric_in_the_task_columns_without_marks():
+    """``peftbench table --show formatted`` (e.g. GSM8K's share of formatted answers, where the main metric is 0
+    for every run): that metric, dev and test, instead of the main one; the comparison test, made on the main
+    metric's per-example predictions, is left out."""
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 400)
+    runs = []
+    for seed in range(3):
+        for label, right, formatted in (("lora", 0.7, 0.5), ("better", 0.9, 0.75)):
+            pred = np.where(rng.random(400) < right, gold, 1 - gold)
+            runs.append({**run(label, "rte", seed, float((pred == gold).mean())),
+                         "dev_predictions": {"validation": {"predictions": pred.tolist(), "labels": gold.tolist()}}})
+            runs[-1]["best"].update(formatted=formatted, test_accuracy=0.0, test_formatted=formatted / 2)
+    assert "†" in build(runs, MAIN, "csv")  # on the main metric, the difference is marked
+    shown = build(runs, MAIN, "csv", show="formatted")
+    rows = {line.split(",")[0]: line.strip().split(",") for line in shown.splitlines()}
+    assert rows["method"][3:6] == ["rte (formatted)", "avg", "rte test (formatted)"]
+    assert rows["lora"][3] == "50.00±0.00" and rows["better"][5] == "37.50±0.00*"
+    assert "†" not in shown
