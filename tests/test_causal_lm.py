@@ -540,7 +540,7 @@ def test_select_on_gold_logprob_chooses_by_likelihood_without_generating(tmp_pat
     generations = [json.loads(line) for line in
                    (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()]
     assert {g["split"] for g in generations} == {"valid", "test"}  # the reported splits only
-    assert run["spec"]["task_options"]["gsm8k"]["select_on"] == "gold_logprob"  # the task options: identity
+    assert run["spec"]["task_options"]["select_on"] == "gold_logprob"  # the task options: in the identity
 
 
 #: every gold-answer format of GSM8K (train.jsonl line → gold): thousands separators up to 10^8, negatives

@@ -278,7 +278,7 @@ def _select_step(task, evaluations: list[dict[str, float]]) -> int:
     from types import SimpleNamespace
 
     state = SimpleNamespace(evaluations=0, in_budget_evals=0, best_any_score=-math.inf, best_score=-math.inf,
-                            best_key=(-math.inf,), step=0, best_step=0)
+                            best_key=(-math.inf,), best_any_key=(-math.inf,), step=0, best_step=0)
     spec = SimpleNamespace(train=SimpleNamespace(select="dev"), save_adapters=False)
     run = SimpleNamespace(state=state, task=task, spec=spec, final_loaders={})
     for step, metrics in enumerate(evaluations, 1):
