@@ -147,12 +147,11 @@ def test_one_checkpoint_per_run(base_dir, tmp_path, method, select, capsys, monk
     generations token for token, for a run whose reported and final checkpoints differ; the test column, the
     generations and the export all name that checkpoint; ``--checkpoint final`` exports the other one."""
     from peft import PeftModel
+    from peftbench.tasks.causal_lm import InstructTask
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from peftbench.tables import build
-
-    from peftbench.tasks.causal_lm import InstructTask
 
     # the exact match ties on the validation questions from the first evaluations on; without the task's
     # gold_logprob tie-break (which rises to the end here) the earliest of the tied evaluations is reported: a
