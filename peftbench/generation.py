@@ -81,19 +81,32 @@ def generate_and_score(model, loader, task, accelerator, tokenizer,
     return task.score(list(texts.values()), [references[i] for i in texts]), texts
 
 
-@torch.no_grad()
 def gold_logprob(model, loader, accelerator) -> float:
     """The mean log-probability per token of the gold responses of ``loader``'s batches given their prompts,
     teacher-forced (:func:`peftbench.lm_data.make_gold_loader`: labels -100 wherever there is no loss): minus
     the token-weighted mean cross-entropy that training minimises, one forward per batch and no generation. A
-    low-noise score of a model that a coarse accuracy ties at 0 (a small model's GSM8K strict match).
+    low-noise score of a model that a coarse accuracy ties at 0 (a small model's GSM8K strict match)."""
+    sums, tokens = gold_logprobs(model, loader, accelerator)
+    return pooled_logprob(sums, tokens)
 
-    Each process sums its share per example; ``gather_for_metrics`` drops the examples accelerate repeats to
-    even out the last batch."""
+
+def pooled_logprob(sums, tokens) -> float:
+    """``gold_logprob`` from each example's summed log-probability and token count: token-weighted, as the
+    training loss is (NaN without tokens)."""
+    count = sum(tokens)
+    return float(sum(sums) / count) if count else float("nan")
+
+
+@torch.no_grad()
+def gold_logprobs(model, loader, accelerator) -> tuple[list[float], list[int]]:
+    """Each example's summed log-probability of its gold response and its number of response tokens, in the
+    loader's order (what :func:`gold_logprob` pools; kept per example for the paired tests of
+    :mod:`peftbench.stats`). Each process sums its share per example; ``gather_for_metrics`` drops the examples
+    accelerate repeats to even out the last batch."""
     import torch.nn.functional as F
 
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    sums, tokens = [], []
     for batch in loader:
         labels = batch.pop("labels")
         with accelerator.autocast():
@@ -101,7 +114,8 @@ def gold_logprob(model, loader, accelerator) -> float:
         labels = labels[:, -logits.shape[1]:][:, 1:]  # the logit at position t predicts token t + 1
         logprobs = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none",
                                     ignore_index=IGNORE_INDEX).view(labels.shape)
-        sums, tokens = accelerator.gather_for_metrics((logprobs.sum(1), (labels != IGNORE_INDEX).sum(1)))
-        total += sums.double().sum().cpu()
-        count += tokens.sum().cpu()
-    return float(total / count) if count else float("nan")
+        batch_sums, batch_tokens = accelerator.gather_for_metrics(
+            (logprobs.double().sum(1), (labels != IGNORE_INDEX).sum(1)))
+        sums += batch_sums.cpu().tolist()
+        tokens += batch_tokens.cpu().tolist()
+    return sums, tokens

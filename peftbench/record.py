@@ -141,7 +141,8 @@ class RunRecord:
     audit: dict = column("TEXT", json=True)  #: measured final count vs the budget (:mod:`peftbench.audit`)
     eval_s: float = column("REAL", result=True)  #: seconds evaluating: choosing evaluations (in ``train_s``), then the reported splits
     harness: dict = column("TEXT", json=True)  #: lm-evaluation-harness results (``peftbench evaluate --harness``)
-    #: per-example predictions of the reported dev scoring, per split: ``{"predictions", "labels"}``
+    #: per-example predictions of the reported scorings, per split (dev ones, then a final test split): ``{"predictions",
+    #: "labels"}``, a generation task's with per-metric ``metrics`` (:func:`peftbench.task.per_example_scores`)
     #: (:class:`~peftbench.trainer.RunResult`), for the tables' paired bootstrap (:mod:`peftbench.stats`)
     dev_predictions: dict = column("TEXT", json=True, result=True, public=False)
 

@@ -190,6 +190,26 @@ def predict_and_score(model, loader, task, accelerator) -> tuple[dict[str, float
 CHOOSING_SPLITS = ("validation", "holdout")
 
 
+def per_example_scores(task: GenerationTask, texts: dict[int, str | None], references: list[str],
+                       metrics: dict[str, float], gold: tuple[list[float], list[int]] | None) -> dict[str, Any]:
+    """A generation split's per-example record: ``predictions``, each example's correctness by the main metric
+    (1.0 or 0.0) against ``labels`` of 1, and ``metrics``: per metric, numerators (``predictions``) and
+    denominators (``labels``) whose pooled ratio is the reported value: each example's score over 1 for every
+    metric of :meth:`GenerationTask.score` that is a mean over examples (a corpus-level one is left out), the
+    summed log-probability over the token count for ``gold_logprob``."""
+    scores = {i: task.score([text], [references[i]]) for i, text in texts.items()}
+    per_metric = {}
+    for name in next(iter(scores.values()), {}):
+        values = [float(score[name]) for score in scores.values()]
+        if math.isclose(sum(values) / len(values), metrics.get(name, math.nan), abs_tol=1e-9):
+            per_metric[name] = {"predictions": values, "labels": [1.0] * len(values)}
+    if gold:
+        per_metric["gold_logprob"] = {"predictions": list(gold[0]), "labels": [float(t) for t in gold[1]]}
+    right = per_metric.get(task.main_metric, {}).get("predictions") or [
+        float(score[task.main_metric]) for score in scores.values()]
+    return {"predictions": right, "labels": [1.0] * len(right), "metrics": per_metric}
+
+
 @dataclass
 class GenerationOptions:
     """Options every generation task has (``task_options.<task>`` in a config)."""
@@ -292,19 +312,20 @@ class GenerationTask(Task):
         """Metrics of greedy generations (:func:`peftbench.generation.generate_and_score`) and ``gold_logprob``,
         the teacher-forced mean log-probability per token of the split's gold responses
         (:func:`peftbench.generation.gold_logprob`); the generations, one ``{split, index, reference,
-        generation}`` each; and each example's correctness (1.0 or 0.0, by the main metric) against labels of 1.
-        With ``select_on: gold_logprob``, a split that only chooses gets ``gold_logprob`` alone."""
-        from .generation import generate_and_score, gold_logprob
+        generation}`` each; and the per-example record of :func:`per_example_scores` (the paired tests of
+        :mod:`peftbench.stats`). With ``select_on: gold_logprob``, a split that only chooses gets
+        ``gold_logprob`` alone."""
+        from .generation import generate_and_score, gold_logprobs, pooled_logprob
 
         if self.options.select_on == "gold_logprob" and split in CHOOSING_SPLITS:
-            return {"gold_logprob": gold_logprob(model, data.gold[split], accelerator)}, [], None
+            return {"gold_logprob": pooled_logprob(*gold_logprobs(model, data.gold[split], accelerator))}, [], None
         references = data.references[split]
         metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
-        if split in data.gold:
-            metrics["gold_logprob"] = gold_logprob(model, data.gold[split], accelerator)
-        right = [float(self.score([text], [references[i]])[self.main_metric]) for i, text in texts.items()]
+        gold = gold_logprobs(model, data.gold[split], accelerator) if split in data.gold else None
+        if gold:
+            metrics["gold_logprob"] = pooled_logprob(*gold)
         return metrics, [{"split": split, "index": i, "reference": references[i], "generation": text}
-                         for i, text in texts.items()], {"predictions": right, "labels": [1.0] * len(right)}
+                         for i, text in texts.items()], per_example_scores(self, texts, references, metrics, gold)
 
     def check_labels(self, split: str, data: Split, where: str) -> None:
         """A generation task's labels are unused."""

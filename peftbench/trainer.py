@@ -79,7 +79,8 @@ class RunResult:
     #: ``{checkpoint: "selected", step, split, index, reference, generation}`` each (``generation`` ``None``: ran
     #: into a length cap), written to the run's ``generations.jsonl``
     generations: list[dict[str, Any]] = field(default_factory=list)
-    #: per-example predictions of the reported dev scoring, per split: ``{"predictions": [...], "labels": [...]}``
+    #: per-example predictions of the reported scorings, per split (dev splits, then final ones: a test set):
+    #: ``{"predictions": [...], "labels": [...]}`` (a generation task adds ``metrics``: :func:`peftbench.task.per_example_scores`)
     #: (regression: values; classification: label ids; causal LM: correctness 0/1 against labels of 1)
     dev_predictions: dict[str, dict[str, list]] = field(default_factory=dict)
     #: trainable weights after the last step (CPU, evaluated form), for ``peftbench export --checkpoint final``:
@@ -368,7 +369,7 @@ def score_reported(run: Run, host: Host) -> tuple[dict[str, float], dict[str, di
             run.generations += kept
             metrics.update({prefix + k: v for k, v in scored.items()})
         for split, loader in run.final_loaders.items():  # a test set, scored once like dev
-            scored, _, kept = score_split(run, split, loader)
+            scored, examples[split], kept = score_split(run, split, loader)
             run.generations += kept
             metrics.update({f"{split}_{k}": v for k, v in scored.items()})
     state.eval_s += time.perf_counter() - started

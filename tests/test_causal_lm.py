@@ -400,6 +400,17 @@ def test_tiny_gsm8k_run_through_the_sweep(tmp_path):
         assert -2 * np.log(30522) < run["final"]["test_gold_logprob"] < 0
         assert all(-2 * np.log(30522) < h["gold_logprob"] < 0 for h in run["history"] if "gold_logprob" in h)
         assert run["spec"]["data"]["scoring"] == SCORING  # in the identity
+        # per example, for the paired tests: both reported splits, each metric's pooled ratio its reported value
+        stored = run["dev_predictions"]
+        dev_split, test_split = stored  # the reported dev split (the first), then the test set
+        assert test_split == "test"
+        for split, prefix in ((dev_split, ""), (test_split, "test_")):
+            per_metric = stored[split]["metrics"]
+            assert set(per_metric) == {"strict_match", "flexible_extract", "formatted", "past_cap", "gold_logprob"}
+            for name, entry in per_metric.items():
+                pooled = sum(entry["predictions"]) / sum(entry["labels"])
+                assert pooled == pytest.approx(run["final"][prefix + name], rel=1e-9), (split, name)
+            assert stored[split]["predictions"] == per_metric["strict_match"]["predictions"]
         lines = (Path(run["artifacts"]) / "generations.jsonl").read_text().splitlines()
         generations = [json.loads(line) for line in lines]
         assert [g["split"] for g in generations] == ["valid"] * 4 + ["test"] * (len(generations) - 4)
