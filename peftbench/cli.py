@@ -123,8 +123,7 @@ def _add_result_commands(sub, plugin: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true", help="ablation mode: add a column with the params that differ")
     p.add_argument("--show", metavar="METRIC",
                    help="this stored metric instead of each task's main one, dev and test (e.g. formatted, "
-                        "gold_logprob); no significance marks: the stored per-example predictions are the main "
-                        "metric's")
+                        "gold_logprob), with its own significance marks")
     p.add_argument("--tuning", action="store_true",
                    help="the tuning runs instead: one row per method × grid point, held-out metrics, chosen marked")
     p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=None,

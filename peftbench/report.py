@@ -159,7 +159,7 @@ def html_cell(cell: Cell) -> str:
     if cell.best:
         out = f'<strong class="best">{out}</strong>'
     if cell.significant:
-        out += '<span class="sig" title="differs from the baseline: paired bootstrap over dev examples and seeds (or a seed permutation test), Holm-corrected">†</span>'
+        out += '<span class="sig" title="differs from the baseline: paired bootstrap over the examples of its split (dev or test) and seeds (or a seed permutation test), Holm-corrected">†</span>'
     if cell.missed:
         out += f'<span class="miss" title="missed its parameter budget">{MISS_MARK}</span>'
     return out

@@ -4,8 +4,11 @@ A difference between two methods on one task is marked only when it survives bot
 cares about: *which examples* the dev set happens to hold (the sampling error of a 200-example accuracy is about
 three points) and *which seeds* were drawn. :func:`paired_bootstrap` resamples both at once — the same examples
 for both methods (paired), seeds with replacement — and recomputes the task's metric on every resample, so
-non-decomposable metrics (Matthews, F1, Pearson/Spearman) are handled as they are reported. :func:`holm`
-corrects the p-values of a whole table's comparisons for their number.
+non-decomposable metrics (Matthews, F1, Pearson/Spearman) are handled as they are reported; a generation
+task's metrics are stored per example as numerators and denominators and pooled the same way (GSM8K's strict
+match, its gold solutions' log-probability per token). A test split scored once at the reported checkpoint
+(GSM8K's) is compared on its own examples. :func:`holm` corrects the p-values of a whole table's comparisons
+(dev and test columns together) for their number.
 
 Runs stored without per-example predictions fall back to :func:`seed_permutation_test`, an exact sign-flip
 test over seeds: with three seeds its smallest p is 0.25, which is the honest answer — three numbers cannot
@@ -95,10 +98,18 @@ def _corr(pred, gold):
     return (_pearson(pred, gold) + _spearman(pred, gold)) / 2
 
 
-#: the metrics peftbench's tasks report, computed for many resamples at once
+def _pooled(pred, gold):
+    """Numerators over denominators, pooled over the examples: a generation metric stored per example
+    (:func:`peftbench.task.per_example_scores`: 0/1 scores over labels of 1, summed log-probabilities over
+    token counts)."""
+    return pred.sum(-1) / gold.sum(-1)
+
+
+#: the metrics peftbench's tasks report, computed for many resamples at once (``pooled``: any metric stored
+#: per example as numerators and denominators)
 VECTORIZED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "accuracy": _accuracy, "f1": _f1, "matthews": _matthews, "pearson": _pearson, "spearman": _spearman,
-    "corr": _corr,
+    "corr": _corr, "pooled": _pooled,
 }
 
 
@@ -185,20 +196,30 @@ def holm(p_values: dict, alpha: float = 0.05) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _dev_predictions(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """The stored per-example predictions and gold labels of the run's reported dev split (its first), if any."""
+def stored_examples(run: dict, name: str, split: str = "dev") -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The run's stored per-example predictions of metric ``name`` on a reported split (``"dev"``: its first,
+    the one its dev column reports; else the split of that name, e.g. ``"test"``) with their gold, and the
+    :data:`VECTORIZED` metric that scores them: ``pooled`` where the split keeps ``name`` per example (a
+    generation task's), else ``name`` itself of the class ids or values; ``None`` without them."""
     stored = run.get("dev_predictions") or {}
-    if not stored:
+    entry = next(iter(stored.values()), None) if split == "dev" else stored.get(split)
+    if not entry:
         return None
-    split = next(iter(stored.values()))
-    return np.asarray(split["predictions"]), np.asarray(split["labels"])
+    per_metric = (entry.get("metrics") or {}).get(name)
+    if per_metric:
+        return np.asarray(per_metric["predictions"], float), np.asarray(per_metric["labels"], float), "pooled"
+    if name in VECTORIZED and "predictions" in entry:
+        return np.asarray(entry["predictions"]), np.asarray(entry["labels"]), name
+    return None
 
 
 def compare_to_baseline(runs: list[dict], main_metric: dict[str, str], baseline: str, metric: str = "best",
-                        resamples: int = RESAMPLES) -> dict[tuple[str, str], Comparison]:
-    """Each (label, task)'s :class:`Comparison` with ``baseline`` over the seeds both ran: the paired bootstrap
-    where both stored per-example predictions of the same examples (and ``metric`` is the reported one), else
-    the seed-level permutation test (two or more common seeds), else none."""
+                        resamples: int = RESAMPLES, split: str = "dev") -> dict[tuple[str, str], Comparison]:
+    """Each (label, task)'s :class:`Comparison` with ``baseline`` on ``split`` (``"dev"``: the reported dev
+    split; ``"test"``: a test split scored at the same checkpoint, stored as ``test_<metric>``) over the seeds
+    both ran: the paired bootstrap where both stored per-example predictions of the same examples
+    (:func:`stored_examples`, and ``metric`` is the reported one), else the seed-level permutation test (two or
+    more common seeds), else none."""
     by_seed: dict[tuple[str, str], dict[int, dict]] = {}
     for run in runs:
         by_seed.setdefault((run["label"], run["task"]), {})[run["seed"]] = run
@@ -209,17 +230,16 @@ def compare_to_baseline(runs: list[dict], main_metric: dict[str, str], baseline:
         if label == baseline or not theirs or not name:
             continue
         seeds = sorted(set(mine) & set(theirs))
-        pairs = [(_dev_predictions(mine[s]), _dev_predictions(theirs[s])) for s in seeds]
-        usable = (metric == "best" and name in VECTORIZED and pairs
-                  and all(a is not None and b is not None and np.array_equal(a[1], b[1]) for a, b in pairs))
-        if usable:
-            gold = pairs[0][0][1]
-            if all(np.array_equal(a[1], gold) for a, _ in pairs):
-                comparisons[(label, task)] = paired_bootstrap([a[0] for a, _ in pairs], [b[0] for _, b in pairs],
-                                                              gold, name, resamples=resamples)
-                continue
-        scores = [(float((mine[s].get(metric) or {}).get(name, math.nan)),
-                   float((theirs[s].get(metric) or {}).get(name, math.nan))) for s in seeds]
+        pairs = [(stored_examples(mine[s], name, split), stored_examples(theirs[s], name, split)) for s in seeds]
+        usable = (metric == "best" and pairs and all(
+            a is not None and b is not None and a[2] == b[2] and np.array_equal(a[1], b[1]) for a, b in pairs))
+        if usable and all(np.array_equal(a[1], pairs[0][0][1]) for a, _ in pairs):
+            comparisons[(label, task)] = paired_bootstrap([a[0] for a, _ in pairs], [b[0] for _, b in pairs],
+                                                          pairs[0][0][1], pairs[0][0][2], resamples=resamples)
+            continue
+        key = name if split == "dev" else f"{split}_{name}"
+        scores = [(float((mine[s].get(metric) or {}).get(key, math.nan)),
+                   float((theirs[s].get(metric) or {}).get(key, math.nan))) for s in seeds]
         scores = [(a, b) for a, b in scores if math.isfinite(a) and math.isfinite(b)]
         if len(scores) >= 2:
             comparisons[(label, task)] = seed_permutation_test([a for a, _ in scores], [b for _, b in scores])
@@ -232,12 +252,14 @@ def significant(comparisons: dict, alpha: float = 0.05) -> tuple[dict, dict]:
     return adjusted, {key: p < alpha for key, p in adjusted.items()}
 
 
-def footer(comparisons: dict, baseline: str, alpha: float = 0.05) -> str:
-    """The table's line on what its marks mean: which test, over what, how many comparisons corrected."""
+def footer(comparisons: dict, baseline: str, alpha: float = 0.05, test_columns: bool = False) -> str:
+    """The table's line on what its marks mean: which test, over what (``test_columns``: test columns were
+    compared too, on their own examples), how many comparisons corrected."""
     if not comparisons:
         return f"no comparison with {baseline}: it needs two seeds, or stored per-example predictions"
     tests = sorted({c.test for c in comparisons.values()})
-    what = {"bootstrap": f"paired bootstrap over dev examples and seeds ({RESAMPLES} resamples, 95% CI)",
+    examples = "dev examples (test examples in a test column)" if test_columns else "dev examples"
+    what = {"bootstrap": f"paired bootstrap over {examples} and seeds ({RESAMPLES} resamples, 95% CI)",
             "seed-permutation": "exact sign-flip test over seeds (no per-example predictions stored)"}
     return (f"† differs from {baseline}: " + "; ".join(what[t] for t in tests)
             + f", Holm-corrected over the table's {len(comparisons)} comparisons, p < {alpha}")

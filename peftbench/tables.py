@@ -210,7 +210,7 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     (:func:`tuning_table`). ``cost`` adds :func:`cost_columns` (default: in CSV only; JSON always holds every
     run's costs). ``tie_break``: each task's tie-break metrics, which the tuning's choice used. ``show``: this
     stored metric in the task columns instead of each task's main one (e.g. GSM8K's ``formatted`` or
-    ``gold_logprob``), with no significance marks (the stored per-example predictions are the main metric's)."""
+    ``gold_logprob``), compared with ``baseline`` like the main one (per example where the runs stored it)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
     if tuning:
@@ -220,7 +220,7 @@ def build(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str = "m
     if fmt == "json":
         return runs_json(runs)
     if show:  # after the choices above, which the main metric made
-        main_metric, baseline = {task: show for task in main_metric}, None
+        main_metric = {task: show for task in main_metric}
     table = comparison(runs, main_metric, fmt, metric, digits, baseline, alpha, ablation, cost)
     return render(table, fmt) if table else "(no finished runs match)"
 
@@ -301,8 +301,6 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
     (:func:`render`, the HTML report); ``fmt`` only decides the cost columns' units (CSV: plain numbers)."""
     runs, setting_notes = separate_settings(runs)
     labels, tasks, values, params = collect(runs, main_metric, metric)
-    comparisons = stats.compare_to_baseline(runs, main_metric, baseline, metric) if baseline else {}
-    _, marks = stats.significant(comparisons, alpha)
     settings = varying_params(runs) if ablation else {}
     if not labels:
         return None
@@ -311,6 +309,11 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
     test_values = collect_test(runs, main_metric, labels, metric)
     test_tasks = [t for t in tasks if any(task == t for (_, task) in test_values)]
     test = _scores(test_values, labels, test_tasks, digits)
+    comparisons = stats.compare_to_baseline(runs, main_metric, baseline, metric) if baseline else {}
+    if baseline and test_tasks:  # a test column is compared on its own examples, corrected with the dev ones
+        comparisons |= {(label, f"{task} test"): c for (label, task), c in stats.compare_to_baseline(
+            runs, {t: main_metric[t] for t in test_tasks}, baseline, metric, split="test").items()}
+    _, marks = stats.significant(comparisons, alpha)
     header = ["method", *(["setting"] if ablation else []), "params", "peak",
               *[f"{t} ({main_metric[t]})" for t in tasks], "avg",
               *[f"{t} test ({main_metric[t]})" for t in test_tasks]]
@@ -324,7 +327,8 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         row += [replace(dev[(label, t)], significant=marks.get((label, t), False),
                         missed=(label, t) in misses) if (label, t) in dev else DASH for t in tasks]
         row.append(averages.get(label, DASH))
-        rows.append(row + [test.get((label, t), DASH) for t in test_tasks])
+        rows.append(row + [replace(test[(label, t)], significant=marks.get((label, f"{t} test"), False))
+                           if (label, t) in test else DASH for t in test_tasks])
     notes = []
     if cost or (cost is None and fmt == "csv"):
         cost_header, cost_cells, cost_note = cost_columns(runs, labels, fmt)
@@ -337,7 +341,8 @@ def comparison(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: str
         notes.append(f"unmatched references (trainable count not matched to the budget; `params` is their own): "
                      f"{', '.join(references)}")
     if baseline:
-        notes += [stats.footer(comparisons, baseline, alpha), *difference_lines(comparisons, labels, tasks, baseline)]
+        notes += [stats.footer(comparisons, baseline, alpha, test_columns=bool(test_tasks)),
+                  *difference_lines(comparisons, labels, [*tasks, *(f"{t} test" for t in test_tasks)], baseline)]
     return Table(header, rows, "; ".join([note, *setting_notes]),
                  [*notes, tuning_note(runs), *(f"chosen: {x}" for x in chosen_lines(runs))])
 

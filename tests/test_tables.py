@@ -160,10 +160,11 @@ def test_unmatched_references_are_named_under_the_table():
     assert "unmatched references" not in build(RUNS, MAIN, "plain")
 
 
-def test_show_puts_another_stored_metric_in_the_task_columns_without_marks():
+def test_show_puts_another_stored_metric_in_the_task_columns():
     """``peftbench table --show formatted`` (e.g. GSM8K's share of formatted answers, where the main metric is 0
-    for every run): that metric, dev and test, instead of the main one; the comparison test, made on the main
-    metric's per-example predictions, is left out."""
+    for every run): that metric, dev and test, instead of the main one, compared with the baseline on its own
+    values: stored only per run here (not per example), so by the seed-level test, which three seeds cannot
+    pass."""
     rng = np.random.default_rng(0)
     gold = rng.integers(0, 2, 400)
     runs = []
@@ -179,3 +180,47 @@ def test_show_puts_another_stored_metric_in_the_task_columns_without_marks():
     assert rows["method"][3:6] == ["rte (formatted)", "avg", "rte test (formatted)"]
     assert rows["lora"][3] == "50.00±0.00" and rows["better"][5] == "37.50±0.00*"
     assert "†" not in shown
+    assert "better − lora: rte +25.00 [+25.00, +25.00] p=0.5; rte test +12.50 [+12.50, +12.50] p=0.5" in build(
+        runs, MAIN, "plain", show="formatted")
+
+
+def generation_run(label, seed, dev, test):
+    """A GSM8K-like run: per split, each example's strict match (0/1) and its gold solution's summed
+    log-probability over its token count, stored as :func:`peftbench.task.per_example_scores` stores them."""
+    def split(right, sums, tokens):
+        return {"predictions": right, "labels": [1.0] * len(right), "metrics": {
+            "strict_match": {"predictions": right, "labels": [1.0] * len(right)},
+            "gold_logprob": {"predictions": sums, "labels": tokens}}}
+
+    def pooled(right, sums, tokens):
+        return {"strict_match": float(np.mean(right)), "gold_logprob": float(np.sum(sums) / np.sum(tokens))}
+
+    best = {**pooled(*dev), **{f"test_{k}": v for k, v in pooled(*test).items()}}
+    return {"label": label, "task": "gsm8k", "seed": seed, "best": best, "final": best,
+            "trainable": {"adapter": 1000}, "dev_predictions": {"dev": split(*dev), "test": split(*test)}}
+
+
+def test_a_generation_tasks_test_column_is_compared_per_example_on_any_stored_metric():
+    """GSM8K's test column gets its own paired bootstrap over its examples and seeds (corrected with the dev
+    column's), for the main metric and for a ``--show`` metric stored per example: a strict match of 0 for
+    both methods is no difference; a gold log-probability higher on every test question is one, which the
+    4 dev questions (identical for both) do not show."""
+    rng = np.random.default_rng(0)
+    main = {"gsm8k": "strict_match"}
+    tokens = rng.integers(50, 150, 64).astype(float).tolist()
+    dev_tokens = [80.0, 90.0, 100.0, 110.0]
+    runs = []
+    for seed in range(3):
+        dev = ([0.0] * 4, [-0.9 * t for t in dev_tokens], dev_tokens)
+        for label, per_token in (("lora", -1.0), ("better", -0.8)):
+            sums = [(per_token + 0.05 * rng.standard_normal()) * t for t in tokens]
+            runs.append(generation_run(label, seed, dev, ([0.0] * 64, sums, tokens)))
+    assert "†" not in build(runs, main, "csv")  # strict match 0 everywhere
+    table = build(runs, main, "plain")
+    assert "better − lora: gsm8k +0.00 [+0.00, +0.00] p=1; gsm8k test +0.00 [+0.00, +0.00] p=1" in table
+    shown = build(runs, main, "csv", show="gold_logprob")
+    rows = {line.split(",")[0]: line.strip().split(",") for line in shown.splitlines()}
+    assert rows["method"][3:6] == ["gsm8k (gold_logprob)", "avg", "gsm8k test (gold_logprob)"]
+    assert not rows["better"][3].endswith("†") and rows["better"][5].endswith("*†")
+    assert ("paired bootstrap over dev examples (test examples in a test column) and seeds (2000 resamples, 95% CI), "
+            "Holm-corrected over the table's 2 comparisons") in build(runs, main, "plain", show="gold_logprob")
