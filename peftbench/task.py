@@ -56,6 +56,12 @@ class Loaders:
     gold: dict[str, Any] = field(default_factory=dict)
 
 
+def selection_key(metrics: dict[str, Any], names: tuple[str, ...]) -> tuple[float, ...]:
+    """``metrics``' values of ``names``, compared as a tuple, higher first; a metric an evaluation lacks counts as
+    ``-inf`` (a causal-LM evaluation that only chooses, ``select_on: gold_logprob``, has no answers)."""
+    return tuple(float(metrics.get(name, -math.inf)) for name in names)
+
+
 @dataclass
 class Task:
     """A supervised sentence(-pair) classification or regression task: a sequence-classification head on the
@@ -89,10 +95,9 @@ class Task:
         return self.num_labels == 1
 
     def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
-        """What chooses between evaluations (checkpoints) and between grid points (tuning), compared as a tuple,
-        higher first: the main metric, then the tie-break metrics in order; a metric an evaluation lacks counts
-        as ``-inf`` (a causal-LM evaluation that only chooses, ``select_on: gold_logprob``, has no answers)."""
-        return tuple(float(metrics.get(name, -math.inf)) for name in (self.main_metric, *self.tie_break))
+        """What chooses between evaluations (checkpoints) and between grid points (tuning):
+        :func:`selection_key` of the main metric, then the tie-break metrics in order."""
+        return selection_key(metrics, (self.main_metric, *self.tie_break))
 
     def with_options(self, options: dict[str, Any] | None, where: str = "") -> Task:
         """This task configured by the config's ``task_options.<name>`` (a task without options takes none)."""

@@ -31,6 +31,7 @@ from .config import Config, TrainConfig, grid_points
 from .errors import ConfigError
 from .runs import RunSpec, expand
 from .schema import key_path
+from .task import selection_key
 
 
 def point_text(point: dict[str, Any]) -> str:
@@ -164,12 +165,12 @@ class Choice:
 
 def held_out_key(best: dict[str, Any] | None, metrics: tuple[str, ...]) -> tuple[float, ...] | None:
     """A tuning run's held-out ``metrics`` (main metric, then the task's tie-break ones) from its stored ``best``,
-    as :func:`choose` ranks them: a metric it lacks counts as ``-inf``, as in checkpoint selection (a causal-LM
+    as :func:`choose` ranks them: :func:`peftbench.task.selection_key`, as checkpoint selection keys them (a causal-LM
     run that chose on ``gold_logprob`` alone has no answers to score); ``None`` without any of them."""
     best = best or {}
     if all(best.get(name) is None for name in metrics):
         return None
-    return tuple(float(best.get(name, -math.inf)) for name in metrics)
+    return selection_key(best, metrics)
 
 
 def choose(scored: Iterable[tuple[str, str, int, dict[str, Any], float | tuple[float, ...] | None]],
