@@ -433,6 +433,7 @@ def tuning_table(runs: list[dict[str, Any]], main_metric: dict[str, str], fmt: s
             row.append(mark_best(text, fmt) if chosen else text)
         rows.append(row)
     header = ["method", "point", *[f"{t} (held-out {names(t)[shown[t]]})" for t in tasks]]
-    note = ("tuning runs: held-out main metric ×100, mean over tuning seeds; the point chosen per method and task "
-            + best_legend(fmt))
+    what = "held-out main metric ×100" if not any(shown.values()) else (
+        "held-out main metric ×100 (a column headed by another metric: the one the runs chose on, as it is)")
+    note = f"tuning runs: {what}, mean over tuning seeds; the point chosen per method and task " + best_legend(fmt)
     return _render(header, rows, [note], fmt)

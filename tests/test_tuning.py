@@ -315,6 +315,7 @@ def test_runs_that_chose_on_gold_logprob_alone_are_ranked_by_it_and_never_taken_
             for i, (lr, g) in enumerate([(1e-4, -1.5), (1e-3, -1.1)])]
     table = tuning_table(rows, {"gsm8k": "strict_match"}, "plain", tie_break=ties)
     assert "gsm8k (held-out gold_logprob)" in table and "-1.10" in table and "-1.50" in table
+    assert "(a column headed by another metric: the one the runs chose on, as it is)" in table
 
 
 def test_tables_keep_the_final_runs_of_a_choice_made_by_a_tie_break():
