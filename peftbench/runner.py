@@ -26,6 +26,7 @@ import functools
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,8 @@ def run_tuned(config: Config, host: Host, store: Store | None, resolved: Resolve
     for extension in range(config.tune.extend_edges + 1):
         phase = tuning_runs(config, solved, data, sizes, grids)
         check_tuning_in_budget(config, host, solved, phase, sizes)
-        points = len(phase) // max(1, len(config.methods) * len(config.tasks) * len(config.tune.seeds))
+        per_grid = Counter((spec.label, spec.task, spec.seed) for spec in phase).values() or [0]
+        points = f"{min(per_grid)}" if min(per_grid) == max(per_grid) else f"{min(per_grid)}-{max(per_grid)}"
         executor.run(Sweep(config, host, store, solved, summary, log, runs=phase, what=(
             f"tuning: {len(config.methods)} methods × {len(config.tasks)} tasks × {points} grid points × "
             f"{len(config.tune.seeds)} tuning seeds, on {100 * config.tune.holdout:g}% of the training set held out"

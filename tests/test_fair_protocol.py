@@ -262,6 +262,7 @@ def test_a_choice_at_the_edge_is_warned_about_and_extends_the_grid(tmp_path, mon
         assert run_sweep(config, host, store, progress=False, log=lines.append).ok
         runs = store.runs()
     assert any("extending the grid past its edge" in line for line in lines)
+    assert any("× 3 grid points ×" in line and "(grids extended past an edge: 1)" in line for line in lines), lines
     assert any(line.startswith("peftbench: warning: lora toy chose the edge of its grid (lr=0.004 (largest of 3))")
                for line in lines), lines
     tuned = next(r for r in runs if r["spec"].get("tuned"))
