@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -355,25 +356,34 @@ def chosen_lines(runs: list[dict[str, Any]]) -> list[str]:
 def current_choices(runs: list[dict[str, Any]], main_metric: dict[str, str],
                     tie_break: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
     """``runs`` less the final runs trained at a point that the stored tuning runs no longer choose (a choice an
-    earlier peftbench made on an incomplete grid, superseded once the grid completed): one setting per tuned
-    label and task. Untuned runs, and tuning runs, pass through. ``tie_break``: each task's tie-break metrics,
-    as the sweep chose with them (:func:`choose_from_store`)."""
-    scored = []
+    earlier peftbench made on an incomplete grid, superseded once the grid completed), or chosen from a grid
+    that lacks points the stored tuning runs tried (the same choice before ``tune.extend_edges`` extended the
+    grid: its runs have another identity and the same scores, never to be counted twice): one setting per
+    tuned label and task. Untuned runs, and tuning runs, pass through. ``tie_break``: each task's tie-break
+    metrics, as the sweep chose with them (:func:`choose_from_store`)."""
+    scored, tried = [], defaultdict(list)
     for run in runs:
         tuning = (run.get("spec") or {}).get("tuning")
         if tuning and run.get("status", "done") == "done" and run["task"] in main_metric:
             metrics = (main_metric[run["task"]], *(tie_break or {}).get(run["task"], ()))
             scored.append((run["label"], run["task"], tuning["index"], tuning["point"],
                            held_out_key(run.get("best"), metrics)))
+            tried[(run["label"], run["task"])].append(tuning["point"])
     choices = choose(scored, tie_break)
     keep = []
     for run in runs:
         tuned = (run.get("spec") or {}).get("tuned")
         choice = choices.get((run["label"], run["task"]))
-        if tuned and choice is not None and choice.point is not None and tuned["values"] != choice.point:
+        if tuned and choice is not None and choice.point is not None and (tuned["values"] != choice.point or any(
+                not _in_grid(point, tuned.get("grid") or {}) for point in tried[(run["label"], run["task"])])):
             continue
         keep.append(run)
     return keep
+
+
+def _in_grid(point: dict[str, Any], grid: dict[str, list[Any]]) -> bool:
+    """Whether ``point`` is one of ``grid``'s points (a run stored without its grid counts every point in)."""
+    return not grid or all(value in grid.get(key, [value]) for key, value in point.items())
 
 
 def is_tuning_run(run: dict[str, Any]) -> bool:

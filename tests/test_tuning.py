@@ -258,6 +258,30 @@ def test_tables_hide_a_superseded_choice():
     assert [r["spec"]["tuned"]["values"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [1e-3, 1e-3]
 
 
+
+def test_tables_hide_the_same_choice_made_before_the_grid_was_extended():
+    """``tune.extend_edges`` extended a grid and the choice stayed (measured: SmolLM2 full fine-tuning, 1.8e-4 of
+    4 points, then of 5): the final runs of both choices have other identities and the same scores; the table
+    keeps those chosen from the whole grid, so that no seed is counted twice."""
+    from peftbench.tuning import current_choices
+
+    def tuning(index, lr, score):
+        return {"label": "full", "task": "gsm8k", "seed": 0, "status": "done", "best": {"gold_logprob": score},
+                "spec": {"tuning": {"index": index, "point": {"train.lr": lr}}}}
+
+    def final(grid, seed):
+        return {"label": "full", "task": "gsm8k", "seed": seed, "status": "done", "best": {"gold_logprob": -0.9},
+                "spec": {"tuned": {"values": {"train.lr": 1.8e-4}, "grid": {"train.lr": grid}}}}
+
+    small, extended = [6e-5, 1.8e-4], [6e-5, 1.8e-4, 5.4e-4]
+    runs = [tuning(0, 6e-5, -0.90), tuning(1, 1.8e-4, -0.86), tuning(2, 5.4e-4, -0.96),
+            final(small, 0), final(small, 1), final(extended, 0), final(extended, 1)]
+    kept = current_choices(runs, {"gsm8k": "strict_match"}, {"gsm8k": ("gold_logprob",)})
+    assert [r["spec"]["tuned"]["grid"]["train.lr"] for r in kept if "tuned" in r["spec"]] == [extended, extended]
+    # before the extension's tuning run finished, the runs of the smaller grid were the current ones
+    kept = current_choices(runs[:2] + runs[3:5], {"gsm8k": "strict_match"}, {"gsm8k": ("gold_logprob",)})
+    assert len([r for r in kept if "tuned" in r["spec"]]) == 2
+
 def test_a_tie_on_the_held_out_main_metric_goes_to_the_tie_break_metrics_as_in_checkpoint_selection():
     """GSM8K's strict match at 0 on every point of a learning-rate grid: the tie-break metrics decide in order
     (their means over the tuning seeds), the earlier point only on a full tie."""
