@@ -320,10 +320,10 @@ class GenerationTask(Task):
         generation}`` each; and the per-example record of :func:`per_example_scores` (the paired tests of
         :mod:`peftbench.stats`). With ``select_on: gold_logprob``, a split that only chooses gets
         ``gold_logprob`` alone."""
-        from .generation import generate_and_score, gold_logprobs, pooled_logprob
+        from .generation import generate_and_score, gold_logprob, gold_logprobs, pooled_logprob
 
         if self.options.select_on == "gold_logprob" and split in CHOOSING_SPLITS:
-            return {"gold_logprob": pooled_logprob(*gold_logprobs(model, data.gold[split], accelerator))}, [], None
+            return {"gold_logprob": gold_logprob(model, data.gold[split], accelerator)}, [], None
         references = data.references[split]
         metrics, texts = generate_and_score(model, loader, self, accelerator, data.tokenizer, references)
         gold = gold_logprobs(model, data.gold[split], accelerator) if split in data.gold else None
